@@ -1,0 +1,259 @@
+"""The `distilgen` command: one table maps each subcommand to its config and function.
+
+    distilgen quickstart
+    distilgen finetune configs/teacher.yaml train.lr=3e-4
+    distilgen evaluate configs/evaluate.yaml
+    distilgen data configs/teacher.yaml --export data/match_reports
+
+A user error (bad config, bad data file) prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import sys
+import textwrap
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from distilgen.config import (
+    ConfigError,
+    DataConfig,
+    EvaluateConfig,
+    FinetuneConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+)
+from distilgen.quickstart import QuickstartConfig
+
+
+@dataclass
+class DataCommandConfig:
+    """`distilgen data`: load the splits, report their statistics, optionally export them as JSONL."""
+
+    data: DataConfig
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal under each dataclass field), read from the source."""
+    docs: dict[str, str] = {}
+    try:
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    except (OSError, TypeError):
+        return docs
+    for node, after in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def config_keys(cls: type, prefix: str = "") -> list[str]:
+    """One help line per config key (recursively), for `--help`."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        nested = [a for a in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(a)]
+        if nested:
+            lines.append(f"  {key}: {docs.get(f.name, nested[0].__doc__.splitlines()[0])}")
+            lines.extend(config_keys(nested[0], f"{key}."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f" = {f.default!r}"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f" = {f.default_factory()!r}"
+        else:
+            default = " (required)"
+        doc = docs.get(f.name, "")
+        lines.append(f"  {key}{default}" + (f"  -- {doc}" if doc else ""))
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+def run_finetune(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
+    from distilgen.train import finetune
+
+    summary = finetune(cfg)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_evaluate(cfg: EvaluateConfig, args: argparse.Namespace) -> int:
+    from distilgen.evaluate import evaluate
+
+    result = evaluate(cfg)
+    print(result["table"])
+    print(f"report: {result['output_dir']}/report.json")
+    return 0
+
+
+def run_data(cfg: DataCommandConfig, args: argparse.Namespace) -> int:
+    from distilgen.data import load_splits, split_stats, write_jsonl
+
+    splits = load_splits(cfg.data)
+    for name, examples in splits.items():
+        print(f"{name}: {json.dumps(split_stats(examples))}")
+        if args.export:
+            Path(args.export).mkdir(parents=True, exist_ok=True)
+            write_jsonl(examples, Path(args.export) / f"{name}.jsonl")
+    if args.export:
+        print(f"wrote {', '.join(splits)} to {args.export}/")
+    return 0
+
+
+def run_quickstart(cfg: QuickstartConfig, args: argparse.Namespace) -> int:
+    from distilgen.quickstart import quickstart
+
+    quickstart(cfg)
+    return 0
+
+
+@dataclass
+class Command:
+    help: str
+    run: Callable[[typing.Any, argparse.Namespace], int]
+    config: type | None = None
+    config_optional: bool = False
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="model directory or hub id to evaluate (repeat to compare; the first is the reference)",
+    )
+    p.add_argument("--output-dir", help="where report.json, report.md and generations go (= output_dir)")
+
+
+def _data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--export", metavar="DIR", help="write each split as DIR/<split>.jsonl")
+
+
+COMMANDS: dict[str, Command] = {
+    "quickstart": Command(
+        "train a teacher and a student on the built-in task and compare them (offline, CPU)",
+        run_quickstart,
+        QuickstartConfig,
+        config_optional=True,
+    ),
+    "finetune": Command(
+        "train a model on labeled data (a teacher, or the student baseline)", run_finetune, FinetuneConfig
+    ),
+    "evaluate": Command(
+        "score models on a split, with their cost, side by side",
+        run_evaluate,
+        EvaluateConfig,
+        config_optional=True,
+        add_arguments=_evaluate_arguments,
+    ),
+    "data": Command(
+        "load and check the data splits, print statistics, optionally export them",
+        run_data,
+        DataCommandConfig,
+        add_arguments=_data_arguments,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distilgen",
+        description="Distil a large text-generation model into a small, fast student for one task.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        epilog = None
+        if command.config is not None:
+            epilog = "config keys (set in the YAML file or as key.sub=value overrides):\n" + "\n".join(
+                config_keys(command.config)
+            )
+        p = sub.add_parser(
+            name,
+            help=command.help,
+            description=command.help,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if command.config is not None:
+            p.add_argument(
+                "config",
+                nargs="?" if command.config_optional else None,
+                metavar="CONFIG",
+                help="YAML config file" + (" (optional)" if command.config_optional else ""),
+            )
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-4")
+        if command.add_arguments is not None:
+            command.add_arguments(p)
+    return parser
+
+
+def _load(command: Command, args: argparse.Namespace):
+    if command.config is None:
+        return None
+    config_path = getattr(args, "config", None)
+    overrides = list(args.overrides)
+    if config_path is not None and "=" in config_path and not os.path.exists(config_path):
+        overrides.insert(0, config_path)  # `distilgen evaluate key=value ...` with no file
+        config_path = None
+    if command.config is EvaluateConfig:
+        overrides += [f"models={json.dumps(args.model)}"] if args.model else []
+        overrides += [f"output_dir={args.output_dir}"] if args.output_dir else []
+        if config_path is None:
+            data = apply_overrides({"output_dir": "runs/evaluate"}, overrides)
+            data.setdefault("data", {"task": {}})  # no data named: the built-in task
+            return from_dict(EvaluateConfig, data)
+    return load_config(command.config, config_path, overrides)
+
+
+def _quiet_libraries() -> None:
+    """distilgen's own messages at INFO; the libraries' routine chatter (checkpoint saving, weight loading) hidden."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("distilgen").setLevel(logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.ERROR)  # "Removed shared tensor" on every tied-weight save
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from distilgen.data import DataError
+    from distilgen.train import TrainingError
+
+    _quiet_libraries()
+    command = COMMANDS[args.command]
+    try:
+        cfg = _load(command, args)
+        return command.run(cfg, args)
+    except (ConfigError, DataError) as err:
+        print(f"distilgen {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"distilgen {args.command}: training stopped: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"distilgen {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

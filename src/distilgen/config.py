@@ -1,0 +1,478 @@
+"""Typed configs: one dataclass per concern, loaded from YAML, overridden by `key.sub=value`.
+
+Every value is checked before any model or data is touched: an unknown key, a wrong type, a
+missing file or an impossible value raises `ConfigError` with the dotted key and a fix, which the
+CLI prints as one line with exit code 2.
+
+    cfg = load_config(FinetuneConfig, "configs/quickstart_teacher.yaml", ["train.lr=3e-4"])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a config: `key` is the dotted path of the offending value."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+    def under(self, prefix: str) -> ConfigError:
+        return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.message)
+
+
+def check(condition: bool, key: str, message: str) -> None:
+    """Raise a `ConfigError` for `key` unless `condition` holds (used in `__post_init__`)."""
+    if not condition:
+        raise ConfigError(key, message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Concerns
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BuiltinTaskConfig:
+    """A procedurally generated task (see `distilgen.tasks`); sizes are numbers of examples."""
+
+    name: str = "match_reports"
+    """Registered task name."""
+    seed: int = 0
+    """Seed of the generator: the same seed gives the same splits on every machine."""
+    train_size: int = 2000
+    """Labeled training examples."""
+    unlabeled_size: int = 8000
+    """Unlabeled inputs (about 4x the labeled data, as in the study's realistic setup)."""
+    dev_size: int = 200
+    test_size: int = 500
+
+    def __post_init__(self):
+        from distilgen.tasks import TASKS
+
+        check(self.name in TASKS, "name", f"unknown task '{self.name}'; choose one of: {', '.join(sorted(TASKS))}")
+        for key in ("train_size", "unlabeled_size", "dev_size", "test_size"):
+            check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class DataConfig:
+    """Where the splits come from and how records are read.
+
+    A split is a file (`.jsonl`, `.json`, `.csv`, `.parquet`), a directory written by
+    `datasets.save_to_disk` (`dir` or `dir@split` for a DatasetDict), or a hub dataset
+    `hub:owner/name@split` (the only case that touches the network).
+    """
+
+    task: BuiltinTaskConfig | None = None
+    """A built-in task; when set, it supplies every split and the file fields must be empty."""
+    train: str | None = None
+    """Labeled training data."""
+    unlabeled: str | None = None
+    """Task inputs without targets (their targets, if any, are ignored)."""
+    dev: str | None = None
+    """Labeled data for early stopping."""
+    test: str | None = None
+    """Labeled data for the final report."""
+    source_field: str = "source"
+    """Column holding the model input."""
+    target_field: str = "target"
+    """Column holding the target: a string, or a list of strings (several references; the first trains)."""
+    id_field: str | None = None
+    """Column holding a stable example id; by default the id is a hash of the source."""
+    hub_config: str | None = None
+    """Config name for `hub:` datasets that have several."""
+    template: str = "{source}"
+    """Prompt template applied to every source, e.g. 'summarize: {source}'."""
+    max_source_length: int = 256
+    """Source tokens kept (longer sources are truncated and counted)."""
+    max_target_length: int = 64
+    """Target tokens kept (longer targets are truncated and counted)."""
+
+    def __post_init__(self):
+        files = ("train", "unlabeled", "dev", "test")
+        if self.task is not None:
+            for key in files:
+                check(getattr(self, key) is None, key, "leave empty when data.task is set (the task supplies it)")
+        else:
+            check(
+                self.train is not None or self.test is not None or self.unlabeled is not None,
+                "",
+                "data needs a built-in `task` or at least one split file (train, unlabeled, dev, test)",
+            )
+        for key in files:
+            spec = getattr(self, key)
+            if spec is not None and not spec.startswith("hub:"):
+                path = spec.split("@", 1)[0] if not os.path.exists(spec) else spec
+                check(os.path.exists(path), key, f"file not found: {path}")
+        check("{source}" in self.template, "template", f"must contain '{{source}}', got {self.template!r}")
+        check(self.max_source_length > 0, "max_source_length", f"must be > 0, got {self.max_source_length}")
+        check(self.max_target_length > 0, "max_target_length", f"must be > 0, got {self.max_target_length}")
+
+
+Architecture = Literal["bart", "t5", "gpt2"]
+
+
+def _looks_local(name: str) -> bool:
+    """A hub id is `name` or `owner/name`; anything else (or anything that exists) is a local path."""
+    return os.path.exists(name) or name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+@dataclass
+class ModelConfig:
+    """A model to load (`path`: hub id or local directory) or to build at random from `arch` and sizes."""
+
+    path: str | None = None
+    """Hub id or local directory of a `transformers` model; leave empty to build one from `arch`."""
+    arch: Architecture | None = None
+    """Family of a model built from scratch: bart / t5 (encoder-decoder) or gpt2 (decoder-only)."""
+    hidden_size: int = 128
+    encoder_layers: int = 2
+    """Encoder layers (ignored for gpt2)."""
+    decoder_layers: int = 2
+    """Decoder layers (the transformer layers for gpt2)."""
+    num_heads: int = 4
+    ffn_size: int = 512
+    dropout: float = 0.1
+    max_positions: int = 512
+    """Longest source + target the model can see (learned position tables)."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id; default: the model's own, or one trained on the task data."""
+    vocab_size: int = 2000
+    """Vocabulary of a tokenizer trained on the task data (only when one is trained)."""
+
+    def __post_init__(self):
+        check(
+            self.path is not None or self.arch is not None,
+            "",
+            "model needs `path` (a hub id or directory) or `arch` (bart, t5, gpt2) to build one",
+        )
+        check(self.path is None or self.arch is None, "arch", "set either `path` or `arch`, not both")
+        if self.path is not None and _looks_local(self.path):
+            check(os.path.isdir(self.path), "path", f"directory not found: {self.path}")
+        for key in ("hidden_size", "decoder_layers", "num_heads", "ffn_size", "max_positions"):
+            check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        check(self.encoder_layers >= 0, "encoder_layers", f"must be >= 0, got {self.encoder_layers}")
+        check(
+            self.hidden_size % self.num_heads == 0,
+            "num_heads",
+            f"must divide hidden_size ({self.hidden_size}), got {self.num_heads}",
+        )
+        check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        check(self.vocab_size >= 100, "vocab_size", f"must be >= 100, got {self.vocab_size}")
+
+
+@dataclass
+class DecodingConfig:
+    """How to generate: greedy, beam search or sampling (the keyword arguments of `generate`)."""
+
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k filtering."""
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    batch_size: int = 32
+    """Sequences generated together."""
+
+    def __post_init__(self):
+        check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        check(self.num_beams >= 1, "num_beams", f"must be >= 1, got {self.num_beams}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
+        check(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", "must be >= 0")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "num_beams": self.num_beams,
+            "do_sample": self.do_sample,
+        }
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        if self.num_beams > 1:
+            kwargs["length_penalty"] = self.length_penalty
+        if self.no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        return kwargs
+
+
+Precision = Literal["auto", "no", "bf16", "fp16"]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation during training, early stopping and checkpoints."""
+
+    epochs: float = 10.0
+    """Passes over the training data (fractions allowed); `max_steps` wins when set."""
+    max_steps: int | None = None
+    batch_size: int = 32
+    """Examples per micro-batch on each process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    """Fraction of the steps with a linear warm-up."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = 1.0
+    label_smoothing: float = 0.0
+    precision: Precision = "auto"
+    """Mixed precision: auto = bf16 on a GPU that supports it, else full fp32."""
+    eval_every: int = 200
+    """Steps between dev evaluations (and checkpoints); 0 evaluates only at the end of each epoch."""
+    metric: str = "bleu"
+    """Dev metric for early stopping and the best checkpoint ('loss' avoids generation)."""
+    patience: int = 5
+    """Dev evaluations without improvement before stopping; 0 never stops early."""
+    dev_limit: int | None = None
+    """Evaluate on at most this many dev examples (faster evaluation)."""
+    checkpoint_every: int = 0
+    """Extra checkpoints between evaluations (steps); 0 checkpoints only at evaluations."""
+    log_every: int = 10
+    trackers: list[str] = field(default_factory=list)
+    """Accelerate trackers to log to besides the JSONL log (e.g. tensorboard, wandb)."""
+    max_bad_steps: int = 3
+    """Consecutive steps with a non-finite loss or gradient that are skipped before training stops."""
+
+    def __post_init__(self):
+        check(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
+        check(self.max_steps is None or self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        check(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+        from distilgen.metrics import METRICS, MODEL_METRICS
+
+        valid = sorted([*METRICS, *MODEL_METRICS, "loss"])
+        check(self.metric in valid, "metric", f"unknown metric '{self.metric}'; choose one of: {', '.join(valid)}")
+        check(self.patience >= 0, "patience", f"must be >= 0, got {self.patience}")
+        check(self.dev_limit is None or self.dev_limit > 0, "dev_limit", f"must be > 0, got {self.dev_limit}")
+        check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        check(self.max_bad_steps >= 1, "max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
+
+
+@dataclass
+class CostConfig:
+    """How the cost of a model is measured (latency at batch 1, throughput at batch N)."""
+
+    enabled: bool = True
+    latency_runs: int = 10
+    """Single-example generations whose median is the latency."""
+    throughput_batch: int = 32
+    throughput_examples: int = 128
+    """Examples generated to measure throughput."""
+
+    def __post_init__(self):
+        check(self.latency_runs >= 1, "latency_runs", f"must be >= 1, got {self.latency_runs}")
+        check(self.throughput_batch >= 1, "throughput_batch", f"must be >= 1, got {self.throughput_batch}")
+        check(self.throughput_examples >= 1, "throughput_examples", "must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneConfig:
+    """`distilgen finetune`: train a model on labeled data (teachers and the student baseline)."""
+
+    output_dir: str
+    """Run directory: checkpoints, logs and the final model (`output_dir/model`)."""
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    """Decoding for dev evaluation."""
+    seed: int = 0
+
+
+@dataclass
+class EvaluateConfig:
+    """`distilgen evaluate`: score one or several models side by side on a split."""
+
+    output_dir: str
+    data: DataConfig
+    models: list[str]
+    """Model directories (or hub ids) to compare, the first being the reference (e.g. the teacher)."""
+    split: Literal["dev", "test"] = "test"
+    metrics: list[str] = field(default_factory=lambda: ["bleu", "rouge", "chrf", "exact_match", "perplexity"])
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+    limit: int | None = None
+    """Score at most this many examples."""
+    seed: int = 0
+
+    def __post_init__(self):
+        from distilgen.metrics import METRICS, MODEL_METRICS
+
+        check(len(self.models) >= 1, "models", "name at least one model directory or hub id")
+        valid = sorted([*METRICS, *MODEL_METRICS])
+        for metric in self.metrics:
+            check(metric in valid, "metrics", f"unknown metric '{metric}'; choose from: {', '.join(valid)}")
+        check(self.limit is None or self.limit > 0, "limit", f"must be > 0, got {self.limit}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the type hint `tp` (with the few coercions YAML needs)."""
+    origin = typing.get_origin(tp)
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0] if len(errors) == 1 else ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        check(value in typing.get_args(tp), key, f"expected one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        check(isinstance(value, list | tuple), key, f"expected a list, got {value!r}")
+        return [_convert(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        check(isinstance(value, dict), key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, key)
+    if tp is bool:
+        check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        check(isinstance(value, int | float) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {key}")  # an internal bug, not a user error
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a plain mapping, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    where = f"{prefix}." if prefix else ""
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"{where}{key}", f"unknown key; valid keys here: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            value = data[name]
+            if f.default_factory is not dataclasses.MISSING and isinstance(value, dict):
+                default = f.default_factory()
+                if dataclasses.is_dataclass(default):  # a partial mapping overrides the default's fields
+                    value = _merge(dataclasses.asdict(default), value)
+            kwargs[name] = _convert(value, hints[name], f"{where}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}{name}", "required key is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise err.under(prefix) if prefix else err from None
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_dicts else value
+    return merged
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested mapping, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "overrides are written key.sub=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = data
+        for key in keys[:-1]:
+            if node.get(key) is None:
+                node[key] = {}
+            if not isinstance(node[key], dict):
+                raise ConfigError(dotted, f"'{key}' is not a mapping, cannot set a sub-key")
+            node = node[key]
+        try:
+            node[keys[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(dotted, f"cannot parse value {raw!r}: {err.problem}") from None
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError("", f"{path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: the top level must be a mapping of keys")
+    return data
+
+
+def load_config(cls: type, path: str | os.PathLike | None, overrides: list[str] = ()) -> Any:
+    """Read YAML (optional), apply dotted overrides, then build and validate `cls`."""
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(cls, apply_overrides(data, list(overrides)))
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,122 @@
+"""What a model costs to store and to run: parameters, size on disk, latency, throughput, peak memory.
+
+The measuring functions take a closure that does the work (e.g. `lambda: model.generate(**one_input)`), so
+they stay independent of how a model generates; evaluation builds the closures and reports the figures
+beside the task metrics, teacher and student side by side.
+"""
+
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter counts by part, each shared tensor counted once.
+
+    `embedding` holds the token embeddings and every other `nn.Embedding` (position, token type, relative
+    position bias), with an LM head tied to them counted here only. `encoder` is the rest of an
+    encoder-decoder model's encoder (0 for a decoder-only model), and `decoder` everything else, an untied
+    LM head included: the parts that run once per generated token. embedding + encoder + decoder == total.
+    """
+    params = {id(p): p.numel() for p in model.parameters()}  # keyed by tensor identity: tied weights once
+    embedding_ids = {id(p) for p in model.get_input_embeddings().parameters()}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            embedding_ids.update(id(p) for p in module.parameters())
+    encoder_ids: set[int] = set()
+    if getattr(model.config, "is_encoder_decoder", False):
+        encoder_ids = {id(p) for p in model.get_encoder().parameters()} - embedding_ids
+    total = sum(params.values())
+    embedding = sum(params[i] for i in embedding_ids)
+    encoder = sum(params[i] for i in encoder_ids)
+    return {"total": total, "embedding": embedding, "encoder": encoder, "decoder": total - embedding - encoder}
+
+
+def size_on_disk(path: str | Path) -> dict[str, int]:
+    """Bytes of a saved model directory: its weight files (`weights`) and all its top-level files (`total`).
+
+    Weights are the `*.safetensors` files, or the `*.bin` files when there are none: hub repositories
+    often ship both, and transformers loads only the safetensors.
+    """
+    files = [f for f in Path(path).iterdir() if f.is_file()]
+    safetensors = [f for f in files if f.suffix == ".safetensors"]
+    weights = safetensors or [f for f in files if f.suffix == ".bin"]
+    return {"weights": sum(f.stat().st_size for f in weights), "total": sum(f.stat().st_size for f in files)}
+
+
+def _synchronize() -> None:
+    """Wait for queued GPU work, so a timer stops when the work is done, not when it was launched."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure_latency(generate_one: Callable[[], Any], runs: int, warmup: int = 1) -> dict[str, float]:
+    """Median and 90th percentile seconds of `runs` calls of `generate_one`, after `warmup` untimed calls
+    (the first calls pay for lazy initialisation, kernel selection and caches)."""
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    for _ in range(warmup):
+        generate_one()
+    seconds = []
+    for _ in range(runs):
+        _synchronize()
+        start = time.perf_counter()
+        generate_one()
+        _synchronize()
+        seconds.append(time.perf_counter() - start)
+    # Linear interpolation between order statistics, as numpy.percentile; one run is its own p90.
+    p90 = statistics.quantiles(seconds, n=10, method="inclusive")[-1] if runs > 1 else seconds[0]
+    return {"latency_median_s": statistics.median(seconds), "latency_p90_s": p90}
+
+
+def measure_throughput(generate_batch: Callable[[list], int], items: list, batch_size: int) -> dict[str, float]:
+    """Examples and generated tokens per second over `items`, generated in chunks of `batch_size`.
+
+    `generate_batch(chunk)` returns the number of tokens it generated. Nothing is warmed up here: measure
+    latency first, or call `generate_batch` once before, when the first call is slow.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not items:
+        raise ValueError("no items to generate")
+    tokens = 0
+    _synchronize()
+    start = time.perf_counter()
+    for i in range(0, len(items), batch_size):
+        tokens += generate_batch(items[i : i + batch_size])
+    _synchronize()
+    seconds = time.perf_counter() - start
+    return {"examples_per_s": len(items) / seconds, "tokens_per_s": tokens / seconds, "seconds": seconds}
+
+
+def peak_memory(fn: Callable[[], T], device: torch.device | str | None = None) -> tuple[T, int]:
+    """Run `fn` and return its result with the peak memory, in bytes, it reached on `device`.
+
+    On CUDA: the peak of allocated tensor memory during `fn`, weights included (what must fit on the GPU).
+    On CPU: how much `fn` raised the process's peak resident set size. That figure is process-wide (other
+    threads, earlier allocations) and only grows: it is 0 when an earlier peak was higher, so measure CPU
+    memory first in a fresh process for a meaningful number. `device` defaults to CUDA when available.
+    """
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, torch.cuda.max_memory_allocated(device)
+    before = _peak_rss_bytes()
+    result = fn()
+    return result, _peak_rss_bytes() - before
+
+
+def _peak_rss_bytes() -> int:
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max_rss if sys.platform == "darwin" else max_rss * 1024  # bytes on macOS, kilobytes on Linux

@@ -1,0 +1,196 @@
+"""Evaluation: generate on a split, score it, measure what each model costs, compare side by side.
+
+    distilgen evaluate configs/evaluate.yaml
+    distilgen evaluate --model runs/quickstart/teacher/model --model runs/quickstart/student/model \\
+        data.task.name=match_reports
+
+Writes `report.json`, `report.md` (the side-by-side table) and one `generations/*.jsonl` per model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from distilgen.config import CostConfig, DataConfig, DecodingConfig, EvaluateConfig, ModelConfig, save_config
+from distilgen.cost import count_parameters, measure_latency, measure_throughput, peak_memory, size_on_disk
+from distilgen.data import Example, load_splits
+from distilgen.metrics import compute_metrics, perplexity
+from distilgen.models import TextModel, load_model, target_nll
+
+log = logging.getLogger(__name__)
+
+
+def generate(
+    tm: TextModel,
+    examples: Sequence[Example],
+    decoding: DecodingConfig,
+    max_source_length: int,
+    desc: str = "generate",
+) -> list[str]:
+    """One output per example, in input order; batches are formed longest-first to waste little padding."""
+    encoded, _ = tm.encode(examples, max_source_length, targets=False)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].source))
+    outputs = [""] * len(encoded)
+    was_training = tm.model.training
+    tm.model.eval()
+    bar = tqdm(total=len(order), desc=desc, unit="ex", leave=False, disable=len(order) < 2 * decoding.batch_size)
+    for start in range(0, len(order), decoding.batch_size):
+        chunk = order[start : start + decoding.batch_size]
+        batch = {k: v.to(tm.device) for k, v in tm.collate([encoded[i] for i in chunk]).items()}
+        for i, text in zip(chunk, tm.decode(tm.generate_ids(batch, decoding)), strict=True):
+            outputs[i] = text
+        bar.update(len(chunk))
+    bar.close()
+    tm.model.train(was_training)
+    return outputs
+
+
+@torch.no_grad()
+def gold_perplexity(tm: TextModel, examples: Sequence[Example], data: DataConfig, batch_size: int) -> float:
+    """Perplexity of the first reference of each example under the model (teacher-forced)."""
+    encoded, _ = tm.encode(examples, data.max_source_length, data.max_target_length)
+    was_training = tm.model.training
+    tm.model.eval()
+    nll, tokens = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        batch = {k: v.to(tm.device) for k, v in tm.collate(encoded[start : start + batch_size]).items()}
+        batch_nll, batch_tokens = target_nll(tm, batch)
+        nll, tokens = nll + batch_nll.item(), tokens + int(batch_tokens.item())
+    tm.model.train(was_training)
+    return perplexity(nll, tokens)
+
+
+def measure_cost(
+    tm: TextModel,
+    examples: Sequence[Example],
+    decoding: DecodingConfig,
+    cost: CostConfig,
+    data: DataConfig,
+    path: str | None = None,
+) -> dict[str, Any]:
+    """Parameters, size on disk, latency of one generation at batch 1, throughput at batch N, peak memory."""
+    result: dict[str, Any] = {"parameters": count_parameters(tm.model)}
+    if path is not None and Path(path).is_dir():
+        result["size_on_disk_mb"] = size_on_disk(path)["weights"] / 2**20
+    encoded, _ = tm.encode(examples, data.max_source_length, targets=False)
+    was_training = tm.model.training
+    tm.model.eval()
+
+    def run(items) -> int:
+        batch = {k: v.to(tm.device) for k, v in tm.collate(items).items()}
+        ids = tm.generate_ids(batch, decoding)
+        eos = tm.tokenizer.eos_token_id
+        return sum(row.index(eos) + 1 if eos in row else len(row) for row in ids.tolist())
+
+    result.update(measure_latency(lambda: run(encoded[:1]), cost.latency_runs))
+    items = encoded[: cost.throughput_examples]
+    result["throughput"], peak = peak_memory(lambda: measure_throughput(run, items, cost.throughput_batch), tm.device)
+    result["peak_memory_mb"] = peak / 2**20
+    tm.model.train(was_training)
+    return result
+
+
+def evaluate_model(
+    tm: TextModel,
+    examples: Sequence[Example],
+    metrics: Sequence[str],
+    decoding: DecodingConfig,
+    data: DataConfig,
+    cost: CostConfig | None = None,
+    path: str | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """Scores (and cost, when `cost.enabled`) of one model on labeled examples, plus its predictions."""
+    predictions = generate(tm, examples, decoding, data.max_source_length, desc="evaluate")
+    references = [list(e.references) for e in examples]
+    text_metrics = [m for m in metrics if m != "perplexity"]
+    scores = compute_metrics(text_metrics, predictions, references) if text_metrics else {}
+    if "perplexity" in metrics:
+        scores["perplexity"] = gold_perplexity(tm, examples, data, decoding.batch_size)
+    result: dict[str, Any] = {"scores": scores}
+    if cost is not None and cost.enabled:
+        result["cost"] = measure_cost(tm, examples, decoding, cost, data, path)
+    return result, predictions
+
+
+def model_label(path: str) -> str:
+    """A short name for tables: `runs/qs/teacher/model` -> `teacher`."""
+    p = Path(path)
+    return p.parent.name if p.name == "model" and p.parent.name else p.name or path
+
+
+TABLE_SCORES = [("bleu", "BLEU"), ("rouge", "ROUGE"), ("chrf", "chrF"), ("exact_match", "EM"), ("perplexity", "PPL")]
+
+
+def markdown_table(results: Sequence[dict[str, Any]]) -> str:
+    """Side-by-side table; speed-up is relative to the first model (the reference, e.g. the teacher)."""
+    score_cols = [(k, name) for k, name in TABLE_SCORES if any(k in r["scores"] for r in results)]
+    has_cost = all("cost" in r for r in results)
+    header = ["model", *(name for _, name in score_cols)]
+    if has_cost:
+        header += ["params (M)", "latency (ms)", "speed-up", "throughput (ex/s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    base_latency = results[0]["cost"]["latency_median_s"] if has_cost else None
+    for r in results:
+        row = [r["name"], *(f"{r['scores'][k]:.2f}" if k in r["scores"] else "-" for k, _ in score_cols)]
+        if has_cost:
+            c = r["cost"]
+            latency = c["latency_median_s"]
+            row += [
+                f"{c['parameters']['total'] / 1e6:.2f}",
+                f"{latency * 1e3:.1f}",
+                f"{base_latency / latency:.2f}x",
+                f"{c['throughput']['examples_per_s']:.1f}",
+            ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: list[dict[str, Any]], output_dir: Path, meta: dict[str, Any]) -> str:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(results)
+    report = {**meta, "models": [{k: v for k, v in r.items() if k != "predictions"} for r in results]}
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (output_dir / "report.md").write_text(f"# Evaluation on {meta.get('split', '?')}\n\n{table}")
+    return table
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """`distilgen evaluate`: score every model in `cfg.models` on one split and compare them."""
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, output_dir / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    examples = load_splits(cfg.data, (cfg.split,)).get(cfg.split, [])[: cfg.limit]
+    if not examples:
+        raise ValueError(f"no {cfg.split} examples: set data.{cfg.split} or data.task")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = []
+    (output_dir / "generations").mkdir(exist_ok=True)
+    for index, path in enumerate(cfg.models):
+        tm = load_model(ModelConfig(path=path))
+        tm.model.to(device)
+        result, predictions = evaluate_model(tm, examples, cfg.metrics, cfg.decoding, cfg.data, cfg.cost, path)
+        name = model_label(path)
+        results.append({"name": name, "path": path, **result})
+        with (output_dir / "generations" / f"{index}-{name}.jsonl").open("w") as f:
+            for example, prediction in zip(examples, predictions, strict=True):
+                f.write(
+                    json.dumps(
+                        {
+                            "id": example.id,
+                            "source": example.source,
+                            "prediction": prediction,
+                            "references": list(example.references),
+                        }
+                    )
+                    + "\n"
+                )
+    table = write_report(results, output_dir, {"split": cfg.split, "examples": len(examples)})
+    return {"table": table, "models": results, "output_dir": str(output_dir)}

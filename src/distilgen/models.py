@@ -1,0 +1,332 @@
+"""Models: load or build a `transformers` model, and one adapter over encoder-decoder and decoder-only.
+
+The rest of distilgen sees a model only through `TextModel`, whose batches always hold the
+target tokens in a fixed (B, T) layout and whose `target_logits` returns the (B, T, V) logits that
+predict them, whatever the architecture. Decoder-only batches put the prompt left-padded and the
+target right-padded (`[pad pad prompt | target pad]`), so target position t sits in the same column
+for every row and teacher/student logits line up for word-level KD.
+
+    tm = load_model(ModelConfig(arch="bart", hidden_size=64), texts=lambda: corpus)
+    logits = tm.target_logits(tm.collate(tm.encode(examples)))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    BartConfig,
+    BartForConditionalGeneration,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from distilgen.config import ConfigError, DecodingConfig, ModelConfig
+from distilgen.objectives import cross_entropy, masked_sum
+
+PAD, BOS, EOS, UNK, SEP = "<pad>", "<s>", "</s>", "<unk>", "<sep>"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A BPE tokenizer trained on task text, so runs need no download.
+
+    Digits are split one by one, so numbers are copied digit by digit rather than memorised.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(), pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation()]
+    )
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, UNK, SEP], show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK, sep_token=SEP
+    )
+
+
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    """A randomly initialised model of family `cfg.arch`, sized by `cfg`, for offline work and tests."""
+    ids = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    if cfg.arch == "bart":
+        config = BartConfig(
+            d_model=cfg.hidden_size,
+            encoder_layers=cfg.encoder_layers,
+            decoder_layers=cfg.decoder_layers,
+            encoder_attention_heads=cfg.num_heads,
+            decoder_attention_heads=cfg.num_heads,
+            encoder_ffn_dim=cfg.ffn_size,
+            decoder_ffn_dim=cfg.ffn_size,
+            max_position_embeddings=cfg.max_positions,
+            dropout=cfg.dropout,
+            decoder_start_token_id=tokenizer.bos_token_id,
+            forced_eos_token_id=None,
+            **ids,
+        )
+        return BartForConditionalGeneration(config)
+    if cfg.arch == "t5":
+        if cfg.encoder_layers < 1:
+            raise ConfigError("model.encoder_layers", "t5 needs at least one encoder layer")
+        config = T5Config(
+            d_model=cfg.hidden_size,
+            d_kv=cfg.hidden_size // cfg.num_heads,
+            d_ff=cfg.ffn_size,
+            num_layers=cfg.encoder_layers,
+            num_decoder_layers=cfg.decoder_layers,
+            num_heads=cfg.num_heads,
+            dropout_rate=cfg.dropout,
+            decoder_start_token_id=tokenizer.pad_token_id,
+            **ids,
+        )
+        return T5ForConditionalGeneration(config)
+    config = GPT2Config(
+        n_embd=cfg.hidden_size,
+        n_layer=cfg.decoder_layers,
+        n_head=cfg.num_heads,
+        n_inner=cfg.ffn_size,
+        n_positions=cfg.max_positions,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        **ids,
+    )
+    return GPT2LMHeadModel(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts: where the target tokens are and how to generate
+# ---------------------------------------------------------------------------------------------
+
+Batch = dict[str, torch.Tensor]
+"""`source_ids`/`source_mask` (B, S) and, for training, `target_ids`/`target_mask` (B, T)."""
+
+
+def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+class Layout(Protocol):
+    """How one model family lays out a batch; `target_logits` returns (B, T, V) aligned with target_ids."""
+
+    pad_source_left: bool
+
+    def target_logits(self, model: PreTrainedModel, batch: Batch) -> torch.Tensor: ...
+
+    def generate(self, model: PreTrainedModel, batch: Batch, **kwargs: Any) -> torch.Tensor: ...
+
+
+class EncoderDecoderLayout:
+    pad_source_left = False
+
+    def target_logits(self, model: PreTrainedModel, batch: Batch) -> torch.Tensor:
+        target = batch["target_ids"]  # (B, T), padded with pad_token_id
+        start = torch.full_like(target[:, :1], model.config.decoder_start_token_id)
+        decoder_input = torch.cat([start, target[:, :-1]], dim=1)
+        out = model(input_ids=batch["source_ids"], attention_mask=batch["source_mask"], decoder_input_ids=decoder_input)
+        return out.logits  # (B, T, V)
+
+    def generate(self, model: PreTrainedModel, batch: Batch, **kwargs: Any) -> torch.Tensor:
+        out = model.generate(input_ids=batch["source_ids"], attention_mask=batch["source_mask"], **kwargs)
+        return out[:, 1:]  # drop the decoder start token
+
+
+class DecoderOnlyLayout:
+    pad_source_left = True
+
+    def target_logits(self, model: PreTrainedModel, batch: Batch) -> torch.Tensor:
+        source_len = batch["source_ids"].shape[1]
+        ids = torch.cat([batch["source_ids"], batch["target_ids"]], dim=1)[:, :-1]  # (B, S + T - 1)
+        mask = torch.cat([batch["source_mask"], batch["target_mask"]], dim=1)[:, :-1]
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        return logits[:, source_len - 1 :]  # (B, T, V): position S-1+t predicts target token t
+
+    def generate(self, model: PreTrainedModel, batch: Batch, **kwargs: Any) -> torch.Tensor:
+        out = model.generate(input_ids=batch["source_ids"], attention_mask=batch["source_mask"], **kwargs)
+        return out[:, batch["source_ids"].shape[1] :]  # drop the prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# TextModel: a model, its tokenizer and its layout
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    """Token ids of one example (target empty for unlabeled inputs)."""
+
+    id: str
+    source: list[int]
+    target: list[int]
+
+
+@dataclass
+class TruncationStats:
+    sources: int = 0
+    sources_truncated: int = 0
+    targets: int = 0
+    targets_truncated: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TextModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerFast
+    layout: Layout
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return isinstance(self.layout, EncoderDecoderLayout)
+
+    def _affixes(self) -> tuple[list[int], list[int]]:
+        """The special tokens this tokenizer puts around a text (BART: <s> ... </s>, T5: ... </s>)."""
+        plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("x")["input_ids"]
+        at = next((i for i in range(len(full)) if full[i : i + len(plain)] == plain), 0)
+        return full[:at], full[at + len(plain) :]
+
+    def encode(
+        self, examples: Iterable[Any], max_source_length: int = 512, max_target_length: int = 128, targets: bool = True
+    ) -> tuple[list[Encoded], TruncationStats]:
+        """Tokenize examples (anything with `id`, `source`, `target`), truncating and counting truncations.
+
+        With `targets=False` only sources are encoded (for generation).
+
+        Encoder-decoder: source and target carry the tokenizer's own special tokens (target ends in EOS).
+        Decoder-only: prompt = source [+ SEP when the tokenizer has one]; target ends in EOS.
+        """
+        examples = list(examples)
+        prefix, suffix = self._affixes()
+        eos = [self.tokenizer.eos_token_id]
+        sep = [self.tokenizer.sep_token_id] if self.tokenizer.sep_token_id is not None else []
+        if self.is_encoder_decoder:
+            src_pre, src_post = prefix, suffix
+            tgt_pre, tgt_post = prefix, suffix if suffix[-1:] == eos else suffix + eos
+        else:
+            src_pre, src_post, tgt_pre, tgt_post = [], sep, [], eos
+        stats = TruncationStats()
+        sources = self.tokenizer([e.source for e in examples], add_special_tokens=False)["input_ids"]
+        labeled = [targets and e.target is not None for e in examples]
+        target_texts = [e.target if has else "" for e, has in zip(examples, labeled, strict=True)]
+        target_ids_all = self.tokenizer(target_texts, add_special_tokens=False)["input_ids"]
+        out = []
+        for example, src, tgt, has_target in zip(examples, sources, target_ids_all, labeled, strict=True):
+            keep = max_source_length - len(src_pre) - len(src_post)
+            stats.sources += 1
+            stats.sources_truncated += len(src) > keep
+            target_ids: list[int] = []
+            if has_target:
+                keep_t = max_target_length - len(tgt_pre) - len(tgt_post)
+                stats.targets += 1
+                stats.targets_truncated += len(tgt) > keep_t
+                target_ids = tgt_pre + tgt[:keep_t] + tgt_post
+            out.append(Encoded(example.id, src_pre + src[:keep] + src_post, target_ids))
+        return out, stats
+
+    def collate(self, items: Sequence[Encoded]) -> Batch:
+        pad = self.tokenizer.pad_token_id
+        source_ids, source_mask = _pad([it.source for it in items], pad, left=self.layout.pad_source_left)
+        batch = {"source_ids": source_ids, "source_mask": source_mask}
+        if all(it.target for it in items):
+            batch["target_ids"], batch["target_mask"] = _pad([it.target for it in items], pad, left=False)
+        return batch
+
+    def target_logits(self, batch: Batch) -> torch.Tensor:
+        """(B, T, V) logits predicting `batch["target_ids"]`."""
+        return self.layout.target_logits(self.model, batch)
+
+    @torch.no_grad()
+    def generate_ids(self, batch: Batch, decoding: DecodingConfig, num_return_sequences: int = 1) -> torch.Tensor:
+        """New token ids (B * num_return_sequences, N), padded after EOS."""
+        kwargs = decoding.generate_kwargs()
+        kwargs.update(
+            num_return_sequences=num_return_sequences,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        return self.layout.generate(self.model, batch, **kwargs)
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """Text up to the first EOS of each row."""
+        texts = []
+        eos = self.tokenizer.eos_token_id
+        for row in ids.tolist():
+            if eos in row:
+                row = row[: row.index(eos)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return texts
+
+    def save(self, path: str | Path) -> None:
+        """Write the model and tokenizer so plain `transformers` loads them (`Auto*.from_pretrained`)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+def _layout_for(config: Any) -> Layout:
+    return EncoderDecoderLayout() if getattr(config, "is_encoder_decoder", False) else DecoderOnlyLayout()
+
+
+def load_model(cfg: ModelConfig, texts: Callable[[], Iterable[str]] | None = None) -> TextModel:
+    """Load `cfg.path` (hub id or directory) or build `cfg.arch` at random.
+
+    A model built from scratch gets `cfg.tokenizer` if set, else a tokenizer trained on `texts()`.
+    """
+    if cfg.path is not None:
+        config = AutoConfig.from_pretrained(cfg.path)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_pretrained(cfg.path)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
+    else:
+        if cfg.tokenizer is not None:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+        elif texts is not None:
+            tokenizer = train_tokenizer(texts(), cfg.vocab_size)
+        else:
+            raise ConfigError("model.tokenizer", "a model built from `arch` needs a tokenizer path or task text")
+        model = build_model(cfg, tokenizer)
+    if tokenizer.pad_token_id is None:  # GPT-2 style tokenizers have none
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return TextModel(model, tokenizer, _layout_for(model.config))
+
+
+def target_nll(tm: TextModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed negative log-likelihood of the target tokens and their count (dev loss and perplexity)."""
+    per_token = cross_entropy(tm.target_logits(batch), batch["target_ids"])  # (B, T)
+    return masked_sum(per_token, batch["target_mask"]), batch["target_mask"].sum()

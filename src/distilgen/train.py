@@ -1,0 +1,381 @@
+"""Training: one explicit loop on Accelerate, shared by fine-tuning and the distillation methods.
+
+    distilgen finetune configs/quickstart_teacher.yaml train.lr=3e-4
+
+The loop reads top to bottom: setup, then per optimizer step (count the step's target tokens,
+accumulate micro-batch gradients, guard against non-finite values, step), evaluate on dev,
+checkpoint. Rerunning the same command after a crash resumes from `output_dir/checkpoint`:
+model, optimizer, scheduler, RNG states and the position in the data all come back, so the run
+ends as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from distilgen.config import ConfigError, DataConfig, DecodingConfig, FinetuneConfig, TrainConfig, save_config, to_dict
+from distilgen.data import Example, load_splits
+from distilgen.evaluate import generate, gold_perplexity
+from distilgen.metrics import compute_metrics
+from distilgen.models import Batch, Encoded, TextModel, load_model
+from distilgen.objectives import cross_entropy, masked_sum
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[TextModel, Batch], torch.Tensor]
+"""Summed loss of one micro-batch over its valid target tokens (normalised by the loop)."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. repeated non-finite losses); the message names the step."""
+
+
+@dataclass
+class TrainState:
+    """Where a run is; saved with every checkpoint so a resumed run continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_score: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    bad_steps_in_a_row: int = 0
+    finished: bool = False
+
+
+def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=precision, log_with=cfg.trackers or None, project_dir=str(output_dir))
+
+
+def epoch_batches(items: Sequence[Encoded], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled batches of indices for one epoch, grouped by length to waste little padding.
+
+    Deterministic in (seed, epoch), so a resumed run sees the same batches in the same order.
+    """
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(items), generator=gen).tolist()
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: len(items[i].source) + len(items[i].target))
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    shuffled = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in shuffled]
+
+
+def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
+    """Fine-tuning: cross-entropy on the gold targets of the batch."""
+
+    def loss(tm: TextModel, batch: Batch) -> torch.Tensor:
+        per_token = cross_entropy(tm.target_logits(batch), batch["target_ids"], label_smoothing)  # (B, T)
+        return masked_sum(per_token, batch["target_mask"])
+
+    return loss
+
+
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def dev_score(tm: TextModel, dev: Sequence[Example], metric: str, decoding: DecodingConfig, data: DataConfig) -> float:
+    """The early-stopping score, higher is better (dev loss and perplexity are negated)."""
+    if metric in LOWER_IS_BETTER:
+        ppl = gold_perplexity(tm, dev, data, decoding.batch_size)
+        return -(math.log(ppl) if metric == "loss" else ppl)
+    predictions = generate(tm, dev, decoding, data.max_source_length, desc="dev")
+    return compute_metrics([metric], predictions, [list(e.references) for e in dev])[metric]
+
+
+def _save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: Path) -> None:
+    """Write `checkpoint/` atomically: a complete new one replaces the old, or the old stays."""
+    final, tmp, old = output_dir / "checkpoint", output_dir / "checkpoint.tmp", output_dir / "checkpoint.old"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)))
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _find_checkpoint(output_dir: Path) -> Path | None:
+    for name in ("checkpoint", "checkpoint.old"):  # .old survives a crash between the two renames
+        if (output_dir / name / "trainer_state.json").exists():
+            return output_dir / name
+    return None
+
+
+def train(
+    tm: TextModel,
+    items: Sequence[Encoded],
+    loss_fn: LossFn,
+    cfg: TrainConfig,
+    output_dir: Path,
+    accelerator: Accelerator,
+    seed: int,
+    evaluate: Callable[[TextModel], float] | None = None,
+    on_step: Callable[[TrainState], None] | None = None,
+) -> TrainState:
+    """Run (or resume) training; the best model by `evaluate` is saved to `output_dir/model`.
+
+    Args:
+        items: encoded training examples, each with a target.
+        loss_fn: summed loss of one micro-batch; the loop divides by the step's target tokens.
+        evaluate: dev score of the current model, higher is better; None saves the last model.
+        on_step: called after every optimizer step (tests use it to simulate a crash).
+    """
+    # --- setup ---------------------------------------------------------------------------------
+    output_dir.mkdir(parents=True, exist_ok=True)
+    batches_per_epoch = len(epoch_batches(items, cfg.batch_size, seed, 0)) // accelerator.num_processes
+    if batches_per_epoch < cfg.grad_accum:
+        raise TrainingError(
+            f"the training data makes {batches_per_epoch} batches per process, fewer than train.grad_accum="
+            f"{cfg.grad_accum}: lower train.batch_size or train.grad_accum"
+        )
+    steps_per_epoch = batches_per_epoch // cfg.grad_accum
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    eval_every = cfg.eval_every or steps_per_epoch
+
+    model = tm.model
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n.lower()]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n.lower())]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    scheduler = get_scheduler(
+        "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule,
+        optimizer,
+        num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    tm = TextModel(model, tm.tokenizer, tm.layout)
+    unwrapped = TextModel(accelerator.unwrap_model(model), tm.tokenizer, tm.layout)
+
+    state = TrainState()
+    checkpoint = _find_checkpoint(output_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = TrainState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}/{total_steps}")
+    if cfg.trackers:
+        accelerator.init_trackers("distilgen", config={"total_steps": total_steps, **asdict(cfg)})
+    metrics_log = output_dir / "metrics.jsonl"
+
+    def record(entry: dict) -> None:
+        if accelerator.is_main_process:
+            with metrics_log.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+        if cfg.trackers:
+            accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
+
+    def save_best(score_value: float | None) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            unwrapped.save(output_dir / "model")
+            (output_dir / "model" / "distilgen_state.json").write_text(
+                json.dumps({"step": state.step, "dev_score": score_value, "metric": cfg.metric})
+            )
+
+    def evaluate_now() -> bool:
+        """Evaluate on dev, keep the best model; True when early stopping says stop."""
+        if evaluate is None:
+            return False
+        model.eval()
+        value = evaluate(unwrapped)
+        model.train()
+        improved = state.best_score is None or value > state.best_score
+        if improved:
+            state.best_score, state.best_step, state.evals_without_improvement = value, state.step, 0
+            save_best(value)
+        else:
+            state.evals_without_improvement += 1
+        record(
+            {
+                "step": state.step,
+                "epoch": state.epoch,
+                f"dev_{cfg.metric}": -value if cfg.metric in LOWER_IS_BETTER else value,
+                "best_step": state.best_step,
+            }
+        )
+        return cfg.patience > 0 and state.evals_without_improvement >= cfg.patience
+
+    # --- main loop -----------------------------------------------------------------------------
+    model.train()
+    progress = tqdm(total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process)
+    started, loss_window, stop = time.perf_counter(), [], state.finished
+    while state.step < total_steps and not stop:
+        batches = epoch_batches(items, cfg.batch_size, seed, state.epoch)
+        mine = batches[accelerator.process_index :: accelerator.num_processes][:batches_per_epoch]
+        while state.batch_in_epoch + cfg.grad_accum <= len(mine) and state.step < total_steps and not stop:
+            micro = [mine[state.batch_in_epoch + i] for i in range(cfg.grad_accum)]
+            micro_batches = [
+                {k: v.to(accelerator.device) for k, v in tm.collate([items[i] for i in b]).items()} for b in micro
+            ]
+            local_tokens = sum(b["target_mask"].sum() for b in micro_batches)
+            step_tokens = accelerator.reduce(local_tokens.float(), reduction="sum").clamp_min(1)
+            step_loss = torch.zeros((), device=accelerator.device)
+            for i, batch in enumerate(micro_batches):
+                sync = i == len(micro_batches) - 1
+                with nullcontext() if sync else accelerator.no_sync(model):
+                    with accelerator.autocast():
+                        # DDP averages gradients over processes, so scale back up to a sum over all tokens.
+                        loss = loss_fn(tm, batch) / step_tokens * accelerator.num_processes
+                    accelerator.backward(loss)
+                step_loss += loss.detach()
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            finite = torch.isfinite(step_loss) and torch.isfinite(torch.as_tensor(grad_norm))
+            if finite:
+                optimizer.step()
+                state.bad_steps_in_a_row = 0
+            else:
+                state.bad_steps_in_a_row += 1
+                log.warning("step %d: non-finite loss or gradient, step skipped", state.step + 1)
+                if state.bad_steps_in_a_row >= cfg.max_bad_steps:
+                    raise TrainingError(
+                        f"non-finite loss or gradient at step {state.step + 1}, {state.bad_steps_in_a_row} steps in "
+                        "a row: lower train.lr, check the data, or use train.precision=no"
+                    )
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.batch_in_epoch += cfg.grad_accum
+            progress.update(1)
+
+            if finite:
+                loss_window.append(accelerator.reduce(step_loss, reduction="mean").item())
+            if state.step % cfg.log_every == 0 and loss_window:
+                mean_loss = sum(loss_window) / len(loss_window)
+                loss_window.clear()
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                record(
+                    {
+                        "step": state.step,
+                        "epoch": state.epoch,
+                        "loss": mean_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "elapsed_s": round(time.perf_counter() - started, 2),
+                    }
+                )
+            # --- validate and checkpoint ---------------------------------------------------------
+            at_end = state.step >= total_steps
+            if state.step % eval_every == 0 or at_end:
+                stop = evaluate_now()
+                state.finished = stop or at_end
+                _save_checkpoint(accelerator, state, output_dir)
+            elif cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                _save_checkpoint(accelerator, state, output_dir)
+            if on_step is not None:
+                on_step(state)
+        if state.batch_in_epoch + cfg.grad_accum > len(mine):
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    progress.close()
+    if evaluate is None or state.best_step is None and not (output_dir / "model").exists():
+        save_best(None)
+    if cfg.trackers:
+        accelerator.end_training()
+    return state
+
+
+def _training_text(splits: dict[str, list[Example]]):
+    """Text a new tokenizer is trained on: sources and targets of the training splits."""
+    for name in ("train", "unlabeled"):
+        for e in splits.get(name, []):
+            yield e.source
+            yield from e.references
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """`distilgen finetune`: train a model on the labeled split, early-stopping on dev.
+
+    Returns a summary (best step and dev score, truncation counts, where the model is).
+    """
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_run(cfg, output_dir)
+    set_seed(cfg.seed)
+    accelerator = make_accelerator(cfg.train, output_dir)
+
+    splits = load_splits(cfg.data, ("train", "unlabeled", "dev"))
+    if not splits.get("train"):
+        raise TrainingError("finetune needs labeled data: set data.train or data.task")
+    tokenizer_dir = output_dir / "tokenizer"
+    model_cfg = cfg.model
+    if model_cfg.path is None and model_cfg.tokenizer is None and tokenizer_dir.exists():
+        model_cfg = dataclasses.replace(model_cfg, tokenizer=str(tokenizer_dir))  # a resumed run keeps its vocabulary
+    tm = load_model(model_cfg, texts=lambda: _training_text(splits))
+    if accelerator.is_main_process and not tokenizer_dir.exists():
+        tm.tokenizer.save_pretrained(tokenizer_dir)
+
+    items, truncation = tm.encode(splits["train"], cfg.data.max_source_length, cfg.data.max_target_length)
+    for kind in ("sources", "targets"):
+        if getattr(truncation, f"{kind}_truncated"):
+            log.warning(
+                "%d of %d training %s were truncated to data.max_%s_length",
+                getattr(truncation, f"{kind}_truncated"),
+                getattr(truncation, kind),
+                kind,
+                kind[:-1],
+            )
+    dev = splits.get("dev", [])[: cfg.train.dev_limit]
+    evaluate = None
+    if dev:
+
+        def evaluate(model: TextModel) -> float:
+            return dev_score(model, dev, cfg.train.metric, cfg.decoding, cfg.data)
+
+    state = train(
+        tm, items, cross_entropy_loss(cfg.train.label_smoothing), cfg.train, output_dir, accelerator, cfg.seed, evaluate
+    )
+    summary = {
+        "model": str(output_dir / "model"),
+        "steps": state.step,
+        "best_step": state.best_step,
+        f"best_dev_{cfg.train.metric}": None
+        if state.best_score is None
+        else -state.best_score
+        if cfg.train.metric in LOWER_IS_BETTER
+        else state.best_score,
+        "truncation": truncation.as_dict(),
+    }
+    if accelerator.is_main_process:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _check_same_run(cfg: FinetuneConfig, output_dir: Path) -> None:
+    """Refuse to resume a run directory made by a different config (data, model or seed)."""
+    saved = output_dir / "config.yaml"
+    if saved.exists():
+        before = yaml.safe_load(saved.read_text())
+        now = to_dict(cfg)
+        changed = [k for k in ("data", "model", "seed") if before.get(k) != now.get(k)]
+        if changed:
+            raise ConfigError(changed[0], f"differs from the run already in {output_dir}; use a new output_dir")
+    save_config(cfg, saved)

@@ -1,0 +1,145 @@
+"""The real `distilgen` command, run as a user would (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distilgen.cli import COMMANDS, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, cwd=None, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "distilgen.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def _finetune_yaml(tmp_path, tokenizer_dir, **train) -> Path:
+    cfg = {
+        "output_dir": str(tmp_path / "run"),
+        "data": {"task": {"train_size": 48, "unlabeled_size": 0, "dev_size": 4, "test_size": 4}},
+        "model": {
+            "arch": "bart",
+            "hidden_size": 32,
+            "num_heads": 2,
+            "ffn_size": 64,
+            "encoder_layers": 1,
+            "decoder_layers": 1,
+            "tokenizer": tokenizer_dir,
+            "max_positions": 320,
+        },
+        "train": {"batch_size": 8, "max_steps": 12, "eval_every": 6, "metric": "loss", **train},
+        "decoding": {"max_new_tokens": 8},
+    }
+    path = tmp_path / "finetune.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_describes_every_config_key(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"] if command else ["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    if command == "finetune":
+        for key in ("train.lr", "data.task.train_size", "model.arch", "decoding.num_beams", "output_dir"):
+            assert f"  {key}" in out
+        assert "Run directory" in out  # field docs are shown
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.lr=-1", "train.lr: must be > 0"),
+        ("train.nope=1", "train.nope: unknown key"),
+        ("train.batch_size=many", "train.batch_size: expected an integer"),
+        ("data.max_target_length=0", "data.max_target_length: must be > 0"),
+        ("data.task=null data.test=missing.jsonl", "data.test: file not found: missing.jsonl"),
+    ],
+)
+def test_a_bad_config_is_one_line_and_exit_code_2(tmp_path, tokenizer_dir, override, expected):
+    result = _cli("finetune", str(_finetune_yaml(tmp_path, tokenizer_dir)), *override.split(), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"distilgen finetune: error: {expected}")
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_a_missing_config_file_exits_2(tmp_path):
+    result = _cli("finetune", "nope.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and "config file not found: nope.yaml" in result.stderr
+
+
+def test_a_bad_data_file_is_one_line_naming_file_and_line(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"source": "a", "target": "b"}\n{"source": "c", "target": \n')
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"train": "train.jsonl"}}))
+    result = _cli("data", str(cfg), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "train.jsonl" in result.stderr and "line 2" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_data_command_exports_the_built_in_task_as_jsonl(tmp_path):
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"data": {"task": {"train_size": 5, "unlabeled_size": 3, "dev_size": 2, "test_size": 2}}})
+    )
+    result = _cli("data", str(cfg), "--export", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(isinstance(r["target"], list) and len(r["target"]) > 1 for r in rows)
+
+
+def test_sigkill_during_finetune_then_rerun_resumes_and_finishes(tmp_path, tokenizer_dir):
+    config = _finetune_yaml(tmp_path, tokenizer_dir, max_steps=40, checkpoint_every=4, eval_every=20)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distilgen.cli", "finetune", str(config)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state_file = tmp_path / "run" / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if state_file.exists() and 4 <= json.loads(state_file.read_text())["step"] < 40:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "finetune ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(state_file.read_text())["step"]
+    assert killed_at < 40
+
+    result = _cli("finetune", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {tmp_path / 'run' / 'checkpoint'} at step {killed_at}/40" in result.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 40
+    assert (tmp_path / "run" / "config.yaml").exists() and (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+def test_rerunning_a_run_directory_with_another_model_is_refused(tmp_path, tokenizer_dir):
+    config = _finetune_yaml(tmp_path, tokenizer_dir, max_steps=2, eval_every=2)
+    assert _cli("finetune", str(config), cwd=tmp_path).returncode == 0
+    result = _cli("finetune", str(config), "model.hidden_size=64", cwd=tmp_path)
+    assert result.returncode == 2 and "model: differs from the run already in" in result.stderr

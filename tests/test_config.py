@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distilgen.cli import COMMANDS
+from distilgen.config import (
+    ConfigError,
+    DecodingConfig,
+    EvaluateConfig,
+    FinetuneConfig,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"output_dir": "runs/x", "data": {"task": {"train_size": 10}}, "model": {"arch": "bart"}}
+
+
+def _error(data, cls=FinetuneConfig) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        from_dict(cls, data)
+    return info.value
+
+
+def test_defaults_fill_what_the_yaml_leaves_out():
+    cfg = from_dict(FinetuneConfig, BASE)
+    assert cfg.train == TrainConfig() and cfg.decoding == DecodingConfig()
+    assert cfg.data.task.train_size == 10 and cfg.data.task.test_size == 500
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "words"),
+    [
+        ("train.lrr=1", "train.lrr", "unknown key"),
+        ("train.lr=-1", "train.lr", "must be > 0"),
+        ("train.lr=fast", "train.lr", "expected a number"),
+        ("train.batch_size=2.5", "train.batch_size", "expected an integer"),
+        ("data.max_source_length=0", "data.max_source_length", "must be > 0"),
+        ("data.task.name=nope", "data.task.name", "match_reports"),
+        ("model.arch=lstm", "model.arch", "'bart'"),
+        ("train.precision=fp8", "train.precision", "'bf16'"),
+        ("train.metric=accuracy", "train.metric", "bleu"),
+        ("decoding.top_p=1.5", "decoding.top_p", "(0, 1]"),
+        ("model.num_heads=3", "model.num_heads", "divide hidden_size"),
+    ],
+)
+def test_a_bad_value_names_its_dotted_key_and_the_fix(override, key, words):
+    err = _error(apply_overrides(yaml.safe_load(yaml.safe_dump(BASE)), [override]))
+    assert err.key == key
+    assert words in err.message
+    assert "\n" not in str(err)
+
+
+def test_a_missing_data_file_is_reported_before_anything_loads(tmp_path):
+    err = _error({**BASE, "data": {"train": str(tmp_path / "nope.jsonl")}})
+    assert err.key == "data.train" and "nope.jsonl" in err.message
+
+
+def test_a_missing_required_key_is_named():
+    assert _error({"data": BASE["data"], "model": BASE["model"]}).key == "output_dir"
+
+
+def test_overrides_set_nested_keys_with_yaml_typed_values():
+    data = apply_overrides({}, ["train.lr=3e-4", "train.trackers=[tensorboard]", "model.path=null"])
+    assert data["train"]["trackers"] == ["tensorboard"] and data["model"] == {"path": None}
+    assert from_dict(TrainConfig, data["train"]).lr == 3e-4  # YAML reads `3e-4` as a string; the number is kept
+
+
+def test_a_partial_nested_mapping_keeps_the_other_defaults():
+    from distilgen.quickstart import QuickstartConfig
+
+    cfg = from_dict(QuickstartConfig, {"teacher": {"hidden_size": 64}})
+    assert cfg.teacher.hidden_size == 64 and cfg.teacher.arch == "bart"
+    assert cfg.teacher.encoder_layers == QuickstartConfig().teacher.encoder_layers
+
+
+def test_invalid_yaml_is_a_config_error_with_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("output_dir: x\ntrain: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml line"):
+        load_config(FinetuneConfig, path)
+
+
+def test_evaluate_accepts_perplexity_and_rejects_unknown_metrics():
+    base = {"output_dir": "x", "data": BASE["data"], "models": ["m"]}
+    assert "perplexity" in from_dict(EvaluateConfig, base).metrics
+    assert _error({**base, "metrics": ["bleu", "meteor"]}, EvaluateConfig).key == "metrics"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_validates(path, monkeypatch):
+    """configs/<command>/*.yaml holds the configs of `distilgen <command>`."""
+    monkeypatch.chdir(ROOT)
+    command = path.relative_to(ROOT / "configs").parts[0]
+    assert command in COMMANDS, f"{path}: put it under configs/<command>/, one of {', '.join(COMMANDS)}"
+    load_config(COMMANDS[command].config, path)

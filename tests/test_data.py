@@ -1,0 +1,258 @@
+import csv
+import hashlib
+import json
+
+import pytest
+
+from distilgen.config import BuiltinTaskConfig, DataConfig
+from distilgen.data import DataError, Example, load_split, load_splits, split_stats, write_jsonl
+
+RECORDS = [
+    {"id": 7, "source": "the cat sat", "target": "a cat"},
+    {"id": 8, "source": 'quotes " and, commas', "target": ["first reference", "second reference"]},
+]
+
+
+def load(path, labeled: bool = True, **fields) -> list[Example]:
+    return load_split(str(path), DataConfig(train=str(path), **fields), labeled)
+
+
+def write_lines(path, *lines: str):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats
+# ---------------------------------------------------------------------------------------------
+
+
+def test_jsonl_loads_sources_targets_and_list_references(tmp_path):
+    examples = load(write_lines(tmp_path / "d.jsonl", *map(json.dumps, RECORDS)), id_field="id")
+    assert examples[0] == Example("7", "the cat sat", "a cat", ("a cat",))
+    assert examples[1].target == "first reference"
+    assert examples[1].references == ("first reference", "second reference")
+
+
+def test_json_accepts_a_list_or_a_data_wrapper(tmp_path):
+    (tmp_path / "list.json").write_text(json.dumps(RECORDS))
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": RECORDS}))
+    assert load(tmp_path / "list.json") == load(tmp_path / "wrapped.json")
+    assert len(load(tmp_path / "list.json")) == 2
+
+
+def test_csv_with_a_header_row_loads_quoted_text(tmp_path):
+    path = tmp_path / "d.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["source", "target"])
+        writer.writeheader()
+        writer.writerow({"source": 'quotes " and, commas', "target": "a summary"})
+    [example] = load(path)
+    assert (example.source, example.target, example.references) == ('quotes " and, commas', "a summary", ("a summary",))
+
+
+def test_parquet_list_column_becomes_references(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["one", "two"], "summaries": [["a", "b"], ["c"]]}), path)
+    examples = load(path, source_field="text", target_field="summaries")
+    assert [e.references for e in examples] == [("a", "b"), ("c",)]
+    assert [e.target for e in examples] == ["a", "c"]
+
+
+def test_dataset_dict_saved_to_disk_is_read_by_split(tmp_path):
+    import datasets
+
+    splits = {name: datasets.Dataset.from_list(RECORDS[:1]) for name in ("train", "validation")}
+    datasets.DatasetDict(splits).save_to_disk(tmp_path / "ds")
+    spec = f"{tmp_path / 'ds'}@validation"
+    examples = load_split(spec, DataConfig(test=spec), labeled=True)
+    assert [e.source for e in examples] == ["the cat sat"]
+    with pytest.raises(DataError, match="train, validation"):
+        load(tmp_path / "ds")
+
+
+def test_single_dataset_saved_to_disk_loads_without_a_split(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"source": "x", "target": "y"}]).save_to_disk(tmp_path / "ds")
+    assert load(tmp_path / "ds")[0].references == ("y",)
+
+
+def test_hub_spec_names_dataset_config_and_split(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return [{"document": "text", "summary": "short"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    spec = "hub:owner/news@validation"
+    cfg = DataConfig(test=spec, hub_config="v2", source_field="document", target_field="summary")
+    assert load_split(spec, cfg, labeled=True)[0].target == "short"
+    assert calls == [("owner/news", "v2", "validation")]
+    with pytest.raises(DataError, match="hub:owner/name@train"):
+        load_split("hub:owner/news", cfg, labeled=True)
+
+
+def test_write_jsonl_round_trips_a_builtin_task(tmp_path):
+    examples = load_splits(DataConfig(task=BuiltinTaskConfig(train_size=5, unlabeled_size=0, dev_size=0, test_size=0)))
+    write_jsonl(examples["train"], tmp_path / "out" / "train.jsonl")
+    assert load(tmp_path / "out" / "train.jsonl", id_field="id") == examples["train"]
+
+
+def test_write_jsonl_writes_one_reference_as_a_string_and_none_for_unlabeled(tmp_path):
+    write_jsonl([Example("a", "x", "y", ("y",)), Example("b", "z", None, ())], tmp_path / "d.jsonl")
+    lines = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert lines == [{"id": "a", "source": "x", "target": "y"}, {"id": "b", "source": "z"}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one DataError naming the file and the place
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [
+        ('{"source": "x", "target": ', "malformed JSON"),
+        ('["source", "target"]', "expected an object"),
+        ('{"text": "x", "target": "y"}', "missing source field 'source'"),
+        ('{"source": "x"}', "missing target field 'target'"),
+        ('{"source": "   ", "target": "y"}', "empty source"),
+        ('{"source": 3, "target": "y"}', "must be a string"),
+        ('{"source": "x", "target": 3}', "must be a string or a list of strings"),
+        ('{"source": "x", "target": " "}', "empty target"),
+        ('{"source": "x", "target": []}', "empty target"),
+    ],
+)
+def test_bad_jsonl_line_names_file_and_line(tmp_path, bad_line, message):
+    path = write_lines(tmp_path / "train.jsonl", '{"source": "ok", "target": "ok"}', bad_line)
+    with pytest.raises(DataError, match=message) as err:
+        load(path)
+    assert str(err.value).startswith(f"{path} line 2:")
+
+
+def test_blank_lines_do_not_shift_line_numbers(tmp_path):
+    path = write_lines(tmp_path / "train.jsonl", "", '{"source": "ok", "target": "ok"}', "", "{")
+    with pytest.raises(DataError, match=r"train.jsonl line 4: malformed JSON"):
+        load(path)
+
+
+def test_csv_without_the_target_column_names_file_and_line(tmp_path):
+    path = write_lines(tmp_path / "train.csv", "source,summary", "x,y")
+    with pytest.raises(DataError, match=r"train.csv line 2: missing target field 'target' \(fields: source, summary\)"):
+        load(path)
+
+
+def test_csv_empty_source_cell_names_file_and_line(tmp_path):
+    path = write_lines(tmp_path / "train.csv", "source,target", "x,y", ",y")
+    with pytest.raises(DataError, match=r"train.csv line 3: empty source"):
+        load(path)
+
+
+def test_parquet_null_target_names_file_and_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"source": ["a", "b"], "target": ["x", None]}), path)
+    with pytest.raises(DataError, match=r"train.parquet row 1: missing target field"):
+        load(path)
+
+
+def test_malformed_json_file_names_file_and_line(tmp_path):
+    (tmp_path / "train.json").write_text('[\n{"source": "x",\n}\n]')
+    with pytest.raises(DataError, match=r"train.json line 3: malformed JSON"):
+        load(tmp_path / "train.json")
+
+
+@pytest.mark.parametrize(("name", "content"), [("empty.jsonl", ""), ("header_only.csv", "source,target\n")])
+def test_a_file_without_records_is_an_error(tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=f"{name}: no records"):
+        load(tmp_path / name)
+
+
+def test_unknown_extension_lists_the_supported_formats(tmp_path):
+    (tmp_path / "train.txt").write_text("x")
+    with pytest.raises(DataError, match=r"train.txt: unsupported file type '.txt'; use .jsonl, .json, .csv"):
+        load(tmp_path / "train.txt")
+
+
+@pytest.mark.parametrize("name", ["train.jsonl", "train.json", "train.csv"])
+def test_file_that_is_not_utf8_is_a_data_error(tmp_path, name):
+    (tmp_path / name).write_bytes(b'[{"source": "\xff", "target": "y"}]\n')
+    with pytest.raises(DataError, match=f"{name}: not UTF-8"):
+        load(tmp_path / name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation: ids, templates, unlabeled data
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unlabeled_data_ignores_missing_and_empty_targets(tmp_path):
+    path = write_lines(tmp_path / "u.jsonl", '{"source": "a"}', '{"source": "b", "target": ""}', '{"source": "c"}')
+    examples = load(path, labeled=False)
+    assert [(e.source, e.target, e.references) for e in examples] == [("a", None, ()), ("b", None, ()), ("c", None, ())]
+
+
+def test_duplicate_sources_get_distinct_stable_ids(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", *(json.dumps({"source": s, "target": "t"}) for s in "xyxx"))
+    digest = hashlib.sha256(b"x").hexdigest()[:16]
+    ids = [e.id for e in load(path)]
+    assert ids[0::2] == [digest, f"{digest}-1"] and ids[3] == f"{digest}-2"
+    assert len(set(ids)) == 4
+    assert [e.id for e in load(path)] == ids
+
+
+def test_id_field_is_used_and_must_be_unique(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", '{"key": 1, "source": "x", "target": "t"}')
+    assert load(path, id_field="key")[0].id == "1"
+    duplicated = write_lines(tmp_path / "dup.jsonl", *['{"key": 1, "source": "x", "target": "t"}'] * 2)
+    with pytest.raises(DataError, match=r"dup.jsonl line 2: duplicate id '1' \(first at .*dup.jsonl line 1\)"):
+        load(duplicated, id_field="key")
+    with pytest.raises(DataError, match=r"d.jsonl line 1: missing id field 'name'"):
+        load(path, id_field="name")
+
+
+def test_template_is_applied_and_braces_in_data_survive(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", json.dumps({"source": "  f(x) = {x}  ", "target": " {y} "}))
+    example = load(path, template="summarize: {source}")[0]
+    assert (example.source, example.target) == ("summarize: f(x) = {x}", "{y}")
+    assert example.id == hashlib.sha256(b"f(x) = {x}").hexdigest()[:16]
+
+
+def test_load_splits_takes_every_split_from_the_task_and_skips_empty_ones():
+    task = BuiltinTaskConfig(train_size=3, unlabeled_size=2, dev_size=0, test_size=1)
+    splits = load_splits(DataConfig(task=task, template="report: {source}"))
+    assert {name: len(examples) for name, examples in splits.items()} == {"train": 3, "unlabeled": 2, "test": 1}
+    assert splits["train"][0].id == "match_reports-train-000000"
+    assert splits["train"][0].source.startswith("report: ")
+    assert len(splits["train"][0].references) >= 3
+    assert all(e.target is None and e.references == () for e in splits["unlabeled"])
+
+
+def test_load_splits_reads_only_the_configured_files(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", '{"source": "x", "target": "t"}')
+    splits = load_splits(DataConfig(train=str(path), unlabeled=str(path)))
+    assert list(splits) == ["train", "unlabeled"]
+    assert splits["unlabeled"][0].target is None
+
+
+def test_split_stats_counts_words_and_references():
+    examples = [Example("a", "one two three", "x y", ("x y", "z")), Example("b", "one", None, ())]
+    assert split_stats(examples) == {
+        "examples": 2,
+        "labeled": 1,
+        "source_words_mean": 2.0,
+        "source_words_max": 3,
+        "target_words_mean": 2.0,
+        "target_words_max": 2,
+        "references_mean": 2.0,
+    }

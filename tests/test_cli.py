@@ -58,6 +58,10 @@ def test_help_describes_every_config_key(command, capsys):
         main([command, "--help"] if command else ["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
+    if command in COMMANDS and COMMANDS[command].config is not None:
+        keys = out.split("config keys")[1].splitlines()[1:]
+        undocumented = [line for line in keys if " -- " not in line and not line.rstrip().endswith(".")]
+        assert keys and not undocumented
     if command == "finetune":
         for key in ("train.lr", "data.task.train_size", "model.arch", "decoding.num_beams", "output_dir"):
             assert f"  {key}" in out

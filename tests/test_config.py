@@ -99,3 +99,10 @@ def test_every_shipped_config_validates(path, monkeypatch):
     command = path.relative_to(ROOT / "configs").parts[0]
     assert command in COMMANDS, f"{path}: put it under configs/<command>/, one of {', '.join(COMMANDS)}"
     load_config(COMMANDS[command].config, path)
+
+
+def test_the_quickstart_yaml_spells_out_the_quickstart_defaults(monkeypatch):
+    from distilgen.quickstart import QuickstartConfig
+
+    monkeypatch.chdir(ROOT)
+    assert load_config(QuickstartConfig, "configs/quickstart/default.yaml") == QuickstartConfig()

@@ -56,26 +56,29 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def config_keys(cls: type, prefix: str = "") -> list[str]:
-    """One help line per config key (recursively), for `--help`."""
+def config_keys(cls: type, prefix: str = "", defaults: object | None = None) -> list[str]:
+    """One help line per config key (recursively), with the defaults of `defaults` when given."""
     lines = []
     hints = typing.get_type_hints(cls)
     docs = _field_docs(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
         nested = [a for a in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(a)]
         if nested:
             lines.append(f"  {key}: {docs.get(f.name, nested[0].__doc__.splitlines()[0])}")
-            lines.extend(config_keys(nested[0], f"{key}."))
+            lines.extend(config_keys(nested[0], f"{key}.", default if dataclasses.is_dataclass(default) else None))
             continue
-        if f.default is not dataclasses.MISSING:
-            default = f" = {f.default!r}"
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f" = {f.default_factory()!r}"
-        else:
-            default = " (required)"
+        shown = " (required)" if default is dataclasses.MISSING else f" = {default!r}"
         doc = docs.get(f.name, "")
-        lines.append(f"  {key}{default}" + (f"  -- {doc}" if doc else ""))
+        lines.append(f"  {key}{shown}" + (f"  -- {doc}" if doc else ""))
     return lines
 
 

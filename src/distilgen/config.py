@@ -57,7 +57,9 @@ class BuiltinTaskConfig:
     unlabeled_size: int = 8000
     """Unlabeled inputs (about 4x the labeled data, as in the study's realistic setup)."""
     dev_size: int = 200
+    """Labeled examples for early stopping."""
     test_size: int = 500
+    """Labeled examples for the final report."""
 
     def __post_init__(self):
         from distilgen.tasks import TASKS
@@ -139,13 +141,17 @@ class ModelConfig:
     arch: Architecture | None = None
     """Family of a model built from scratch: bart / t5 (encoder-decoder) or gpt2 (decoder-only)."""
     hidden_size: int = 128
+    """Width of the model (d_model)."""
     encoder_layers: int = 2
     """Encoder layers (ignored for gpt2)."""
     decoder_layers: int = 2
     """Decoder layers (the transformer layers for gpt2)."""
     num_heads: int = 4
+    """Attention heads per layer (must divide hidden_size)."""
     ffn_size: int = 512
+    """Inner width of the feed-forward blocks."""
     dropout: float = 0.1
+    """Dropout rate of a model built from scratch."""
     max_positions: int = 512
     """Longest source + target the model can see (learned position tables)."""
     tokenizer: str | None = None
@@ -179,14 +185,21 @@ class DecodingConfig:
     """How to generate: greedy, beam search or sampling (the keyword arguments of `generate`)."""
 
     max_new_tokens: int = 64
+    """Longest output, in tokens."""
     num_beams: int = 1
+    """Beam width; 1 is greedy (or plain sampling with do_sample)."""
     do_sample: bool = False
+    """Sample instead of taking the most likely token."""
     temperature: float = 1.0
+    """Sampling temperature (with do_sample)."""
     top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with this much probability (with do_sample)."""
     top_k: int = 0
     """0 disables top-k filtering."""
     length_penalty: float = 1.0
+    """Beam search: exponent on the length when ranking finished beams (> 1 favours longer outputs)."""
     no_repeat_ngram_size: int = 0
+    """Forbid repeating any n-gram of this size; 0 allows repeats."""
     batch_size: int = 32
     """Sequences generated together."""
 
@@ -224,17 +237,23 @@ class TrainConfig:
     epochs: float = 10.0
     """Passes over the training data (fractions allowed); `max_steps` wins when set."""
     max_steps: int | None = None
+    """Optimizer steps to train for; overrides epochs."""
     batch_size: int = 32
     """Examples per micro-batch on each process."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     lr: float = 5e-4
+    """Peak learning rate of AdamW."""
     weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and norms)."""
     warmup_ratio: float = 0.05
     """Fraction of the steps with a linear warm-up."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warm-up."""
     max_grad_norm: float = 1.0
+    """Gradients are clipped to this global norm."""
     label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
     precision: Precision = "auto"
     """Mixed precision: auto = bf16 on a GPU that supports it, else full fp32."""
     eval_every: int = 200
@@ -248,6 +267,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Extra checkpoints between evaluations (steps); 0 checkpoints only at evaluations."""
     log_every: int = 10
+    """Steps between loss lines in metrics.jsonl and the progress bar."""
     trackers: list[str] = field(default_factory=list)
     """Accelerate trackers to log to besides the JSONL log (e.g. tensorboard, wandb)."""
     max_bad_steps: int = 3
@@ -280,9 +300,11 @@ class CostConfig:
     """How the cost of a model is measured (latency at batch 1, throughput at batch N)."""
 
     enabled: bool = True
+    """Measure cost at all (it takes extra generations)."""
     latency_runs: int = 10
     """Single-example generations whose median is the latency."""
     throughput_batch: int = 32
+    """Batch size of the throughput measurement."""
     throughput_examples: int = 128
     """Examples generated to measure throughput."""
 
@@ -304,11 +326,15 @@ class FinetuneConfig:
     output_dir: str
     """Run directory: checkpoints, logs and the final model (`output_dir/model`)."""
     data: DataConfig
+    """The splits: train (required), unlabeled (for the tokenizer), dev (early stopping)."""
     model: ModelConfig
+    """The model to train."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, evaluation and checkpoints."""
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     """Decoding for dev evaluation."""
     seed: int = 0
+    """Seed of model initialisation, dropout and data order."""
 
 
 @dataclass
@@ -316,16 +342,23 @@ class EvaluateConfig:
     """`distilgen evaluate`: score one or several models side by side on a split."""
 
     output_dir: str
+    """Where report.json, report.md and generations/ go."""
     data: DataConfig
+    """The split to score comes from here."""
     models: list[str]
     """Model directories (or hub ids) to compare, the first being the reference (e.g. the teacher)."""
     split: Literal["dev", "test"] = "test"
+    """Which labeled split to score."""
     metrics: list[str] = field(default_factory=lambda: ["bleu", "rouge", "chrf", "exact_match", "perplexity"])
+    """Text metrics (see distilgen.metrics) and `perplexity` of the gold targets."""
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    """How every model generates."""
     cost: CostConfig = field(default_factory=CostConfig)
+    """How cost (latency, throughput, memory) is measured."""
     limit: int | None = None
     """Score at most this many examples."""
     seed: int = 0
+    """Seed for sampling decoders."""
 
     def __post_init__(self):
         from distilgen.metrics import METRICS, MODEL_METRICS

@@ -38,8 +38,9 @@ class QuickstartConfig:
     """`distilgen quickstart`: teacher and student baseline on the built-in task, then a side-by-side report."""
 
     output_dir: str = "runs/quickstart"
+    """Run directory: teacher/, student/ and report/ go under it."""
     task: BuiltinTaskConfig = field(
-        default_factory=lambda: BuiltinTaskConfig(train_size=1500, unlabeled_size=6000, dev_size=100, test_size=200)
+        default_factory=lambda: BuiltinTaskConfig(train_size=1000, unlabeled_size=4000, dev_size=100, test_size=200)
     )
     """The built-in task and its split sizes."""
     teacher: ModelConfig = field(
@@ -69,14 +70,19 @@ class QuickstartConfig:
     )
     """The student, built from scratch with the teacher's tokenizer (same vocabulary, for word-level KD)."""
     teacher_train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=8, batch_size=32, lr=1e-3, eval_every=0, metric="bleu")
+        default_factory=lambda: TrainConfig(epochs=6, batch_size=32, lr=1e-3, eval_every=0, metric="bleu")
     )
+    """How the teacher is trained (dev BLEU after each epoch picks the best checkpoint)."""
     student_train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=8, batch_size=32, lr=2e-3, eval_every=0, metric="bleu")
+        default_factory=lambda: TrainConfig(epochs=6, batch_size=32, lr=2e-3, eval_every=0, metric="bleu")
     )
+    """How the student baseline is trained."""
     decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(max_new_tokens=48, batch_size=64))
+    """Decoding for dev and test evaluation."""
     cost: CostConfig = field(default_factory=lambda: CostConfig(latency_runs=5, throughput_examples=64))
+    """How cost is measured in the final report."""
     seed: int = 0
+    """Seed of model initialisation, dropout and data order."""
 
     def __post_init__(self):
         check(

@@ -147,3 +147,28 @@ def test_rerunning_a_run_directory_with_another_model_is_refused(tmp_path, token
     assert _cli("finetune", str(config), cwd=tmp_path).returncode == 0
     result = _cli("finetune", str(config), "model.hidden_size=64", cwd=tmp_path)
     assert result.returncode == 2 and "model: differs from the run already in" in result.stderr
+
+
+def test_inspect_reports_cost_of_a_shrunk_copy_and_saves_it(tmp_path, tokenizer_dir):
+    from distilgen.models import load_model
+    from tests.conftest import tiny_model_config
+
+    load_model(tiny_model_config("bart", tokenizer_dir, encoder_layers=2, decoder_layers=3)).save(tmp_path / "teacher")
+    result = _cli(
+        "inspect",
+        str(tmp_path / "teacher"),
+        "shrink=2:2",
+        f"save={tmp_path / 'student'}",
+        "input_length=16",
+        "output_length=4",
+        "batch_size=4",
+        "latency_runs=2",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["latency_median_s"] > 0 and report["throughput"]["tokens_per_s"] > 0
+    assert report["flops"]["per_generated_token"] > 0
+    saved = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert (saved["encoder_layers"], saved["decoder_layers"]) == (2, 2)
+    bad = _cli("inspect", str(tmp_path / "teacher"), "shrink=2:5")
+    assert bad.returncode == 2 and "shrink" in bad.stderr

@@ -150,3 +150,38 @@ def test_cuda_peak_memory_covers_a_temporary_tensor():
     size = 64 * 2**20
     _, peak = peak_memory(lambda: torch.empty(size, dtype=torch.uint8, device="cuda").sum(), device="cuda")
     assert peak >= size
+
+
+def test_flops_per_token_count_weights_head_and_attention():
+    from transformers import BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel
+
+    from distilgen.cost import flops_per_token
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=16, n_layer=2, n_head=2, n_positions=64))
+    body = sum(p.numel() for p in gpt2.transformer.h.parameters()) + sum(
+        p.numel() for p in gpt2.transformer.ln_f.parameters()
+    )
+    flops = flops_per_token(gpt2, input_length=10, output_length=4)
+    assert flops["per_generated_token"] == 2 * body + 2 * 100 * 16 + 4 * 2 * 16 * (10 + 2)
+    assert flops["per_input_token"] == 2 * body + 4 * 2 * 16 * 5
+
+    bart = BartForConditionalGeneration(
+        BartConfig(
+            vocab_size=100,
+            d_model=16,
+            encoder_layers=2,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_position_embeddings=64,
+        )
+    )
+    enc = sum(p.numel() for n, p in bart.model.encoder.named_parameters() if not n.startswith("embed_"))
+    flops = flops_per_token(bart, input_length=10, output_length=4)
+    assert flops["per_input_token"] == 2 * enc + 4 * 2 * 16 * 10
+    shallower = flops_per_token(
+        BartForConditionalGeneration(BartConfig(**{**bart.config.to_dict(), "decoder_layers": 3})), 10, 4
+    )
+    assert shallower["per_generated_token"] > flops["per_generated_token"]  # decoder depth drives generation cost

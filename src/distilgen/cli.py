@@ -29,6 +29,8 @@ from distilgen.config import (
     DataConfig,
     EvaluateConfig,
     FinetuneConfig,
+    InspectConfig,
+    ModelConfig,
     apply_overrides,
     from_dict,
     load_config,
@@ -118,6 +120,39 @@ def run_data(cfg: DataCommandConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_inspect(cfg: InspectConfig, args: argparse.Namespace) -> int:
+    import torch
+
+    from distilgen.cost import cost_report
+    from distilgen.models import load_model
+
+    tm = load_model(ModelConfig(path=cfg.model, shrink=cfg.shrink))
+    tm.model.to("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.save:
+        tm.save(cfg.save)
+    report = cost_report(tm.model, cfg.input_length, cfg.output_length, cfg.batch_size, cfg.latency_runs, cfg.seed)
+    report["model"] = cfg.model + (f" shrunk to {cfg.shrink}" if cfg.shrink else "")
+    params, flops = report["parameters"], report["flops"]
+    print(f"model: {report['model']} ({report['model_type']})")
+    print(
+        f"parameters: {params['total'] / 1e6:.3f}M (embedding {params['embedding'] / 1e6:.3f}M, "
+        f"encoder {params['encoder'] / 1e6:.3f}M, decoder {params['decoder'] / 1e6:.3f}M)"
+    )
+    print(
+        f"FLOPs per input token: {flops['per_input_token'] / 1e6:.2f}M, per generated token: "
+        f"{flops['per_generated_token'] / 1e6:.2f}M (input {cfg.input_length}, output {cfg.output_length} tokens)"
+    )
+    print(f"latency at batch 1: {report['latency_median_s'] * 1e3:.1f} ms (median of {cfg.latency_runs})")
+    print(
+        f"throughput at batch {cfg.batch_size}: {report['throughput']['examples_per_s']:.1f} examples/s, "
+        f"{report['throughput']['tokens_per_s']:.0f} tokens/s"
+    )
+    if cfg.save:
+        print(f"saved to {cfg.save}")
+    print(json.dumps(report))
+    return 0
+
+
 def run_quickstart(cfg: QuickstartConfig, args: argparse.Namespace) -> int:
     from distilgen.quickstart import quickstart
 
@@ -131,6 +166,8 @@ class Command:
     run: Callable[[typing.Any, argparse.Namespace], int]
     config: type | None = None
     config_optional: bool = False
+    positional: str | None = None
+    """A config key given as the first positional argument instead of a YAML file (inspect MODEL)."""
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
 
 
@@ -166,6 +203,12 @@ COMMANDS: dict[str, Command] = {
         config_optional=True,
         add_arguments=_evaluate_arguments,
     ),
+    "inspect": Command(
+        "parameters, FLOPs, latency and throughput of a model or of a shrunk copy (E:D)",
+        run_inspect,
+        InspectConfig,
+        positional="model",
+    ),
     "data": Command(
         "load and check the data splits, print statistics, optionally export them",
         run_data,
@@ -194,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        if command.config is not None:
+        if command.positional is not None:
+            p.add_argument(command.positional, help=_field_docs(command.config).get(command.positional))
+        elif command.config is not None:
             p.add_argument(
                 "config",
                 nargs="?" if command.config_optional else None,
@@ -210,8 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(command: Command, args: argparse.Namespace):
     if command.config is None:
         return None
-    config_path = getattr(args, "config", None)
     overrides = list(args.overrides)
+    if command.positional is not None:
+        return from_dict(
+            command.config, {command.positional: getattr(args, command.positional), **apply_overrides({}, overrides)}
+        )
+    config_path = getattr(args, "config", None)
     if config_path is not None and "=" in config_path and not os.path.exists(config_path):
         overrides.insert(0, config_path)  # `distilgen evaluate key=value ...` with no file
         config_path = None

@@ -9,9 +9,9 @@ CLI prints as one line with exit code 2.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -154,6 +154,9 @@ class ModelConfig:
     """Dropout rate of a model built from scratch."""
     max_positions: int = 512
     """Longest source + target the model can see (learned position tables)."""
+    shrink: str | None = None
+    """Keep only some layers of the model at `path`: `E:D` counts (6:2 keeps encoder 0-5, decoder 0 and 5),
+    explicit lists (0,2,4:0,5), or `D` for decoder-only; first and last layers kept, the rest spread evenly."""
     tokenizer: str | None = None
     """Tokenizer directory or hub id; default: the model's own, or one trained on the task data."""
     vocab_size: int = 2000
@@ -166,6 +169,7 @@ class ModelConfig:
             "model needs `path` (a hub id or directory) or `arch` (bart, t5, gpt2) to build one",
         )
         check(self.path is None or self.arch is None, "arch", "set either `path` or `arch`, not both")
+        check(self.shrink is None or self.path is not None, "shrink", "shrinking needs a teacher to copy: set `path`")
         if self.path is not None and _looks_local(self.path):
             check(os.path.isdir(self.path), "path", f"directory not found: {self.path}")
         for key in ("hidden_size", "decoder_layers", "num_heads", "ffn_size", "max_positions"):
@@ -296,6 +300,32 @@ class TrainConfig:
 
 
 @dataclass
+class InspectConfig:
+    """`distilgen inspect MODEL`: parameters, FLOPs, latency and throughput of a model (or of a shrunk copy)."""
+
+    model: str
+    """Model directory or hub id."""
+    shrink: str | None = None
+    """Report on a copy keeping these layers (E:D, see model.shrink) instead of the model itself."""
+    save: str | None = None
+    """Write the (shrunk) model and its tokenizer to this directory."""
+    input_length: int = 128
+    """Source tokens of the timed inputs (random token ids)."""
+    output_length: int = 32
+    """Generated tokens per timed output (exactly this many: EOS is ignored)."""
+    batch_size: int = 32
+    """Batch size of the throughput measurement."""
+    latency_runs: int = 10
+    """Single-example generations whose median is the latency."""
+    seed: int = 0
+    """Seed of the random inputs."""
+
+    def __post_init__(self):
+        for key in ("input_length", "output_length", "batch_size", "latency_runs"):
+            check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
 class CostConfig:
     """How the cost of a model is measured (latency at batch 1, throughput at batch N)."""
 
@@ -417,9 +447,6 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
-            with contextlib.suppress(ValueError):
-                value = float(value)
         check(isinstance(value, int | float) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
         return float(value)
     if tp is str:
@@ -465,6 +492,29 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML with 1.2-style numbers: `3e-4` is a float and `6:2` a string (YAML 1.1 reads a string and 362)."""
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(0|[1-9][0-9_]*)$"), list("-+0123456789"))
+_YamlLoader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(
+        r"^[-+]?(\.[0-9]+|[0-9][0-9_]*(\.[0-9_]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested mapping, in place."""
     for item in overrides:
@@ -480,7 +530,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(dotted, f"'{key}' is not a mapping, cannot set a sub-key")
             node = node[key]
         try:
-            node[keys[-1]] = yaml.safe_load(raw)
+            node[keys[-1]] = parse_yaml(raw)
         except yaml.YAMLError as err:
             raise ConfigError(dotted, f"cannot parse value {raw!r}: {err.problem}") from None
     return data
@@ -491,7 +541,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError("", f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -120,3 +120,72 @@ def peak_memory(fn: Callable[[], T], device: torch.device | str | None = None) -
 def _peak_rss_bytes() -> int:
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return max_rss if sys.platform == "darwin" else max_rss * 1024  # bytes on macOS, kilobytes on Linux
+
+
+def flops_per_token(model: torch.nn.Module, input_length: int, output_length: int) -> dict[str, float]:
+    """Analytic forward FLOPs per input (source) token and per generated token.
+
+    Each weight matrix costs 2 FLOPs per parameter per token; attention adds 2 * 2 * d per attended
+    position (scores and weighted sum) per layer, counted at the average context length; the LM head
+    (2 * V * d) is paid once per generated token. Decoder-only models read the input as a prompt.
+    """
+    config = model.config
+    d = config.hidden_size
+    vocab = model.get_output_embeddings().weight.shape[0]
+    counts = count_parameters(model)
+    head = model.get_output_embeddings().weight
+    untied_head = 0 if head is model.get_input_embeddings().weight else head.numel()
+    decoder_body = counts["decoder"] - untied_head
+    s, t = input_length, output_length
+    if getattr(config, "is_encoder_decoder", False):
+        enc_layers, dec_layers = config.num_hidden_layers, _decoder_layers(config)
+        per_input = 2 * counts["encoder"] + 4 * enc_layers * d * s
+        per_generated = 2 * decoder_body + 2 * vocab * d + 4 * dec_layers * d * (t / 2 + s)  # self + cross attention
+    else:
+        layers = config.num_hidden_layers
+        per_input = 2 * decoder_body + 4 * layers * d * s / 2
+        per_generated = 2 * decoder_body + 2 * vocab * d + 4 * layers * d * (s + t / 2)
+    return {"per_input_token": float(per_input), "per_generated_token": float(per_generated)}
+
+
+def _decoder_layers(config: Any) -> int:
+    for key in ("decoder_layers", "num_decoder_layers"):
+        if getattr(config, key, None):
+            return getattr(config, key)
+    return config.num_hidden_layers
+
+
+def cost_report(
+    model: torch.nn.Module, input_length: int, output_length: int, batch_size: int, latency_runs: int, seed: int = 0
+) -> dict[str, Any]:
+    """Parameters, analytic FLOPs, and measured latency (batch 1) and throughput (batch N) of `model`.
+
+    Inputs are random token ids of `input_length`; every generation makes exactly `output_length`
+    tokens (EOS ignored), so models are timed on the same work whatever they output.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    inputs = torch.randint(10, vocab, (batch_size, input_length), generator=gen).to(device)
+    fixed = {"min_new_tokens": output_length, "max_new_tokens": output_length, "do_sample": False, "num_beams": 1}
+    was_training = model.training
+    model.eval()
+
+    @torch.no_grad()
+    def run(rows: list[int]) -> int:
+        ids = inputs[rows]
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **fixed)
+        return len(rows) * output_length
+
+    report: dict[str, Any] = {
+        "model_type": model.config.model_type,
+        "parameters": count_parameters(model),
+        "flops": flops_per_token(model, input_length, output_length),
+        "input_length": input_length,
+        "output_length": output_length,
+    }
+    report.update(measure_latency(lambda: run([0]), latency_runs))
+    report["throughput"] = measure_throughput(run, list(range(batch_size)), batch_size)
+    report["batch_size"] = batch_size
+    model.train(was_training)
+    return report

@@ -36,6 +36,7 @@ from transformers import (
 
 from distilgen.config import ConfigError, DecodingConfig, ModelConfig
 from distilgen.objectives import cross_entropy, masked_sum
+from distilgen.students import shrink_layers
 
 PAD, BOS, EOS, UNK, SEP = "<pad>", "<s>", "</s>", "<unk>", "<sep>"
 
@@ -311,6 +312,8 @@ def load_model(cfg: ModelConfig, texts: Callable[[], Iterable[str]] | None = Non
         config = AutoConfig.from_pretrained(cfg.path)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         model = auto.from_pretrained(cfg.path)
+        if cfg.shrink is not None:
+            model = shrink_layers(model, cfg.shrink)
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
     else:
         if cfg.tokenizer is not None:

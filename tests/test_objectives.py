@@ -516,3 +516,34 @@ def test_capture_qkv_on_an_unsupported_model_names_the_supported_ones():
     gpt2 = tiny("gpt2")
     with pytest.raises(ValueError, match="model_type 'gpt2' with which='encoder'"), capture_qkv(gpt2, "encoder"):
         pass
+
+
+def test_dropout_at_noises_the_teacher_then_restores_it():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from distilgen.objectives import dropout_at
+
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(
+        BartConfig(
+            vocab_size=50,
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            dropout=0.0,
+        )
+    ).eval()
+    ids = torch.randint(4, 50, (2, 7))
+    clean = model(input_ids=ids, decoder_input_ids=ids).logits
+    with dropout_at(model, 0.5):
+        noisy = model(input_ids=ids, decoder_input_ids=ids).logits
+        again = model(input_ids=ids, decoder_input_ids=ids).logits
+    assert not torch.allclose(noisy, clean) and not torch.allclose(noisy, again)
+    assert not model.training and model.model.encoder.layers[0].dropout == 0.0
+    torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, clean)
+    with dropout_at(model, 0.0):
+        torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, clean)

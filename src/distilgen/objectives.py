@@ -392,6 +392,37 @@ def noise_tokens(
     return input_ids.gather(1, order), kept.gather(1, order).to(mask.dtype)
 
 
+DROPOUT_ATTRIBUTES = ("dropout", "attention_dropout", "activation_dropout", "dropout_rate")
+"""Float attributes through which `transformers` layers apply functional dropout (BART-style)."""
+
+
+@contextlib.contextmanager
+def dropout_at(model: torch.nn.Module, rate: float) -> Iterator[torch.nn.Module]:
+    """Run `model` in train mode with every dropout at `rate`, then restore its rates and mode.
+
+    Noisy KD's teacher side: the teacher's output distribution under dropout noise. Covers both
+    `nn.Dropout` modules (GPT-2, T5) and the float rates of functional dropout (BART).
+    """
+    if not 0 <= rate < 1:
+        raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+    saved = []
+    for module in model.modules():
+        names = ("p",) if isinstance(module, torch.nn.Dropout) else DROPOUT_ATTRIBUTES
+        for name in names:
+            value = getattr(module, name, None)
+            if isinstance(value, float):
+                saved.append((module, name, value))
+                setattr(module, name, rate)
+    was_training = model.training
+    model.train()
+    try:
+        yield model
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+        model.train(was_training)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Attention-Relation KD (MiniLM / MiniLMv2).
 

@@ -16,6 +16,8 @@ from collections.abc import Callable
 import sacrebleu
 from rouge_score.rouge_scorer import RougeScorer
 
+from distilgen.registry import lookup, registrar
+
 Metric = Callable[[list[str], list[list[str]]], dict[str, float]]
 
 METRICS: dict[str, Metric] = {}
@@ -25,25 +27,15 @@ MODEL_METRICS = ("perplexity",)
 """Metrics computed from the model's likelihood of the gold targets (by evaluation), not from generated text."""
 
 
-def register_metric(name: str) -> Callable[[Metric], Metric]:
-    """Add a text metric to `METRICS` under `name`, so configs can select it."""
-
-    def decorator(fn: Metric) -> Metric:
-        if name in METRICS:
-            raise ValueError(f"metric '{name}' is already registered")
-        METRICS[name] = fn
-        return fn
-
-    return decorator
+register_metric = registrar(METRICS, "metric")
+"""`@register_metric(name)` adds a text metric to `METRICS`, so configs can select it."""
 
 
 def get_metric(name: str) -> Metric:
     """The text metric registered as `name`; a ValueError listing the valid names otherwise."""
-    if name in METRICS:
-        return METRICS[name]
     if name in MODEL_METRICS:
         raise ValueError(f"'{name}' is computed from the model by evaluation, not from generated text")
-    raise ValueError(f"unknown metric '{name}'; choose one of: {', '.join(sorted(METRICS))}")
+    return lookup(METRICS, name, "metric")
 
 
 def compute_metrics(names: list[str], predictions: list[str], references: list[list[str]]) -> dict[str, float]:

@@ -38,31 +38,19 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from distilgen.registry import lookup, registrar
+
 Objective = Callable[..., torch.Tensor]
 OBJECTIVES: dict[str, Objective] = {}
 
 
-def register_objective(name: str) -> Callable[[Objective], Objective]:
-    """Decorator: make an objective selectable by `name` (see `get_objective`)."""
-
-    def register(fn: Objective) -> Objective:
-        if name in OBJECTIVES:
-            raise ValueError(f"objective {name!r} is already registered")
-        OBJECTIVES[name] = fn
-        return fn
-
-    return register
+register_objective = registrar(OBJECTIVES, "objective")
+"""`@register_objective(name)` makes an objective selectable by `name` (see `get_objective`)."""
 
 
 def get_objective(name: str) -> Objective:
     """The objective registered as `name`; an unknown name is an error listing the valid ones."""
-    return _lookup(OBJECTIVES, name, "objective")
-
-
-def _lookup(table: dict[str, Callable], name: str, kind: str) -> Callable:
-    if name not in table:
-        raise ValueError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(table))}")
-    return table[name]
+    return lookup(OBJECTIVES, name, "objective")
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -245,7 +233,7 @@ def logits_kd(
     Returns:
         (B, T) loss per token (fp32, or float64 for float64 inputs), 0 at masked positions.
     """
-    fn = _lookup(DIVERGENCES, divergence, "divergence")
+    fn = lookup(DIVERGENCES, divergence, "divergence")
     _check_positions(student_logits, mask, chunk_size)
     vocab, teacher_vocab = student_logits.shape[-1], teacher_logits.shape[-1]
     if teacher_logits.shape[:2] != student_logits.shape[:2] or teacher_vocab < vocab:

@@ -14,7 +14,8 @@ import random
 from collections import Counter
 from collections.abc import Callable
 
-from distilgen.config import BuiltinTaskConfig, ConfigError
+from distilgen.config import BuiltinTaskConfig
+from distilgen.registry import registrar
 
 Task = Callable[[random.Random], tuple[str, list[str]]]
 """rng -> (source, references); the first reference is the training target."""
@@ -23,22 +24,12 @@ TASKS: dict[str, Task] = {}
 SPLITS = ("train", "unlabeled", "dev", "test")
 
 
-def register_task(name: str) -> Callable[[Task], Task]:
-    """Register a task under `name`, the value users give as `data.task.name`."""
-
-    def decorator(task: Task) -> Task:
-        if name in TASKS:
-            raise ValueError(f"task '{name}' is already registered")
-        TASKS[name] = task
-        return task
-
-    return decorator
+register_task = registrar(TASKS, "task")
+"""`@register_task(name)` registers a task under `name`, the value users give as `data.task.name`."""
 
 
 def generate_split(cfg: BuiltinTaskConfig, split: str) -> list[dict]:
     """The `split` of task `cfg.name`: records {"id", "source", "targets"} (every valid reference)."""
-    if cfg.name not in TASKS:
-        raise ConfigError("data.task.name", f"unknown task '{cfg.name}'; choose one of: {', '.join(sorted(TASKS))}")
     if split not in SPLITS:
         raise ValueError(f"unknown split '{split}'; expected one of {SPLITS}")
     task = TASKS[cfg.name]

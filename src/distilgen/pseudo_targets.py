@@ -1,0 +1,648 @@
+"""Pseudo-targets (PTs): teacher outputs for labeled and unlabeled inputs, generated once and stored on disk.
+
+A PT is identified by (teacher fingerprint, decoding spec fingerprint, input key, sample index): the input key
+is the sha256 of the source text the teacher reads, so an input that appears in two splits is generated once.
+Generation asks the store what is missing, generates only that, and adds the results as one new shard:
+
+    store = PTStore("runs/xsum/pts")
+    spec = get_spec("sample_t15")
+    todo = store.missing(teacher_fp, spec, [e.source for e in examples])    # [MissingPT(key, index, source), ...]
+    ...generate `todo` (seeds from `sample_seed`, see `SeededSampling`)...
+    store.add(teacher_fp, spec, [PTRecord(key, index, text, token_ids, seed), ...])
+    pts = store.get(teacher_fp, spec, [e.source for e in examples])        # {input_key: [PTRecord, ...]}
+    items = pt_schedule(examples, pts, k=spec.num_per_input, epoch=epoch)   # what each example trains on
+
+On disk (see [store layout note]):
+
+    root/manifest.json            the shards that count, each with rows, tokens, bytes and sha256
+    root/shards/<uuid>.parquet    immutable; one per `add`
+    root/.lock                    file lock serialising writers (and the clean-up on open)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import os
+import statistics
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from filelock import FileLock
+
+from distilgen.config import DecodingConfig, check
+from distilgen.data import Example
+from distilgen.registry import lookup, registrar
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# Decoding specs
+# ---------------------------------------------------------------------------------------------
+
+SpecKind = Literal["greedy", "beam", "sample"]
+
+_USED_BY = {
+    "num_beams": "beam",
+    "num_return": "beam",
+    "length_penalty": "beam",
+    "num_samples": "sample",
+    "temperature": "sample",
+    "top_p": "sample",
+    "top_k": "sample",
+    "seed": "sample",
+}
+"""Fields that only one kind uses; the others must leave them at their defaults (a mistake otherwise)."""
+
+_COUNT_FIELDS = ("name", "num_return", "num_samples")
+"""Fields that do not change any single PT, so not in the fingerprint: output i of beam search is the i-th best
+beam whatever the number returned, and sample i depends only on (seed, input, i). Raising the count later only
+generates the extra indices."""
+
+
+@dataclass(frozen=True)
+class DecodingSpec:
+    """A named way to generate PTs: greedy, beam search (the best `num_return` beams) or `num_samples` samples."""
+
+    name: str
+    """Name shown in reports; not part of the fingerprint (two names for one spec share their PTs)."""
+    kind: SpecKind = "greedy"
+    """greedy (1 PT per input), beam (num_return PTs) or sample (num_samples PTs)."""
+    num_beams: int = 1
+    """Beam width (kind beam, >= 2)."""
+    num_return: int = 1
+    """Best beams kept as PTs (kind beam, <= num_beams)."""
+    num_samples: int = 1
+    """Samples per input (kind sample): the K PTs an example cycles through, one per epoch."""
+    temperature: float = 1.0
+    """Sampling temperature (kind sample)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (kind sample); 1.0 is plain sampling."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (kind sample); 0 disables."""
+    max_new_tokens: int = 64
+    """Longest PT, in teacher tokens."""
+    length_penalty: float = 1.0
+    """Beam search length exponent (kind beam)."""
+    no_repeat_ngram_size: int = 0
+    """Forbid repeating n-grams of this size; 0 allows repeats."""
+    seed: int = 0
+    """Base seed of sampled PTs (kind sample): sample i of input x uses `sample_seed(seed, input_key(x), i)`."""
+
+    def __post_init__(self):
+        check(bool(self.name), "name", "must not be empty")
+        check(self.kind in ("greedy", "beam", "sample"), "kind", f"must be greedy, beam or sample, got {self.kind!r}")
+        self._decoding_config()  # range checks of the shared generation settings, with the same keys
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, kind in _USED_BY.items():
+            if self.kind != kind:
+                check(
+                    getattr(self, key) == defaults[key],
+                    key,
+                    f"only used by kind '{kind}' (this spec is '{self.kind}'); remove it or change the kind",
+                )
+        if self.kind == "beam":
+            check(self.num_beams >= 2, "num_beams", f"beam search needs >= 2 beams, got {self.num_beams}")
+            check(
+                1 <= self.num_return <= self.num_beams,
+                "num_return",
+                f"must be in [1, num_beams={self.num_beams}], got {self.num_return}",
+            )
+        check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+
+    @property
+    def num_per_input(self) -> int:
+        """PTs generated per input: 1 (greedy), num_return (beam) or num_samples (sample)."""
+        return {"greedy": 1, "beam": self.num_return, "sample": self.num_samples}[self.kind]
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON of every field that changes a PT (not the name nor the counts)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _COUNT_FIELDS}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def generate_kwargs(self, seeds: Sequence[int] | None = None) -> dict[str, Any]:
+        """Keyword arguments of `transformers` `generate` for one batch.
+
+        Args:
+            seeds: kind sample only: one seed per row of the batch (`sample_seed`), so that each row samples with
+                its own generator (`SeededSampling`) and its PT does not depend on the rest of the batch. Without
+                seeds, sampling uses torch's global generator (not reproducible across batchings).
+        """
+        kwargs = self._decoding_config().generate_kwargs()
+        if self.kind == "beam":
+            kwargs["num_return_sequences"] = self.num_return
+        if seeds is not None:
+            if self.kind != "sample":
+                raise ValueError(f"seeds are only for sampling specs; '{self.name}' is {self.kind}")
+            from transformers import LogitsProcessorList
+
+            for key in ("temperature", "top_p", "top_k"):
+                del kwargs[key]
+            sampler = SeededSampling(seeds, self.temperature, self.top_k, self.top_p)
+            kwargs.update(do_sample=False, logits_processor=LogitsProcessorList([sampler]))  # argmax of Gumbel
+        return kwargs
+
+    def _decoding_config(self) -> DecodingConfig:
+        return DecodingConfig(
+            max_new_tokens=self.max_new_tokens,
+            num_beams=self.num_beams,
+            do_sample=self.kind == "sample",
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            length_penalty=self.length_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+        )
+
+
+SPECS: dict[str, DecodingSpec] = {}
+"""Built-in decoding specs by name, filled by `register_spec`."""
+
+register_spec = registrar(SPECS, "decoding spec")
+"""`register_spec(name)(spec)` adds a named spec to `SPECS`."""
+
+for _spec in (
+    DecodingSpec("greedy"),
+    DecodingSpec("beam4", "beam", num_beams=4),
+    DecodingSpec("sample", "sample", num_samples=4),  # the study: plain sampling beats beam PTs
+    DecodingSpec("sample_t15", "sample", num_samples=4, temperature=1.5),  # high temperature: comparable
+):
+    register_spec(_spec.name)(_spec)
+
+
+def get_spec(name: str) -> DecodingSpec:
+    """The built-in spec `name`; a ValueError listing the valid names otherwise."""
+    return lookup(SPECS, name, "decoding spec")
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds: a sampled PT depends only on (base seed, input, sample index)
+# ---------------------------------------------------------------------------------------------
+
+
+def input_key(source: str) -> str:
+    """The store's key of an input: sha256 of the exact source text the teacher reads (template applied)."""
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def sample_seed(base_seed: int, key: str, sample_index: int) -> int:
+    """The seed of sample `sample_index` of the input with key `key`, in [0, 2**63).
+
+    A hash of the three arguments only: not of the batch the sample is generated in, nor of what was generated
+    before. A run killed at any point and resumed generates the missing PTs with the seeds the uninterrupted run
+    would have used, so (with per-row generators, `SeededSampling`) it ends with exactly the same PTs.
+    """
+    digest = hashlib.sha256(f"{base_seed}:{key}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+class SeededSampling:
+    """A logits processor that samples each row with its own generator, by the Gumbel-max trick.
+
+    `generate` samples with one global generator, so a row's sample depends on the rows beside it. Here row b
+    draws its noise from `torch.Generator().manual_seed(seeds[b])`, on the CPU (so CPU and GPU runs agree), and
+    greedy decoding (do_sample=False) takes argmax(warped logits + Gumbel noise), which is a sample of
+    softmax(warped logits). Use through `DecodingSpec.generate_kwargs(seeds)`; it must be the last processor.
+
+    Rows still depend on their batch through padding and float rounding of the logits; the sample only changes
+    when that rounding moves a token across an argmax tie, which is rare in fp32.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+        import torch
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        # The warpers `generate` applies when sampling, in its order.
+        self.warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        self.warpers += [TopKLogitsWarper(top_k)] if top_k else []
+        self.warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+
+    def __call__(self, input_ids, scores):  # (B, L), (B, V) -> (B, V)
+        import torch
+
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"{len(self.generators)} seeds for a batch of {scores.shape[0]} rows")
+        scores = scores.float()
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        uniform = torch.stack([torch.rand(scores.shape[1], generator=g) for g in self.generators])  # (B, V)
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
+        return scores + gumbel.to(scores.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PTRecord:
+    """One stored PT: the teacher's text and tokens for one input and sample index."""
+
+    input_key: str
+    """`input_key(source)` of the input."""
+    sample_index: int
+    """0..K-1: the sample, or the rank of the beam."""
+    text: str
+    """The decoded PT."""
+    token_ids: list[int]
+    """The teacher's tokens of the PT (no special tokens), the positions `topk_*` describe."""
+    seed: int | None = None
+    """The seed it was sampled with (`sample_seed`); None for greedy and beam PTs."""
+    topk_ids: list[list[int]] | None = None
+    """Per PT token, the teacher's k most likely token ids (any k, chosen by the caller)."""
+    topk_logprobs: list[list[float]] | None = None
+    """Per PT token, the teacher's log-probabilities of `topk_ids` over its full vocabulary (stored as float32)."""
+
+    def check(self) -> None:
+        """A ValueError if the fields are inconsistent (top-k given for some other number of tokens)."""
+        where = f"PT ({self.input_key[:12]}, {self.sample_index})"
+        if self.sample_index < 0:
+            raise ValueError(f"{where}: sample_index must be >= 0")
+        if (self.topk_ids is None) != (self.topk_logprobs is None):
+            raise ValueError(f"{where}: give both topk_ids and topk_logprobs, or neither")
+        if self.topk_ids is not None:
+            if not len(self.topk_ids) == len(self.topk_logprobs) == len(self.token_ids):
+                raise ValueError(
+                    f"{where}: top-k for {len(self.topk_ids)}/{len(self.topk_logprobs)} positions, "
+                    f"but {len(self.token_ids)} tokens"
+                )
+            if any(len(i) != len(p) for i, p in zip(self.topk_ids, self.topk_logprobs, strict=True)):
+                raise ValueError(f"{where}: topk_ids and topk_logprobs differ in length at some position")
+
+
+class MissingPT(NamedTuple):
+    """A PT the store lacks: generate sample `sample_index` of `source`."""
+
+    input_key: str
+    sample_index: int
+    source: str
+
+
+@dataclass(frozen=True)
+class PTStats:
+    """What the store holds for one (teacher, spec)."""
+
+    teacher_fp: str
+    spec_fp: str
+    spec_name: str
+    inputs: int
+    pts: int
+    tokens: int
+    bytes: int
+    topk: int
+    """Largest top-k stored (0: texts and tokens only)."""
+
+    @property
+    def bytes_per_million_tokens(self) -> float:
+        return self.bytes / max(self.tokens, 1) * 1e6
+
+
+SCHEMA = pa.schema(
+    [
+        ("teacher_fp", pa.string()),
+        ("spec_fp", pa.string()),
+        ("input_key", pa.string()),
+        ("sample_index", pa.int32()),
+        ("text", pa.string()),
+        ("token_ids", pa.list_(pa.int32())),
+        ("topk_ids", pa.list_(pa.list_(pa.int32()))),
+        ("topk_logprobs", pa.list_(pa.list_(pa.float32()))),
+        ("seed", pa.int64()),
+    ]
+)
+_RECORD_COLUMNS = [f.name for f in dataclasses.fields(PTRecord)]
+_MANIFEST_FORMAT = 1
+
+
+@dataclass
+class _PairIndex:
+    """Where each PT of one (teacher, spec) lives; built from the key columns of its shards, in manifest order."""
+
+    files: list[str] = dataclasses.field(default_factory=list)
+    where: dict[str, dict[int, tuple[str, int]]] = dataclasses.field(default_factory=dict)
+    """input_key -> sample_index -> (shard file, row); the first shard to hold a PT wins."""
+
+    def add(self, file: str, keys: Sequence[str], indices: Sequence[int]) -> None:
+        self.files.append(file)
+        for row, (key, index) in enumerate(zip(keys, indices, strict=True)):
+            self.where.setdefault(key, {}).setdefault(index, (file, row))
+
+
+class PTStore:
+    """PTs on disk: Parquet shards listed in a manifest, indexed in memory per (teacher, spec) on first use.
+
+    [store layout note] Shards are immutable; only the manifest says which count. `add` writes its shard to a
+    temporary name, fsyncs and renames it, then replaces the manifest (temp file + `os.replace`), all under
+    `root/.lock`: a crash at any point leaves the previous manifest, and the store as it was. A shard not in the
+    manifest (left by such a crash) is deleted when a store is opened; a shard whose sha256 or Parquet footer is
+    wrong is dropped from the manifest when first read, so its PTs are reported missing and generated again.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        (self.root / "shards").mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(self.root / ".lock")
+        self._manifest: dict[str, Any] = {}
+        self._index: dict[tuple[str, str], _PairIndex] = {}
+        with self._lock:
+            self._reload()
+            self._remove_orphans()
+
+    # Queries -------------------------------------------------------------------------------------
+
+    def missing(self, teacher_fp: str, spec: DecodingSpec, sources: Sequence[str]) -> list[MissingPT]:
+        """The PTs of `sources` (samples 0..spec.num_per_input-1) not stored yet, in input order; repeated
+        sources count once."""
+        index = self._pair_index(teacher_fp, spec)
+        todo = []
+        for source, key in _unique_keys(sources).items():
+            stored = index.where.get(key, {})
+            todo += [MissingPT(key, i, source) for i in range(spec.num_per_input) if i not in stored]
+        return todo
+
+    def get(self, teacher_fp: str, spec: DecodingSpec, sources: Sequence[str]) -> dict[str, list[PTRecord]]:
+        """The stored PTs of `sources` with index < spec.num_per_input: {input_key: records by sample index}.
+
+        Inputs with nothing stored are absent; see `missing` for what is left to generate.
+        """
+        index = self._pair_index(teacher_fp, spec)
+        rows_by_file: dict[str, list[int]] = {}
+        for key in _unique_keys(sources).values():
+            for sample_index, (file, row) in index.where.get(key, {}).items():
+                if sample_index < spec.num_per_input:
+                    rows_by_file.setdefault(file, []).append(row)
+        pts: dict[str, list[PTRecord]] = {}
+        for file, rows in rows_by_file.items():
+            table = pq.read_table(self.root / file, columns=_RECORD_COLUMNS).take(rows)
+            for record in table.to_pylist():
+                pts.setdefault(record["input_key"], []).append(PTRecord(**record))
+        return {key: sorted(records, key=lambda r: r.sample_index) for key, records in pts.items()}
+
+    def stats(self) -> list[PTStats]:
+        """One line per (teacher, spec) stored: inputs, PTs, teacher tokens, bytes on disk, top-k size."""
+        self._reload()
+        lines = []
+        for (teacher_fp, spec_fp), entries in self._entries_by_pair().items():
+            index = self._load_pair(teacher_fp, spec_fp)
+            entries = [e for e in entries if e["file"] in index.files]  # without shards dropped just now
+            lines.append(
+                PTStats(
+                    teacher_fp=teacher_fp,
+                    spec_fp=spec_fp,
+                    spec_name=self._manifest["specs"][spec_fp]["name"],
+                    inputs=len(index.where),
+                    pts=sum(len(stored) for stored in index.where.values()),
+                    tokens=sum(e["tokens"] for e in entries),
+                    bytes=sum(e["bytes"] for e in entries),
+                    topk=max((e["topk"] for e in entries), default=0),
+                )
+            )
+        return lines
+
+    # Writing -------------------------------------------------------------------------------------
+
+    def add(self, teacher_fp: str, spec: DecodingSpec, records: Sequence[PTRecord]) -> Path | None:
+        """Store `records` as one new shard and return its path; PTs already stored (or repeated in `records`)
+        are skipped, and None is returned when nothing was new. Safe against crashes and concurrent writers."""
+        for record in records:
+            record.check()
+        spec_fp = spec.fingerprint()
+        with self._lock:
+            index = self._pair_index(teacher_fp, spec)  # under the lock: includes every other writer's shards
+            new, seen = [], set()
+            for r in records:
+                if (r.input_key, r.sample_index) not in seen and r.sample_index not in index.where.get(r.input_key, {}):
+                    seen.add((r.input_key, r.sample_index))
+                    new.append(r)
+            if not new:
+                return None
+            columns = {name: [getattr(r, name) for r in new] for name in _RECORD_COLUMNS}
+            columns.update(teacher_fp=[teacher_fp] * len(new), spec_fp=[spec_fp] * len(new))
+            sink = pa.BufferOutputStream()
+            pq.write_table(pa.Table.from_pydict(columns, schema=SCHEMA), sink, compression="zstd")
+            data = sink.getvalue().to_pybytes()
+            file = f"shards/{uuid.uuid4().hex}.parquet"
+            _write_atomic(self.root / file, data)
+            entry = {
+                "file": file,
+                "teacher_fp": teacher_fp,
+                "spec_fp": spec_fp,
+                "rows": len(new),
+                "tokens": sum(len(r.token_ids) for r in new),
+                "topk": max((len(ids) for r in new for ids in r.topk_ids or []), default=0),
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+            manifest = {
+                **self._manifest,
+                "specs": {spec_fp: dataclasses.asdict(spec), **self._manifest["specs"]},
+                "shards": [*self._manifest["shards"], entry],
+            }
+            self._write_manifest(manifest)  # the commit point: before it, the shard is an orphan
+            self._manifest = manifest
+            index.add(file, [r.input_key for r in new], [r.sample_index for r in new])
+        return self.root / file
+
+    # Internals -----------------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        """Re-read the manifest (other processes may have added shards) and forget indexes it invalidates."""
+        path = self.root / "manifest.json"
+        manifest = json.loads(path.read_text()) if path.exists() else {}
+        if manifest and manifest.get("format") != _MANIFEST_FORMAT:
+            raise ValueError(f"{path}: manifest format {manifest.get('format')}, expected {_MANIFEST_FORMAT}")
+        self._manifest = manifest or {"format": _MANIFEST_FORMAT, "specs": {}, "shards": []}
+        files = self._entries_by_pair()
+        for pair, index in list(self._index.items()):
+            current = [e["file"] for e in files.get(pair, [])]
+            if current[: len(index.files)] != index.files:  # a shard was dropped: rebuild on next use
+                del self._index[pair]
+
+    def _entries_by_pair(self) -> dict[tuple[str, str], list[dict]]:
+        pairs: dict[tuple[str, str], list[dict]] = {}
+        for entry in self._manifest["shards"]:
+            pairs.setdefault((entry["teacher_fp"], entry["spec_fp"]), []).append(entry)
+        return pairs
+
+    def _pair_index(self, teacher_fp: str, spec: DecodingSpec) -> _PairIndex:
+        self._reload()
+        return self._load_pair(teacher_fp, spec.fingerprint())
+
+    def _load_pair(self, teacher_fp: str, spec_fp: str) -> _PairIndex:
+        """The index of (teacher, spec), reading the key columns of shards it has not seen (checking each)."""
+        index = self._index.setdefault((teacher_fp, spec_fp), _PairIndex())
+        for entry in self._entries_by_pair().get((teacher_fp, spec_fp), [])[len(index.files) :]:
+            try:
+                data = (self.root / entry["file"]).read_bytes()
+                if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                    raise ValueError("checksum mismatch")
+                keys = pq.read_table(pa.BufferReader(data), columns=["input_key", "sample_index"])
+                if keys.num_rows != entry["rows"]:
+                    raise ValueError(f"{keys.num_rows} rows, the manifest says {entry['rows']}")
+            except (OSError, ValueError, pa.ArrowException) as err:
+                self._drop(entry, str(err))
+                continue
+            index.add(entry["file"], keys["input_key"].to_pylist(), keys["sample_index"].to_pylist())
+        return index
+
+    def _drop(self, entry: dict, reason: str) -> None:
+        log.warning(
+            "%s: unreadable PT shard (%s); dropping it, its %d PTs will be generated again",
+            self.root / entry["file"],
+            reason,
+            entry["rows"],
+        )
+        with self._lock:
+            path = self.root / "manifest.json"
+            manifest = json.loads(path.read_text())
+            manifest["shards"] = [e for e in manifest["shards"] if e["file"] != entry["file"]]
+            self._write_manifest(manifest)
+            (self.root / entry["file"]).unlink(missing_ok=True)
+        self._manifest["shards"] = [e for e in self._manifest["shards"] if e["file"] != entry["file"]]
+
+    def _remove_orphans(self) -> None:
+        """Delete shard files the manifest does not list (a writer crashed before its commit); under the lock."""
+        listed = {entry["file"] for entry in self._manifest["shards"]}
+        for path in sorted((self.root / "shards").iterdir()):
+            if f"shards/{path.name}" not in listed:
+                log.warning("%s: PT shard not in the manifest (left by an interrupted run); deleting it", path)
+                path.unlink()
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        _write_atomic(self.root / "manifest.json", json.dumps(manifest, indent=1).encode())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, even after a crash."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def _unique_keys(sources: Sequence[str]) -> dict[str, str]:
+    """{source: input_key} in first-seen order, each source once."""
+    return {source: input_key(source) for source in dict.fromkeys(sources)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training schedule: which target each example trains on at each epoch
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingTarget:
+    """One training item: an example with a target, the gold one or one of the teacher's PTs."""
+
+    example_id: str
+    source: str
+    text: str
+    kind: Literal["gold", "teacher_pt"]
+    pt: PTRecord | None = None
+    """The PT (its sample_index, teacher tokens and top-k) when kind is teacher_pt."""
+
+
+def pt_schedule(
+    examples: Sequence[Example],
+    pts: Mapping[str, Sequence[PTRecord]],
+    k: int,
+    epoch: int,
+    include_gold: bool = True,
+) -> list[TrainingTarget]:
+    """The targets of `examples` at `epoch`: PT number epoch % k of each, plus the gold target of labeled ones.
+
+    A pure function of its arguments. Over k epochs each example sees each of its first k PTs once, a different
+    one every epoch (the study's several-PTs-per-input setup), then the cycle repeats. Unlabeled examples only
+    yield their PT. Items come in example order, the gold target before the PT; shuffling is the loader's job.
+
+    Args:
+        examples: labeled and unlabeled examples (`target` None).
+        pts: {input_key: records}, as `PTStore.get` returns them.
+        k: PTs to cycle through per example (>= 1); each example needs samples 0..k-1.
+        epoch: 0-based epoch.
+        include_gold: also train on the gold target of labeled examples.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    pt_index = epoch % k
+    items = []
+    for example in examples:
+        if include_gold and example.target is not None:
+            items.append(TrainingTarget(example.id, example.source, example.target, "gold"))
+        by_index = {record.sample_index: record for record in pts.get(input_key(example.source), ())}
+        if pt_index not in by_index:
+            have = sorted(i for i in by_index if i < k)
+            raise ValueError(
+                f"example {example.id}: needs PTs 0..{k - 1}, the store has {have or 'none'}; generate them first"
+            )
+        record = by_index[pt_index]
+        items.append(TrainingTarget(example.id, example.source, record.text, "teacher_pt", record))
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# Diversity of the PTs (`distilgen pts show`)
+# ---------------------------------------------------------------------------------------------
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct n-grams / all n-grams over `texts` (whitespace words), 0-1; 0.0 when there is no n-gram."""
+    ngrams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
+
+
+def self_bleu(texts: Sequence[str]) -> float:
+    """Mean sentence BLEU (sacreBLEU, 0-100) of each text against all the others: 100 when all are equal.
+
+    The PTs of one input: a low self-BLEU means diverse PTs. Needs at least two texts.
+    """
+    import sacrebleu
+
+    if len(texts) < 2:
+        raise ValueError(f"self-BLEU needs at least 2 texts, got {len(texts)}")
+    bleu = sacrebleu.BLEU(effective_order=True)
+    scores = [bleu.sentence_score(text, [*texts[:i], *texts[i + 1 :]]).score for i, text in enumerate(texts)]
+    return sum(scores) / len(scores)
+
+
+def pt_diversity(pts: Mapping[str, Sequence[PTRecord]]) -> dict[str, float]:
+    """Counts, lengths and diversity of stored PTs ({input_key: records}); distinct-n and self-BLEU are
+    computed among the PTs of each input, then averaged over inputs (self-BLEU over inputs with >= 2 PTs)."""
+    groups = [[r.text for r in records] for records in pts.values() if records]
+    if not groups:
+        return {"inputs": 0, "pts": 0}
+    words = [len(text.split()) for text in itertools.chain.from_iterable(groups)]
+    tokens = [len(r.token_ids) for records in pts.values() for r in records]
+    stats = {
+        "inputs": len(groups),
+        "pts": len(words),
+        "pts_per_input": len(words) / len(groups),
+        "words_mean": statistics.fmean(words),
+        "words_min": min(words),
+        "words_max": max(words),
+        "tokens_mean": statistics.fmean(tokens),
+        "distinct_1": statistics.fmean(distinct_n(g, 1) for g in groups),
+        "distinct_2": statistics.fmean(distinct_n(g, 2) for g in groups),
+    }
+    several = [g for g in groups if len(g) >= 2]
+    if several:
+        stats["self_bleu"] = statistics.fmean(self_bleu(g) for g in several)
+    return stats

@@ -72,3 +72,16 @@ def test_a_model_built_without_a_tokenizer_trains_one_on_the_task_text(splits):
     assert tm.model.config.vocab_size == 200
     source = splits["train"][0].source
     assert tm.tokenizer.decode(tm.tokenizer(source, add_special_tokens=False)["input_ids"]) == source
+
+
+def test_models_built_from_scratch_scale_their_init_to_the_width(tokenizer_dir):
+    """See [init scale note]: std 1/sqrt(width), not the 0.02 tuned for 1024-wide models."""
+    from tests.conftest import tiny_model_config
+
+    for arch, weight in (
+        ("bart", lambda m: m.model.encoder.layers[0].fc1.weight),
+        ("gpt2", lambda m: m.transformer.h[0].mlp.c_fc.weight),
+    ):
+        torch.manual_seed(0)
+        model = load_model(tiny_model_config(arch, tokenizer_dir, hidden_size=64)).model
+        assert abs(weight(model).std().item() - 64**-0.5) < 0.02

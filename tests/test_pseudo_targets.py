@@ -15,7 +15,6 @@ from distilgen.pseudo_targets import (
     DecodingSpec,
     PTRecord,
     PTStore,
-    SeededSampling,
     distinct_n,
     get_spec,
     input_key,
@@ -112,9 +111,6 @@ def test_presets_give_their_number_of_pts_and_generate_kwargs():
     assert [get_spec(name).num_per_input for name in ("greedy", "beam4", "sample")] == [1, 1, 4]
     assert get_spec("beam4").generate_kwargs()["num_return_sequences"] == 1
     assert get_spec("sample_t15").generate_kwargs()["temperature"] == 1.5
-    seeded = get_spec("sample_t15").generate_kwargs(seeds=[1, 2])
-    assert seeded["do_sample"] is False and "temperature" not in seeded
-    assert isinstance(seeded["logits_processor"][0], SeededSampling)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,43 +255,6 @@ def test_sample_seed_depends_only_on_its_arguments():
     assert sample_seed(0, key, 1) == sample_seed(0, key, 1) == 8303435397196380605
     others = {sample_seed(1, key, 1), sample_seed(0, input_key("b"), 1), sample_seed(0, key, 2)}
     assert sample_seed(0, key, 1) not in others and len(others) == 3
-
-
-def test_a_seeded_row_samples_the_same_whatever_its_batch():
-    import torch
-
-    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
-    alone, batched = SeededSampling([11], temperature=1.5), SeededSampling([11, 12, 13], temperature=1.5)
-    for _ in range(3):  # the generators advance step by step, each on its own
-        assert torch.equal(alone(None, logits[:1]).argmax(-1), batched(None, logits).argmax(-1)[:1])
-
-
-def test_seeded_sampling_follows_the_warped_softmax():
-    import torch
-
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
-    picks = SeededSampling(range(4000), temperature=2.0)(None, logits).argmax(-1)
-    frequencies = torch.bincount(picks, minlength=4) / 4000
-    assert torch.allclose(frequencies, torch.softmax(logits[0] / 2.0, -1), atol=0.03)
-    assert SeededSampling(range(100), top_k=1)(None, logits[:100]).argmax(-1).eq(0).all()
-
-
-def test_a_tiny_model_samples_the_same_pt_alone_and_in_a_batch():
-    import torch
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = BartConfig(
-        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
-    )  # fmt: skip
-    model = BartForConditionalGeneration(config).eval()
-    spec = DecodingSpec("s", "sample", temperature=1.5, max_new_tokens=8)
-    inputs = torch.tensor([[0, 5, 6, 7, 2], [0, 8, 9, 10, 2]])
-    alone = model.generate(inputs[:1], **spec.generate_kwargs(seeds=[3]))
-    batched = model.generate(inputs, **spec.generate_kwargs(seeds=[3, 4]))
-    assert torch.equal(alone[0], batched[0, : alone.shape[1]])
-    assert not torch.equal(batched, model.generate(inputs, **spec.generate_kwargs(seeds=[5, 6])))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
     distilgen finetune configs/teacher.yaml train.lr=3e-4
     distilgen evaluate configs/evaluate.yaml
     distilgen data configs/teacher.yaml --export data/match_reports
+    distilgen generate configs/generate/sample4.yaml
+    distilgen pts show configs/generate/sample4.yaml
 
 A user error (bad config, bad data file) prints one line and exits with code 2.
 """
@@ -29,6 +31,7 @@ from distilgen.config import (
     DataConfig,
     EvaluateConfig,
     FinetuneConfig,
+    GenerateConfig,
     InspectConfig,
     ModelConfig,
     apply_overrides,
@@ -153,6 +156,26 @@ def run_inspect(cfg: InspectConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_generate(cfg: GenerateConfig, args: argparse.Namespace) -> int:
+    from distilgen.pt_generation import generate
+
+    summary = generate(cfg)
+    if summary.pop("is_main_process"):
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_pts(cfg: GenerateConfig, args: argparse.Namespace) -> int:
+    from distilgen.data import load_splits
+    from distilgen.pseudo_targets import PTStore, describe_store
+
+    if not (Path(cfg.store) / "manifest.json").exists():
+        raise ConfigError("store", f"no PT store at {cfg.store}; run `distilgen generate` with this config first")
+    splits = {name: examples[: cfg.limit] for name, examples in load_splits(cfg.data, cfg.splits).items()}
+    print("\n".join(describe_store(PTStore(cfg.store), splits, args.examples)))
+    return 0
+
+
 def run_quickstart(cfg: QuickstartConfig, args: argparse.Namespace) -> int:
     from distilgen.quickstart import quickstart
 
@@ -168,6 +191,8 @@ class Command:
     config_optional: bool = False
     positional: str | None = None
     """A config key given as the first positional argument instead of a YAML file (inspect MODEL)."""
+    action: str | None = None
+    """A word that must follow the command (`pts show`)."""
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
 
 
@@ -180,6 +205,10 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
         help="model directory or hub id to evaluate (repeat to compare; the first is the reference)",
     )
     p.add_argument("--output-dir", help="where report.json, report.md and generations go (= output_dir)")
+
+
+def _pts_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--examples", type=int, default=2, metavar="N", help="show the PTs of N inputs (default 2)")
 
 
 def _data_arguments(p: argparse.ArgumentParser) -> None:
@@ -215,6 +244,19 @@ COMMANDS: dict[str, Command] = {
         DataCommandConfig,
         add_arguments=_data_arguments,
     ),
+    "generate": Command(
+        "teacher pseudo-targets for the labeled and unlabeled inputs, into the PT store (resumable; shards "
+        "across processes under accelerate launch)",
+        run_generate,
+        GenerateConfig,
+    ),
+    "pts": Command(
+        "show what a PT store holds: counts per split and spec, lengths, diversity, examples",
+        run_pts,
+        GenerateConfig,
+        action="show",
+        add_arguments=_pts_arguments,
+    ),
 }
 
 
@@ -237,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        if command.action is not None:
+            p.add_argument("action", choices=[command.action], help=f"`{command.action}`")
         if command.positional is not None:
             p.add_argument(command.positional, help=_field_docs(command.config).get(command.positional))
         elif command.config is not None:

@@ -10,6 +10,8 @@ CLI prints as one line with exit code 2.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import re
 import types
@@ -231,6 +233,108 @@ class DecodingConfig:
         return kwargs
 
 
+SpecKind = Literal["greedy", "beam", "sample"]
+
+_USED_BY = {
+    "num_beams": "beam",
+    "num_return": "beam",
+    "length_penalty": "beam",
+    "num_samples": "sample",
+    "temperature": "sample",
+    "top_p": "sample",
+    "top_k": "sample",
+    "seed": "sample",
+}
+"""Fields that only one kind uses; the others must leave them at their defaults (a mistake otherwise)."""
+
+_COUNT_FIELDS = ("name", "num_return", "num_samples")
+"""Fields that do not change any single PT, so not in the fingerprint: output i of beam search is the i-th best
+beam whatever the number returned, and sample i depends only on (seed, input, i). Raising the count later only
+generates the extra indices."""
+
+
+@dataclass(frozen=True)
+class DecodingSpec:
+    """A named way to generate PTs: greedy, beam search (the best `num_return` beams) or `num_samples` samples."""
+
+    name: str
+    """Name shown in reports; not part of the fingerprint (two names for one spec share their PTs)."""
+    kind: SpecKind = "greedy"
+    """greedy (1 PT per input), beam (num_return PTs) or sample (num_samples PTs)."""
+    num_beams: int = 1
+    """Beam width (kind beam, >= 2)."""
+    num_return: int = 1
+    """Best beams kept as PTs (kind beam, <= num_beams)."""
+    num_samples: int = 1
+    """Samples per input (kind sample): the K PTs an example cycles through, one per epoch."""
+    temperature: float = 1.0
+    """Sampling temperature (kind sample)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (kind sample); 1.0 is plain sampling."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (kind sample); 0 disables."""
+    max_new_tokens: int = 64
+    """Longest PT, in teacher tokens."""
+    length_penalty: float = 1.0
+    """Beam search length exponent (kind beam)."""
+    no_repeat_ngram_size: int = 0
+    """Forbid repeating n-grams of this size; 0 allows repeats."""
+    seed: int = 0
+    """Base seed of sampled PTs (kind sample): sample i of input x uses `sample_seed(seed, input_key(x), i)`."""
+
+    def __post_init__(self):
+        check(bool(self.name), "name", "must not be empty")
+        check(self.kind in ("greedy", "beam", "sample"), "kind", f"must be greedy, beam or sample, got {self.kind!r}")
+        self._decoding_config()  # range checks of the shared generation settings, with the same keys
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, kind in _USED_BY.items():
+            if self.kind != kind:
+                check(
+                    getattr(self, key) == defaults[key],
+                    key,
+                    f"only used by kind '{kind}' (this spec is '{self.kind}'); remove it or change the kind",
+                )
+        if self.kind == "beam":
+            check(self.num_beams >= 2, "num_beams", f"beam search needs >= 2 beams, got {self.num_beams}")
+            check(
+                1 <= self.num_return <= self.num_beams,
+                "num_return",
+                f"must be in [1, num_beams={self.num_beams}], got {self.num_return}",
+            )
+        check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+
+    @property
+    def num_per_input(self) -> int:
+        """PTs generated per input: 1 (greedy), num_return (beam) or num_samples (sample)."""
+        return {"greedy": 1, "beam": self.num_return, "sample": self.num_samples}[self.kind]
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON of every field that changes a PT (not the name nor the counts)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _COUNT_FIELDS}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `transformers` `generate` (sampling from torch's global generator; see
+        `distilgen.pt_generation.seeded_generate_kwargs` for per-PT seeds)."""
+        kwargs = self._decoding_config().generate_kwargs()
+        if self.kind == "beam":
+            kwargs["num_return_sequences"] = self.num_return
+        return kwargs
+
+    def _decoding_config(self) -> DecodingConfig:
+        return DecodingConfig(
+            max_new_tokens=self.max_new_tokens,
+            num_beams=self.num_beams,
+            do_sample=self.kind == "sample",
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            length_penalty=self.length_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+        )
+
+
 Precision = Literal["auto", "no", "bf16", "fp16"]
 
 
@@ -397,6 +501,50 @@ class EvaluateConfig:
         valid = sorted([*METRICS, *MODEL_METRICS])
         for metric in self.metrics:
             check(metric in valid, "metrics", f"unknown metric '{metric}'; choose from: {', '.join(valid)}")
+        check(self.limit is None or self.limit > 0, "limit", f"must be > 0, got {self.limit}")
+
+
+@dataclass
+class GenerateConfig:
+    """`distilgen generate`: the teacher's pseudo-targets for the labeled and unlabeled inputs, into a PT store.
+
+    Under `accelerate launch` each process generates a disjoint share; all write into the one store.
+    """
+
+    store: str
+    """Directory of the PT store (created if missing); shared by every spec and teacher."""
+    data: DataConfig
+    """The inputs: the splits named in `splits` (the template and max_source_length apply)."""
+    teacher: ModelConfig
+    """The teacher: `path` to a trained model (its fingerprint keys the store)."""
+    spec: str | DecodingSpec = "sample"
+    """A built-in spec (greedy, beam4, sample, sample_t15) or a mapping of spec fields
+    ({name: mine, kind: sample, num_samples: 8, top_p: 0.95})."""
+    splits: list[Literal["train", "unlabeled", "dev", "test"]] = field(default_factory=lambda: ["train", "unlabeled"])
+    """Splits whose inputs get PTs (the study: labeled + unlabeled)."""
+    batch_size: int = 64
+    """Sequences generated together (a sampled input's K samples are K sequences)."""
+    topk: int = 0
+    """Also store the teacher's top-k token ids and log-probs at every PT token (for sparse Logits KD without
+    the teacher); 0 stores texts and tokens only."""
+    shard_size: int = 2048
+    """PTs per store shard: the most work a crash can lose."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Teacher weights during generation; auto is bf16 on a GPU that supports it, fp32 elsewhere. Part of the
+    teacher fingerprint (bf16 and fp32 PTs are stored apart)."""
+    limit: int | None = None
+    """Use at most this many inputs per split."""
+
+    def __post_init__(self):
+        if isinstance(self.spec, str):
+            from distilgen.pseudo_targets import SPECS
+
+            check(self.spec in SPECS, "spec", f"unknown spec '{self.spec}'; built-in: {', '.join(SPECS)}, or a mapping")
+        check(self.teacher.path is not None, "teacher.path", "generation needs a trained teacher: set its directory")
+        check(len(self.splits) >= 1, "splits", "name at least one split")
+        for key in ("batch_size", "shard_size"):
+            check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        check(self.topk >= 0, "topk", f"must be >= 0, got {self.topk}")
         check(self.limit is None or self.limit > 0, "limit", f"must be > 0, got {self.limit}")
 
 

@@ -229,6 +229,35 @@ class TextModel:
         at = next((i for i in range(len(full)) if full[i : i + len(plain)] == plain), 0)
         return full[:at], full[at + len(plain) :]
 
+    def _source_affixes(self) -> tuple[list[int], list[int]]:
+        """Encoder-decoder: the tokenizer's own special tokens; decoder-only: prompt + SEP when there is one."""
+        if self.is_encoder_decoder:
+            return self._affixes()
+        return [], [self.tokenizer.sep_token_id] if self.tokenizer.sep_token_id is not None else []
+
+    def _target_affixes(self) -> tuple[list[int], list[int]]:
+        """The tokens around a target's text; it always ends in EOS."""
+        eos = [self.tokenizer.eos_token_id]
+        if not self.is_encoder_decoder:
+            return [], eos
+        prefix, suffix = self._affixes()
+        return prefix, suffix if suffix[-1:] == eos else suffix + eos
+
+    def target_ids(self, content: Sequence[int]) -> list[int]:
+        """The training target of the text tokens `content` (as `encode` lays it out, without truncation)."""
+        prefix, suffix = self._target_affixes()
+        return [*prefix, *content, *suffix]
+
+    def output_tokens(self, ids: torch.Tensor) -> list[list[int]]:
+        """The text tokens of each generated row: up to the first EOS, special tokens removed."""
+        eos, special = self.tokenizer.eos_token_id, set(self.tokenizer.all_special_ids)
+        rows = []
+        for row in ids.tolist():
+            if eos in row:
+                row = row[: row.index(eos)]
+            rows.append([t for t in row if t not in special])
+        return rows
+
     def encode(
         self, examples: Iterable[Any], max_source_length: int = 512, max_target_length: int = 128, targets: bool = True
     ) -> tuple[list[Encoded], TruncationStats]:
@@ -240,14 +269,10 @@ class TextModel:
         Decoder-only: prompt = source [+ SEP when the tokenizer has one]; target ends in EOS.
         """
         examples = list(examples)
-        prefix, suffix = self._affixes()
-        eos = [self.tokenizer.eos_token_id]
-        sep = [self.tokenizer.sep_token_id] if self.tokenizer.sep_token_id is not None else []
-        if self.is_encoder_decoder:
-            src_pre, src_post = prefix, suffix
-            tgt_pre, tgt_post = prefix, suffix if suffix[-1:] == eos else suffix + eos
-        else:
-            src_pre, src_post, tgt_pre, tgt_post = [], sep, [], eos
+        if not examples:
+            return [], TruncationStats()
+        src_pre, src_post = self._source_affixes()
+        tgt_pre, tgt_post = self._target_affixes()
         stats = TruncationStats()
         sources = self.tokenizer([e.source for e in examples], add_special_tokens=False)["input_ids"]
         labeled = [targets and e.target is not None for e in examples]
@@ -292,13 +317,7 @@ class TextModel:
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         """Text up to the first EOS of each row."""
-        texts = []
-        eos = self.tokenizer.eos_token_id
-        for row in ids.tolist():
-            if eos in row:
-                row = row[: row.index(eos)]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
-        return texts
+        return [self.tokenizer.decode(row).strip() for row in self.output_tokens(ids)]
 
     def save(self, path: str | Path) -> None:
         """Write the model and tokenizer so plain `transformers` loads them (`Auto*.from_pretrained`)."""

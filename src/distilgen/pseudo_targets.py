@@ -7,7 +7,7 @@ Generation asks the store what is missing, generates only that, and adds the res
     store = PTStore("runs/xsum/pts")
     spec = get_spec("sample_t15")
     todo = store.missing(teacher_fp, spec, [e.source for e in examples])    # [MissingPT(key, index, source), ...]
-    ...generate `todo` (seeds from `sample_seed`, see `SeededSampling`)...
+    ...generate `todo` (seeds from `sample_seed`; `distilgen.pt_generation.generate_pts` does all this)...
     store.add(teacher_fp, spec, [PTRecord(key, index, text, token_ids, seed), ...])
     pts = store.get(teacher_fp, spec, [e.source for e in examples])        # {input_key: [PTRecord, ...]}
     items = pt_schedule(examples, pts, k=spec.num_per_input, epoch=epoch)   # what each example trains on
@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock
 
-from distilgen.config import DecodingConfig, check
+from distilgen.config import DecodingSpec
 from distilgen.data import Example
 from distilgen.registry import lookup, registrar
 
@@ -47,122 +47,6 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 # Decoding specs
 # ---------------------------------------------------------------------------------------------
-
-SpecKind = Literal["greedy", "beam", "sample"]
-
-_USED_BY = {
-    "num_beams": "beam",
-    "num_return": "beam",
-    "length_penalty": "beam",
-    "num_samples": "sample",
-    "temperature": "sample",
-    "top_p": "sample",
-    "top_k": "sample",
-    "seed": "sample",
-}
-"""Fields that only one kind uses; the others must leave them at their defaults (a mistake otherwise)."""
-
-_COUNT_FIELDS = ("name", "num_return", "num_samples")
-"""Fields that do not change any single PT, so not in the fingerprint: output i of beam search is the i-th best
-beam whatever the number returned, and sample i depends only on (seed, input, i). Raising the count later only
-generates the extra indices."""
-
-
-@dataclass(frozen=True)
-class DecodingSpec:
-    """A named way to generate PTs: greedy, beam search (the best `num_return` beams) or `num_samples` samples."""
-
-    name: str
-    """Name shown in reports; not part of the fingerprint (two names for one spec share their PTs)."""
-    kind: SpecKind = "greedy"
-    """greedy (1 PT per input), beam (num_return PTs) or sample (num_samples PTs)."""
-    num_beams: int = 1
-    """Beam width (kind beam, >= 2)."""
-    num_return: int = 1
-    """Best beams kept as PTs (kind beam, <= num_beams)."""
-    num_samples: int = 1
-    """Samples per input (kind sample): the K PTs an example cycles through, one per epoch."""
-    temperature: float = 1.0
-    """Sampling temperature (kind sample)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (kind sample); 1.0 is plain sampling."""
-    top_k: int = 0
-    """Keep only the k most likely tokens (kind sample); 0 disables."""
-    max_new_tokens: int = 64
-    """Longest PT, in teacher tokens."""
-    length_penalty: float = 1.0
-    """Beam search length exponent (kind beam)."""
-    no_repeat_ngram_size: int = 0
-    """Forbid repeating n-grams of this size; 0 allows repeats."""
-    seed: int = 0
-    """Base seed of sampled PTs (kind sample): sample i of input x uses `sample_seed(seed, input_key(x), i)`."""
-
-    def __post_init__(self):
-        check(bool(self.name), "name", "must not be empty")
-        check(self.kind in ("greedy", "beam", "sample"), "kind", f"must be greedy, beam or sample, got {self.kind!r}")
-        self._decoding_config()  # range checks of the shared generation settings, with the same keys
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for key, kind in _USED_BY.items():
-            if self.kind != kind:
-                check(
-                    getattr(self, key) == defaults[key],
-                    key,
-                    f"only used by kind '{kind}' (this spec is '{self.kind}'); remove it or change the kind",
-                )
-        if self.kind == "beam":
-            check(self.num_beams >= 2, "num_beams", f"beam search needs >= 2 beams, got {self.num_beams}")
-            check(
-                1 <= self.num_return <= self.num_beams,
-                "num_return",
-                f"must be in [1, num_beams={self.num_beams}], got {self.num_return}",
-            )
-        check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
-        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
-
-    @property
-    def num_per_input(self) -> int:
-        """PTs generated per input: 1 (greedy), num_return (beam) or num_samples (sample)."""
-        return {"greedy": 1, "beam": self.num_return, "sample": self.num_samples}[self.kind]
-
-    def fingerprint(self) -> str:
-        """sha256 of the canonical JSON of every field that changes a PT (not the name nor the counts)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _COUNT_FIELDS}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-    def generate_kwargs(self, seeds: Sequence[int] | None = None) -> dict[str, Any]:
-        """Keyword arguments of `transformers` `generate` for one batch.
-
-        Args:
-            seeds: kind sample only: one seed per row of the batch (`sample_seed`), so that each row samples with
-                its own generator (`SeededSampling`) and its PT does not depend on the rest of the batch. Without
-                seeds, sampling uses torch's global generator (not reproducible across batchings).
-        """
-        kwargs = self._decoding_config().generate_kwargs()
-        if self.kind == "beam":
-            kwargs["num_return_sequences"] = self.num_return
-        if seeds is not None:
-            if self.kind != "sample":
-                raise ValueError(f"seeds are only for sampling specs; '{self.name}' is {self.kind}")
-            from transformers import LogitsProcessorList
-
-            for key in ("temperature", "top_p", "top_k"):
-                del kwargs[key]
-            sampler = SeededSampling(seeds, self.temperature, self.top_k, self.top_p)
-            kwargs.update(do_sample=False, logits_processor=LogitsProcessorList([sampler]))  # argmax of Gumbel
-        return kwargs
-
-    def _decoding_config(self) -> DecodingConfig:
-        return DecodingConfig(
-            max_new_tokens=self.max_new_tokens,
-            num_beams=self.num_beams,
-            do_sample=self.kind == "sample",
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            length_penalty=self.length_penalty,
-            no_repeat_ngram_size=self.no_repeat_ngram_size,
-        )
-
 
 SPECS: dict[str, DecodingSpec] = {}
 """Built-in decoding specs by name, filled by `register_spec`."""
@@ -203,41 +87,6 @@ def sample_seed(base_seed: int, key: str, sample_index: int) -> int:
     """
     digest = hashlib.sha256(f"{base_seed}:{key}:{sample_index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
-
-
-class SeededSampling:
-    """A logits processor that samples each row with its own generator, by the Gumbel-max trick.
-
-    `generate` samples with one global generator, so a row's sample depends on the rows beside it. Here row b
-    draws its noise from `torch.Generator().manual_seed(seeds[b])`, on the CPU (so CPU and GPU runs agree), and
-    greedy decoding (do_sample=False) takes argmax(warped logits + Gumbel noise), which is a sample of
-    softmax(warped logits). Use through `DecodingSpec.generate_kwargs(seeds)`; it must be the last processor.
-
-    Rows still depend on their batch through padding and float rounding of the logits; the sample only changes
-    when that rounding moves a token across an argmax tie, which is rare in fp32.
-    """
-
-    def __init__(self, seeds: Sequence[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-        import torch
-        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        # The warpers `generate` applies when sampling, in its order.
-        self.warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
-        self.warpers += [TopKLogitsWarper(top_k)] if top_k else []
-        self.warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
-
-    def __call__(self, input_ids, scores):  # (B, L), (B, V) -> (B, V)
-        import torch
-
-        if scores.shape[0] != len(self.generators):
-            raise ValueError(f"{len(self.generators)} seeds for a batch of {scores.shape[0]} rows")
-        scores = scores.float()
-        for warper in self.warpers:
-            scores = warper(input_ids, scores)
-        uniform = torch.stack([torch.rand(scores.shape[1], generator=g) for g in self.generators])  # (B, V)
-        gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
-        return scores + gumbel.to(scores.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,16 +220,19 @@ class PTStore:
             todo += [MissingPT(key, i, source) for i in range(spec.num_per_input) if i not in stored]
         return todo
 
-    def get(self, teacher_fp: str, spec: DecodingSpec, sources: Sequence[str]) -> dict[str, list[PTRecord]]:
+    def get(
+        self, teacher_fp: str, spec: DecodingSpec, sources: Sequence[str], every_index: bool = False
+    ) -> dict[str, list[PTRecord]]:
         """The stored PTs of `sources` with index < spec.num_per_input: {input_key: records by sample index}.
 
-        Inputs with nothing stored are absent; see `missing` for what is left to generate.
+        Inputs with nothing stored are absent; see `missing` for what is left to generate. `every_index` returns
+        every stored PT of the inputs, however many (for inspection).
         """
         index = self._pair_index(teacher_fp, spec)
         rows_by_file: dict[str, list[int]] = {}
         for key in _unique_keys(sources).values():
             for sample_index, (file, row) in index.where.get(key, {}).items():
-                if sample_index < spec.num_per_input:
+                if every_index or sample_index < spec.num_per_input:
                     rows_by_file.setdefault(file, []).append(row)
         pts: dict[str, list[PTRecord]] = {}
         for file, rows in rows_by_file.items():
@@ -409,6 +261,11 @@ class PTStore:
                 )
             )
         return lines
+
+    def spec(self, spec_fp: str) -> DecodingSpec:
+        """The spec stored under fingerprint `spec_fp` (as first added; counts may differ from later calls)."""
+        self._reload()
+        return DecodingSpec(**self._manifest["specs"][spec_fp])
 
     # Writing -------------------------------------------------------------------------------------
 
@@ -646,3 +503,38 @@ def pt_diversity(pts: Mapping[str, Sequence[PTRecord]]) -> dict[str, float]:
     if several:
         stats["self_bleu"] = statistics.fmean(self_bleu(g) for g in several)
     return stats
+
+
+def describe_store(store: PTStore, splits: Mapping[str, Sequence[Example]], examples: int = 2) -> list[str]:
+    """`distilgen pts show`: per (teacher, spec) in the store, counts, lengths and diversity per split, and the
+    PTs of a few inputs. Lines of text."""
+    lines = []
+    for stats in store.stats():
+        spec = store.spec(stats.spec_fp)
+        topk = f", top-{stats.topk} log-probs" if stats.topk else ""
+        lines.append(
+            f"teacher {stats.teacher_fp[:12]}  spec {spec.name} ({spec.kind}, {stats.spec_fp[:12]}): "
+            f"{stats.inputs} inputs, {stats.pts} PTs, {stats.tokens} tokens, {stats.bytes / 1e6:.2f} MB{topk}"
+        )
+        shown = 0
+        for name, split in splits.items():
+            sources = list(dict.fromkeys(e.source for e in split))
+            pts = store.get(stats.teacher_fp, spec, sources, every_index=True)
+            div = pt_diversity(pts)
+            line = f"  {name}: {div['inputs']}/{len(sources)} inputs with PTs, {div['pts']} PTs"
+            if div["pts"]:
+                line += (
+                    f", {div['pts_per_input']:.2f} per input; words mean {div['words_mean']:.1f} "
+                    f"(min {div['words_min']}, max {div['words_max']}); distinct-1 {div['distinct_1']:.3f}, "
+                    f"distinct-2 {div['distinct_2']:.3f}"
+                )
+                line += f"; self-BLEU {div['self_bleu']:.1f}" if "self_bleu" in div else ""
+            lines.append(line)
+            for source in sources:
+                if shown >= examples:
+                    break
+                if input_key(source) in pts:
+                    shown += 1
+                    lines.append(f"    input: {source[:160]}{'...' if len(source) > 160 else ''}")
+                    lines += [f"      PT {r.sample_index}: {r.text}" for r in pts[input_key(source)]]
+    return lines or ["the store is empty"]

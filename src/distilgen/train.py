@@ -65,7 +65,12 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=precision, log_with=cfg.trackers or None, project_dir=str(output_dir))
+    return Accelerator(
+        mixed_precision=precision,
+        log_with=cfg.trackers or None,
+        project_dir=str(output_dir),
+        cpu=not torch.cuda.is_available(),  # lets processes launched on a CPU machine form one (gloo) group
+    )
 
 
 def epoch_batches(items: Sequence[Encoded], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -1,0 +1,367 @@
+"""PT generation: per-PT seeds, the generation loop against the store, the teacher fingerprint, the commands
+(`distilgen generate`, kill -9 and rerun, two processes under `accelerate launch`, `distilgen pts show`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from distilgen.config import DecodingSpec
+from distilgen.models import Encoded, load_model
+from distilgen.pseudo_targets import PTStore, get_spec, input_key
+from distilgen.pt_generation import (
+    SeededSampling,
+    counter_uniform,
+    generate_pts,
+    plan_rows,
+    seeded_generate_kwargs,
+    teacher_fingerprint,
+)
+from tests.conftest import tiny_model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE2 = DecodingSpec("sample2", "sample", num_samples=2, max_new_tokens=12)
+GREEDY = DecodingSpec("greedy12", max_new_tokens=12)
+
+# ---------------------------------------------------------------------------------------------
+# Per-PT sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def test_counter_uniforms_are_a_function_of_seed_step_and_column():
+    seeds = torch.tensor([1, 2, 2**62 + 3])
+    u = counter_uniform(seeds, step=0, size=5000)
+    assert u.shape == (3, 5000) and u.min() > 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.003
+    assert torch.equal(u[1:2], counter_uniform(seeds[1:2], step=0, size=5000))  # a row ignores the others
+    assert not torch.equal(u, counter_uniform(seeds, step=1, size=5000))
+    assert torch.corrcoef(u[:2])[0, 1].abs() < 0.05  # neighbouring seeds are unrelated
+
+
+def test_a_seeded_row_samples_the_same_whatever_its_batch():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    alone, batched = SeededSampling([11], temperature=1.5), SeededSampling([11, 12, 13], temperature=1.5)
+    for _ in range(3):  # both advance one step per call
+        assert torch.equal(alone(None, logits[:1]).argmax(-1), batched(None, logits).argmax(-1)[:1])
+
+
+def test_seeded_sampling_follows_the_warped_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    picks = SeededSampling(range(4000), temperature=2.0)(None, logits).argmax(-1)
+    frequencies = torch.bincount(picks, minlength=4) / 4000
+    assert torch.allclose(frequencies, torch.softmax(logits[0] / 2.0, -1), atol=0.03)
+    assert SeededSampling(range(100), top_k=1)(None, logits[:100]).argmax(-1).eq(0).all()
+
+
+def test_seeded_generate_kwargs_replace_sampling_by_the_seeded_processor():
+    seeded = seeded_generate_kwargs(get_spec("sample_t15"), seeds=[1, 2])
+    assert seeded["do_sample"] is False and "temperature" not in seeded
+    assert isinstance(seeded["logits_processor"][0], SeededSampling)
+    with pytest.raises(ValueError, match="only for sampling specs"):
+        seeded_generate_kwargs(get_spec("greedy"), seeds=[1])
+
+
+def test_a_tiny_model_samples_the_same_pt_alone_and_in_a_batch():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+    )  # fmt: skip
+    model = BartForConditionalGeneration(config).eval()
+    spec = DecodingSpec("s", "sample", temperature=1.5, max_new_tokens=8)
+    inputs = torch.tensor([[0, 5, 6, 7, 2], [0, 8, 9, 10, 2]])
+    alone = model.generate(inputs[:1], **seeded_generate_kwargs(spec, seeds=[3]))
+    batched = model.generate(inputs, **seeded_generate_kwargs(spec, seeds=[3, 4]))
+    assert torch.equal(alone[0], batched[0, : alone.shape[1]])
+    assert not torch.equal(batched, model.generate(inputs, **seeded_generate_kwargs(spec, seeds=[5, 6])))
+
+
+# ---------------------------------------------------------------------------------------------
+# generate_pts
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def teacher(arch, tokenizer_dir):
+    torch.manual_seed(0)
+    tm = load_model(tiny_model_config(arch, tokenizer_dir))
+    tm.model.eval()
+    return tm
+
+
+def _count_generate_calls(tm) -> list[int]:
+    calls = []
+    original = tm.model.generate
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    tm.model.generate = counted
+    return calls
+
+
+def _contents(store, fp, spec, sources):
+    return {
+        (key, r.sample_index): (r.text, tuple(r.token_ids), r.seed)
+        for key, records in store.get(fp, spec, sources).items()
+        for r in records
+    }
+
+
+def test_generation_fills_the_store_once_and_only_tops_up(teacher, splits, tmp_path):
+    sources = [e.source for e in splits["train"][:10]]
+    store, fp = PTStore(tmp_path / "pts"), teacher_fingerprint(teacher, 256)
+    calls = _count_generate_calls(teacher)
+    report = generate_pts(teacher, store, fp, SAMPLE2, sources + sources[:3], batch_size=4, shard_size=8)
+    assert (report.requested, report.missing, report.generated, report.sequences) == (20, 20, 20, 20)
+    assert sum(calls) == 20  # repeated inputs are generated once
+    pts = store.get(fp, SAMPLE2, sources)
+    assert sorted(len(records) for records in pts.values()) == [2] * 10
+    for records in pts.values():
+        for r in records:
+            assert r.token_ids == teacher.target_ids(teacher.output_tokens(torch.tensor([r.token_ids]))[0])
+            assert r.token_ids[-1] == teacher.tokenizer.eos_token_id and len(r.token_ids) <= 12 + 2
+
+    calls.clear()
+    again = generate_pts(teacher, store, fp, SAMPLE2, sources, batch_size=4)
+    assert calls == [] and (again.missing, again.generated) == (0, 0)
+
+    more = generate_pts(teacher, store, fp, dataclasses.replace(SAMPLE2, num_samples=3), sources, batch_size=4)
+    assert sum(calls) == 10 and more.generated == 10  # only sample 2 of each input
+    assert _contents(store, fp, SAMPLE2, sources) == {
+        k: v for k, v in _contents(store, fp, dataclasses.replace(SAMPLE2, num_samples=3), sources).items() if k[1] < 2
+    }
+
+
+@pytest.mark.parametrize("arch", ["bart", "gpt2"])
+def test_the_same_pts_come_out_whatever_the_batching_or_sharding(teacher, splits, tmp_path):
+    sources = [e.source for e in splits["train"][:12]]
+    fp = teacher_fingerprint(teacher, 256)
+    one = PTStore(tmp_path / "one")
+    generate_pts(teacher, one, fp, SAMPLE2, sources, batch_size=24)
+    sharded = PTStore(tmp_path / "sharded")
+    barrier = threading.Barrier(3)  # three "processes", each with its own view of the store
+
+    def shard(rank: int) -> None:
+        store = PTStore(tmp_path / "sharded")
+        generate_pts(teacher, store, fp, SAMPLE2, sources, batch_size=5, process_index=rank, num_processes=3,
+                     barrier=barrier.wait, progress=False)  # fmt: skip
+
+    threads = [threading.Thread(target=shard, args=(rank,)) for rank in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(sharded.stats()) == 1 and sharded.stats()[0].pts == 24
+    assert _contents(one, fp, SAMPLE2, sources) == _contents(sharded, fp, SAMPLE2, sources)
+    texts = [text for text, _, _ in _contents(one, fp, SAMPLE2, sources).values()]
+    assert len(set(texts)) > 12  # samples differ from each other
+
+
+def test_greedy_and_beam_rows_cover_an_input_at_once_longest_first(teacher, splits):
+    from distilgen.pseudo_targets import MissingPT
+
+    sources = ["a b", "a b c d e", "a"]
+    todo = [MissingPT(input_key(s), i, s) for s in sources for i in (0, 1)]
+    encoded = {input_key(s): [1] * len(s) for s in sources}
+    beam = plan_rows(todo, DecodingSpec("b", "beam", num_beams=2, num_return=2), encoded)
+    assert [(len(r.source), r.sample_indices) for r in beam] == [(9, (0, 1)), (3, (0, 1)), (1, (0, 1))]
+    sample = plan_rows(todo, SAMPLE2, encoded)
+    assert [(len(r.source), r.sample_indices) for r in sample][:2] == [(9, (0,)), (9, (1,))]
+
+
+def test_beam_pts_are_ranked_beams(teacher, splits, tmp_path):
+    spec = DecodingSpec("beam3", "beam", num_beams=3, num_return=3, max_new_tokens=8)
+    sources = [e.source for e in splits["train"][:3]]
+    store, fp = PTStore(tmp_path / "pts"), teacher_fingerprint(teacher, 256)
+    generate_pts(teacher, store, fp, spec, sources, batch_size=2)
+    greedy_beam = generate_pts(teacher, store, fp, dataclasses.replace(spec, num_return=2), sources)
+    assert greedy_beam.generated == 0  # fewer beams than stored: nothing to do
+    for records in store.get(fp, spec, sources).values():
+        assert [r.sample_index for r in records] == [0, 1, 2] and len({r.text for r in records}) == 3
+
+
+@pytest.mark.parametrize("arch", ["bart", "t5", "gpt2"])
+def test_stored_topk_are_the_teachers_log_probs_at_each_pt_token(teacher, splits, tmp_path):
+    sources = [e.source for e in splits["train"][:5]]
+    store, fp = PTStore(tmp_path / "pts"), teacher_fingerprint(teacher, 256)
+    generate_pts(teacher, store, fp, GREEDY, sources, batch_size=3, topk=4)
+    assert store.stats()[0].topk == 4
+    for source in sources:
+        (record,) = store.get(fp, GREEDY, [source])[input_key(source)]
+        (enc,), _ = teacher.encode([_Ex(source)], 256, targets=False)
+        batch = teacher.collate([Encoded("x", enc.source, record.token_ids)])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(teacher.target_logits(batch)[0], -1)  # alone: no padding
+        values, ids = logprobs.topk(4, -1)
+        assert torch.allclose(torch.tensor(record.topk_logprobs), values, atol=1e-4)
+        assert torch.equal(torch.tensor(record.topk_ids)[:, 0], ids[:, 0])
+
+
+@dataclasses.dataclass
+class _Ex:
+    source: str
+    id: str = "x"
+    target: str | None = None
+
+
+def test_teacher_fingerprint_follows_weights_dtype_and_input_length(tokenizer_dir, tmp_path):
+    torch.manual_seed(0)
+    tm = load_model(tiny_model_config("bart", tokenizer_dir))
+    fp = teacher_fingerprint(tm, 256)
+    tm.save(tmp_path / "t")
+    from distilgen.config import ModelConfig
+
+    assert teacher_fingerprint(load_model(ModelConfig(path=str(tmp_path / "t"))), 256) == fp
+    assert teacher_fingerprint(tm, 128) != fp
+    with torch.no_grad():
+        tm.model.lm_head.weight[0, 0] += 1e-3
+    assert teacher_fingerprint(tm, 256) != fp
+    changed = teacher_fingerprint(tm, 256)
+    tm.model.to(torch.bfloat16)
+    assert teacher_fingerprint(tm, 256) not in (fp, changed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands
+# ---------------------------------------------------------------------------------------------
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _generate_yaml(tmp_path, teacher_dir, store, **overrides) -> Path:
+    cfg = {
+        "store": str(store),
+        "data": {"task": {"train_size": 30, "unlabeled_size": 90, "dev_size": 0, "test_size": 0}},
+        "teacher": {"path": str(teacher_dir)},
+        "spec": {"name": "s2", "kind": "sample", "num_samples": 2, "max_new_tokens": 16},
+        "batch_size": 8,
+        "shard_size": 16,
+        **overrides,
+    }
+    path = tmp_path / f"generate-{store.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tokenizer_dir):
+    path = tmp_path_factory.mktemp("teacher") / "model"
+    torch.manual_seed(0)
+    load_model(tiny_model_config("bart", tokenizer_dir)).save(path)
+    return path
+
+
+def _store_rows(store_dir) -> set:
+    """Every PT in the store of `_generate_yaml`'s inputs, as comparable tuples."""
+    from distilgen.config import BuiltinTaskConfig, DataConfig
+    from distilgen.data import load_splits
+
+    task = BuiltinTaskConfig(train_size=30, unlabeled_size=90, dev_size=0, test_size=0)
+    sources = [e.source for split in load_splits(DataConfig(task=task)).values() for e in split]
+    store = PTStore(store_dir)
+    (stats,) = store.stats()
+    pts = store.get(stats.teacher_fp, store.spec(stats.spec_fp), sources, every_index=True)
+    return {(key, r.sample_index, r.text, tuple(r.token_ids), r.seed) for key, records in pts.items() for r in records}
+
+
+def test_generate_command_sigkill_then_rerun_ends_with_the_uninterrupted_pts(tmp_path, teacher_dir):
+    full = _generate_yaml(tmp_path, teacher_dir, tmp_path / "full")
+    result = subprocess.run(
+        [sys.executable, "-m", "distilgen.cli", "generate", str(full)], env=_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"requested": 240' in result.stdout and '"stored_pts": 240' in result.stdout
+
+    killed = _generate_yaml(tmp_path, teacher_dir, tmp_path / "killed")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distilgen.cli", "generate", str(killed)],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    manifest = tmp_path / "killed" / "manifest.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.exists() and 2 <= manifest.read_text().count('"file"') < 15:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "generate ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = PTStore(tmp_path / "killed").stats()[0].pts
+    assert 32 <= done_before < 240
+
+    rerun = subprocess.run(
+        [sys.executable, "-m", "distilgen.cli", "generate", str(killed)], env=_env(), capture_output=True, text=True
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert f'"already_stored": {done_before}' in rerun.stdout
+    assert _store_rows(tmp_path / "killed") == _store_rows(tmp_path / "full")
+
+    again = subprocess.run(
+        [sys.executable, "-m", "distilgen.cli", "generate", str(killed)], env=_env(), capture_output=True, text=True
+    )
+    assert '"already_stored": 240' in again.stdout and '"generated_here": 0' in again.stdout
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "distilgen.cli", "pts", "show", str(killed), "--examples", "1"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "spec s2 (sample" in shown.stdout and "240 PTs" in shown.stdout
+    assert "train: 30/30 inputs with PTs, 60 PTs, 2.00 per input" in shown.stdout
+    assert "unlabeled: 90/90 inputs with PTs, 180 PTs" in shown.stdout and "self-BLEU" in shown.stdout
+    assert shown.stdout.count("      PT ") == 2
+
+
+def test_two_processes_under_accelerate_launch_give_the_single_process_store(tmp_path, teacher_dir):
+    single = _generate_yaml(tmp_path, teacher_dir, tmp_path / "single")
+    assert subprocess.run(
+        [sys.executable, "-m", "distilgen.cli", "generate", str(single)], env=_env(), capture_output=True
+    ).returncode == 0  # fmt: skip
+    double = _generate_yaml(tmp_path, teacher_dir, tmp_path / "double")
+    # On a machine without GPU, accelerate starts several processes only with --multi_gpu (torchrun).
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    result = subprocess.run(
+        [*launcher, "-m", "distilgen.cli", "generate", str(double)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"processes": 2' in result.stdout and result.stdout.count('"processes"') == 1  # the main process prints
+    assert _store_rows(tmp_path / "double") == _store_rows(tmp_path / "single")
+    assert len(json.loads((tmp_path / "double" / "manifest.json").read_text())["shards"]) >= 2
+
+
+def test_generate_config_errors_name_the_key(tmp_path, teacher_dir):
+    cfg = _generate_yaml(tmp_path, teacher_dir, tmp_path / "x", spec="nucleus")
+    result = subprocess.run(
+        [sys.executable, "-m", "distilgen.cli", "generate", str(cfg)], env=_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "spec: unknown spec 'nucleus'" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "distilgen.cli", "pts", "show", str(cfg)], env=_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 2

@@ -98,7 +98,10 @@ def test_every_shipped_config_validates(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     command = path.relative_to(ROOT / "configs").parts[0]
     assert command in COMMANDS, f"{path}: put it under configs/<command>/, one of {', '.join(COMMANDS)}"
-    load_config(COMMANDS[command].config, path)
+    try:
+        load_config(COMMANDS[command].config, path)
+    except ConfigError as err:  # a model another shipped config trains (configs/finetune/teacher.yaml)
+        assert "not found: runs/" in err.message, err
 
 
 def test_the_quickstart_yaml_spells_out_the_quickstart_defaults(monkeypatch):

@@ -24,6 +24,7 @@ from distilgen.pt_generation import (
     SeededSampling,
     counter_uniform,
     generate_pts,
+    plan_batches,
     plan_rows,
     seeded_generate_kwargs,
     teacher_fingerprint,
@@ -66,7 +67,7 @@ def test_seeded_sampling_follows_the_warped_softmax():
 
 def test_seeded_generate_kwargs_replace_sampling_by_the_seeded_processor():
     seeded = seeded_generate_kwargs(get_spec("sample_t15"), seeds=[1, 2])
-    assert seeded["do_sample"] is False and "temperature" not in seeded
+    assert seeded["temperature"] == 1.0 and seeded["top_k"] == 0  # the processor warps; generate does not
     assert isinstance(seeded["logits_processor"][0], SeededSampling)
     with pytest.raises(ValueError, match="only for sampling specs"):
         seeded_generate_kwargs(get_spec("greedy"), seeds=[1])
@@ -128,7 +129,7 @@ def test_generation_fills_the_store_once_and_only_tops_up(teacher, splits, tmp_p
     calls = _count_generate_calls(teacher)
     report = generate_pts(teacher, store, fp, SAMPLE2, sources + sources[:3], batch_size=4, shard_size=8)
     assert (report.requested, report.missing, report.generated, report.sequences) == (20, 20, 20, 20)
-    assert sum(calls) == 20  # repeated inputs are generated once
+    assert sum(calls) == 10  # repeated inputs are generated once; an input's 2 samples in one call
     pts = store.get(fp, SAMPLE2, sources)
     assert sorted(len(records) for records in pts.values()) == [2] * 10
     for records in pts.values():
@@ -172,16 +173,20 @@ def test_the_same_pts_come_out_whatever_the_batching_or_sharding(teacher, splits
     assert len(set(texts)) > 12  # samples differ from each other
 
 
-def test_greedy_and_beam_rows_cover_an_input_at_once_longest_first(teacher, splits):
+def test_rows_cover_an_input_at_once_longest_first_and_batches_count_sequences():
     from distilgen.pseudo_targets import MissingPT
 
     sources = ["a b", "a b c d e", "a"]
     todo = [MissingPT(input_key(s), i, s) for s in sources for i in (0, 1)]
     encoded = {input_key(s): [1] * len(s) for s in sources}
-    beam = plan_rows(todo, DecodingSpec("b", "beam", num_beams=2, num_return=2), encoded)
+    beam_spec = DecodingSpec("b", "beam", num_beams=2, num_return=2)
+    beam = plan_rows(todo, beam_spec, encoded)
     assert [(len(r.source), r.sample_indices) for r in beam] == [(9, (0, 1)), (3, (0, 1)), (1, (0, 1))]
-    sample = plan_rows(todo, SAMPLE2, encoded)
-    assert [(len(r.source), r.sample_indices) for r in sample][:2] == [(9, (0,)), (9, (1,))]
+    sample = plan_rows([*todo, MissingPT(input_key("z"), 1, "z")], SAMPLE2, encoded | {input_key("z"): [1] * 20})
+    assert [(len(r.source), r.sample_indices) for r in sample] == [(9, (0, 1)), (3, (0, 1)), (1, (0, 1)), (20, (1,))]
+    batches = plan_batches(sample, SAMPLE2, batch_size=4)  # 4 sequences: two inputs of 2 samples
+    assert [[len(r.source) for r in batch] for batch in batches] == [[9, 3], [1], [20]]
+    assert [len(batch) for batch in plan_batches(beam, beam_spec, batch_size=5)] == [2, 1]  # 2 beams each
 
 
 def test_beam_pts_are_ranked_beams(teacher, splits, tmp_path):

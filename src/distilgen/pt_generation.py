@@ -72,9 +72,10 @@ class SeededSampling:
     """A logits processor that samples each row from its own seed, by the Gumbel-max trick.
 
     `generate` samples with one global generator, so a row's sample depends on the rows beside it. Here the
-    noise of row b at step t is `counter_uniform(seeds[b], t)`, and greedy decoding (do_sample=False) takes
-    argmax(warped logits + Gumbel noise), which is a sample of softmax(warped logits). Use through
-    `seeded_generate_kwargs`; it must be the last processor. One instance serves one `generate` call.
+    noise of row b at step t is `counter_uniform(seeds[b], t)`, and the row's token is argmax(warped logits +
+    Gumbel noise), a sample of softmax(warped logits); the processor returns scores with all the mass on that
+    token. Use through `seeded_generate_kwargs`; it must be the last processor. One instance serves one
+    `generate` call.
 
     Rows still depend on their batch through padding and float rounding of the logits; the sample only changes
     when that rounding moves a token across an argmax tie, which is rare in fp32.
@@ -98,7 +99,8 @@ class SeededSampling:
             scores = warper(input_ids, scores)
         uniform = counter_uniform(self.seeds.to(scores.device), self.step, scores.shape[1])
         self.step += 1
-        return scores - torch.log(-torch.log(uniform))
+        choice = (scores - torch.log(-torch.log(uniform))).argmax(-1, keepdim=True)  # (B, 1): the sample
+        return torch.full_like(scores, float("-inf")).scatter_(-1, choice, 0.0)  # all mass on it
 
 
 def seeded_generate_kwargs(spec: DecodingSpec, seeds: Sequence[int]) -> dict[str, Any]:
@@ -111,7 +113,9 @@ def seeded_generate_kwargs(spec: DecodingSpec, seeds: Sequence[int]) -> dict[str
     for key in ("temperature", "top_p", "top_k"):
         kwargs.pop(key, None)
     sampler = SeededSampling(seeds, spec.temperature, spec.top_k, spec.top_p)
-    kwargs.update(do_sample=False, logits_processor=LogitsProcessorList([sampler]))  # argmax of Gumbel noise
+    # `generate` then samples from a distribution with all its mass on our sample. Sampling mode (rather than
+    # greedy) lets one call return several samples per input, encoding the input once.
+    kwargs.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, logits_processor=LogitsProcessorList([sampler]))
     return kwargs
 
 
@@ -146,7 +150,7 @@ def teacher_fingerprint(tm: TextModel, max_source_length: int, template: str = "
 
 @dataclass(frozen=True)
 class Row:
-    """One generated sequence (sampling) or one input's beams (greedy, beam): the PTs it fills."""
+    """One input to decode and the PT indices it lacks (its samples, or the ranks of its beams)."""
 
     input_key: str
     source: list[int]
@@ -179,20 +183,41 @@ class GenerationReport:
 
 
 def plan_rows(todo: Sequence[MissingPT], spec: DecodingSpec, encoded: dict[str, list[int]]) -> list[Row]:
-    """The sequences to decode for `todo`, longest source first (ties in key and index order, so every
-    process computes the same plan).
+    """One row per input with missing PTs, longest source first (ties in key order, so every process computes
+    the same plan); sampled rows are grouped by how many samples they lack, so a batch shares that number.
 
-    Sampled PTs are one row each (their own seed); greedy and beam PTs of an input come from one row.
+    The PTs of an input come from one `generate` call: its K samples as K return sequences (the encoder or
+    prompt runs once), its beams from one beam search.
     """
-    rows: list[Row] = []
-    if spec.kind == "sample":
-        rows = [Row(m.input_key, encoded[m.input_key], (m.sample_index,)) for m in todo]
-    else:
-        by_key: dict[str, list[int]] = {}
-        for m in todo:
-            by_key.setdefault(m.input_key, []).append(m.sample_index)
-        rows = [Row(key, encoded[key], tuple(indices)) for key, indices in by_key.items()]
-    return sorted(rows, key=lambda r: (-len(r.source), r.input_key, r.sample_indices))
+    by_key: dict[str, list[int]] = {}
+    for m in todo:
+        by_key.setdefault(m.input_key, []).append(m.sample_index)
+    rows = [Row(key, encoded[key], tuple(sorted(indices))) for key, indices in by_key.items()]
+    group = (lambda r: len(r.sample_indices)) if spec.kind == "sample" else (lambda r: 0)
+    return sorted(rows, key=lambda r: (-group(r), -len(r.source), r.input_key))
+
+
+def plan_batches(rows: Sequence[Row], spec: DecodingSpec, batch_size: int) -> list[list[Row]]:
+    """Consecutive rows in batches of at most `batch_size` sequences (a sampled row counts its samples, a beam
+    row its beams); a batch never mixes sampled rows lacking different numbers of samples."""
+    batches: list[list[Row]] = []
+    used = 0
+    for row in rows:
+        cost = _sequences(spec, row)
+        same_group = batches and (
+            spec.kind != "sample" or len(batches[-1][0].sample_indices) == len(row.sample_indices)
+        )
+        if same_group and used + cost <= batch_size:
+            batches[-1].append(row)
+            used += cost
+        else:
+            batches.append([row])
+            used = cost
+    return batches
+
+
+def _sequences(spec: DecodingSpec, row: Row) -> int:
+    return {"greedy": 1, "beam": spec.num_beams, "sample": len(row.sample_indices)}[spec.kind]
 
 
 def generate_pts(
@@ -231,20 +256,21 @@ def generate_pts(
     encoded = dict(zip(by_key, _source_ids(tm, list(by_key.values()), max_source_length), strict=True))
     rows = plan_rows(todo, spec, encoded)[process_index::num_processes]
     report = GenerationReport(requested, len(todo), 0, 0, 0, 0.0)
-    bar = tqdm(total=len(rows), desc=f"generate {spec.name}", unit="seq", disable=not progress or not rows)
+    total = sum(_sequences(spec, r) for r in rows)
+    bar = tqdm(total=total, desc=f"generate {spec.name}", unit="seq", disable=not progress or not rows)
     was_training = tm.model.training
     tm.model.eval()
     buffer: list[PTRecord] = []
-    for begin in range(0, len(rows), batch_size):
-        records = _generate_batch(tm, spec, rows[begin : begin + batch_size], topk)
+    for batch in plan_batches(rows, spec, batch_size):
+        records = _generate_batch(tm, spec, batch, topk)
         buffer += records
-        report.sequences += min(batch_size, len(rows) - begin)
+        sequences = sum(_sequences(spec, r) for r in batch)
+        report.sequences += sequences
         report.tokens += sum(len(r.token_ids) for r in records)
         if len(buffer) >= shard_size:
             report.generated += _flush(store, teacher_fp, spec, buffer)
-        elapsed = time.perf_counter() - start
-        bar.update(min(batch_size, len(rows) - begin))
-        bar.set_postfix(tok_s=f"{report.tokens / elapsed:.0f}", stored=report.generated, refresh=False)
+        bar.update(sequences)
+        bar.set_postfix(tok_s=f"{report.tokens / (time.perf_counter() - start):.0f}", stored=report.generated)
     report.generated += _flush(store, teacher_fp, spec, buffer)
     bar.close()
     tm.model.train(was_training)
@@ -273,13 +299,14 @@ def _generate_batch(tm: TextModel, spec: DecodingSpec, rows: Sequence[Row], topk
     batch = {k: v.to(tm.device) for k, v in tm.collate([Encoded("", r.source, []) for r in rows]).items()}
     seeds = None
     if spec.kind == "sample":
-        seeds = [_row_seed(spec, r) for r in rows]
+        seeds = [sample_seed(spec.seed, r.input_key, i) for r in rows for i in r.sample_indices]
         kwargs = seeded_generate_kwargs(spec, seeds)
+        kwargs["num_return_sequences"] = len(rows[0].sample_indices)  # the same for every row of a batch
     else:
         kwargs = spec.generate_kwargs()
     per_row = kwargs.get("num_return_sequences", 1)
     kwargs.update(pad_token_id=tm.tokenizer.pad_token_id, eos_token_id=tm.tokenizer.eos_token_id)
-    generated = tm.layout.generate(tm.model, batch, **kwargs)  # (B * per_row, N)
+    generated = tm.layout.generate(tm.model, batch, **kwargs)  # (B * per_row, N), row b's outputs together
     contents = tm.output_tokens(generated)
     targets = [tm.target_ids(ids) for ids in contents]
     top_ids = top_logprobs = None
@@ -288,25 +315,20 @@ def _generate_batch(tm: TextModel, spec: DecodingSpec, rows: Sequence[Row], topk
         top_ids, top_logprobs = _teacher_topk(tm, sources, targets, topk)
     records = []
     for b, row in enumerate(rows):
-        for index in row.sample_indices:
-            at = b * per_row + (0 if spec.kind == "sample" else index)
+        for j, index in enumerate(row.sample_indices):
+            at = b * per_row + (j if spec.kind == "sample" else index)
             records.append(
                 PTRecord(
                     input_key=row.input_key,
                     sample_index=index,
                     text=tm.tokenizer.decode(contents[at], skip_special_tokens=True).strip(),
                     token_ids=targets[at],
-                    seed=seeds[b] if seeds is not None else None,
+                    seed=seeds[at] if seeds is not None else None,
                     topk_ids=top_ids[at] if top_ids is not None else None,
                     topk_logprobs=top_logprobs[at] if top_logprobs is not None else None,
                 )
             )
     return records
-
-
-def _row_seed(spec: DecodingSpec, row: Row) -> int:
-    (index,) = row.sample_indices
-    return sample_seed(spec.seed, row.input_key, index)
 
 
 def _teacher_topk(

@@ -5,6 +5,7 @@
     distilgen evaluate configs/evaluate.yaml
     distilgen data configs/teacher.yaml --export data/match_reports
     distilgen generate configs/generate/sample4.yaml
+    distilgen distill configs/distill/joint_teaching.yaml method=logits_kd_pt
     distilgen pts show configs/generate/sample4.yaml
 
 A user error (bad config, bad data file) prints one line and exits with code 2.
@@ -29,6 +30,7 @@ from pathlib import Path
 from distilgen.config import (
     ConfigError,
     DataConfig,
+    DistillConfig,
     EvaluateConfig,
     FinetuneConfig,
     GenerateConfig,
@@ -97,6 +99,13 @@ def run_finetune(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
 
     summary = finetune(cfg)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_distill(cfg: DistillConfig, args: argparse.Namespace) -> int:
+    from distilgen.distill import distill
+
+    print(json.dumps(distill(cfg), indent=2))
     return 0
 
 
@@ -224,6 +233,11 @@ COMMANDS: dict[str, Command] = {
     ),
     "finetune": Command(
         "train a model on labeled data (a teacher, or the student baseline)", run_finetune, FinetuneConfig
+    ),
+    "distill": Command(
+        "train a student from a teacher with one of the study's methods (joint_teaching, logits_kd_pt, ...)",
+        run_distill,
+        DistillConfig,
     ),
     "evaluate": Command(
         "score models on a split, with their cost, side by side",

@@ -548,6 +548,152 @@ class GenerateConfig:
         check(self.limit is None or self.limit > 0, "limit", f"must be > 0, got {self.limit}")
 
 
+@dataclass
+class KDConfig:
+    """Word-level KD: how student and teacher next-token distributions are compared."""
+
+    divergence: str = "forward_kl"
+    """forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl or total_variation (see distilgen.objectives)."""
+    temperature: float = 1.0
+    """Softens both distributions; losses are scaled by temperature^2."""
+    use_stored_topk: bool = True
+    """On teacher PTs whose top-k log-probs are stored, use them (sparse KD, no teacher pass) instead of the
+    live teacher. Student PTs always need the live teacher."""
+
+    def __post_init__(self):
+        from distilgen.objectives import DIVERGENCES
+
+        check(self.divergence in DIVERGENCES, "divergence", f"choose one of: {', '.join(DIVERGENCES)}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+
+
+@dataclass
+class PTConfig:
+    """Teacher pseudo-targets for PT methods (seq_kd, logits_kd_pt, joint_teaching)."""
+
+    store: str | None = None
+    """PT store directory, shared across runs; default: output_dir/pts."""
+    spec: str | DecodingSpec = "sample"
+    """How the teacher generates them: a built-in spec (greedy, beam4, sample, sample_t15) or a mapping."""
+    unlabeled: bool = True
+    """PTs for the unlabeled inputs too (the study's best); false: labeled inputs only."""
+    k: int | None = None
+    """PTs cycled per input, a different one each epoch; default: all the spec generates (e.g. 4)."""
+    include_gold: bool = True
+    """Also train on the gold target of each labeled input, every epoch."""
+    topk: int = 0
+    """Store the teacher's top-k log-probs with new PTs (then kd.use_stored_topk skips the teacher pass)."""
+    batch_size: int = 64
+    """Sequences per teacher generate call."""
+
+    def __post_init__(self):
+        if isinstance(self.spec, str):
+            from distilgen.pseudo_targets import SPECS
+
+            check(self.spec in SPECS, "spec", f"unknown spec '{self.spec}'; built-in: {', '.join(SPECS)}, or a mapping")
+        check(self.k is None or self.k >= 1, "k", f"must be >= 1, got {self.k}")
+        check(self.topk >= 0, "topk", f"must be >= 0, got {self.topk}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class StudentPTConfig:
+    """Student PTs, sampled online by the current student (student_pt, joint_teaching)."""
+
+    alpha: float = 0.5
+    """Joint-Teaching: weight of teacher PTs; 1 - alpha goes to fresh student PTs (student_pt is alpha 0)."""
+    mixing: Literal["steps", "batch"] = "steps"
+    """steps: a fraction 1 - alpha of the optimizer steps train on student PTs, interleaved exactly (the
+    study); batch: every step trains on both, weighted alpha and 1 - alpha."""
+    top_p: float = 0.95
+    """Nucleus sampling of the student."""
+    temperature: float = 1.0
+    """Sampling temperature of the student."""
+    max_new_tokens: int = 64
+    """Longest student PT."""
+
+    def __post_init__(self):
+        check(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
+        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+
+
+@dataclass
+class NoiseConfig:
+    """Noisy KD: noise in the teacher (dropout) and in the student's input (token masking or dropping)."""
+
+    teacher_dropout: float = 0.1
+    """Dropout rate the teacher runs with."""
+    token_rate: float = 0.1
+    """Share of the student's source tokens hit."""
+    token_kind: Literal["mask", "drop"] = "drop"
+    """mask: replace hit tokens by the tokenizer's mask (or unk) token; drop: remove them."""
+
+    def __post_init__(self):
+        check(0.0 <= self.teacher_dropout < 1.0, "teacher_dropout", f"must be in [0, 1), got {self.teacher_dropout}")
+        check(0.0 <= self.token_rate < 1.0, "token_rate", f"must be in [0, 1), got {self.token_rate}")
+
+
+@dataclass
+class AttentionKDConfig:
+    """Attention-relation KD (MiniLMv2) added to Logits KD."""
+
+    weight: float = 1.0
+    """Weight of the relation loss per token, next to the Logits KD term."""
+    relation_heads: int = 4
+    """Heads the q/k/v projections are re-split into (must divide both models' widths)."""
+    which: Literal["encoder", "decoder"] = "encoder"
+    """Which stack's last self-attention layer is matched (decoder-only models: decoder)."""
+
+    def __post_init__(self):
+        check(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
+        check(self.relation_heads >= 1, "relation_heads", f"must be >= 1, got {self.relation_heads}")
+
+
+@dataclass
+class DistillConfig:
+    """`distilgen distill`: train a student from a teacher with one method of the study."""
+
+    output_dir: str
+    """Run directory: the method's stage (distill/), the final fine-tuning stage (finetune/), summary.json."""
+    data: DataConfig
+    """train (labeled), unlabeled, dev (early stopping)."""
+    teacher: ModelConfig
+    """The trained teacher (`path`); never updated."""
+    student: ModelConfig
+    """The student: a shrunk teacher (path + shrink), another checkpoint, or built from `arch`."""
+    method: str = "joint_teaching"
+    """finetune, logits_kd, noisy_kd, attention_kd, seq_kd, logits_kd_pt, student_pt or joint_teaching."""
+    kd: KDConfig = field(default_factory=KDConfig)
+    """Word-level KD settings."""
+    pts: PTConfig = field(default_factory=PTConfig)
+    """Teacher PTs (PT methods)."""
+    student_pts: StudentPTConfig = field(default_factory=StudentPTConfig)
+    """Student PTs and Joint-Teaching's mixing."""
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    """Noisy KD settings."""
+    attention: AttentionKDConfig = field(default_factory=AttentionKDConfig)
+    """Attention-relation KD settings."""
+    final_finetune_epochs: float = 1.0
+    """Epochs of plain fine-tuning on the labeled data after the method (the study's final stage); 0 skips."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, dev evaluation and checkpoints (both stages)."""
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    """Decoding for dev evaluation."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Teacher weights (generation and KD passes); auto: bf16 on a GPU that supports it."""
+    seed: int = 0
+    """Seed of student initialisation, dropout, data order and student PT sampling."""
+
+    def __post_init__(self):
+        from distilgen.distill import METHODS
+
+        check(self.method in METHODS, "method", f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
+        check(self.teacher.path is not None, "teacher.path", "distillation needs a trained teacher: set its directory")
+        check(self.final_finetune_epochs >= 0, "final_finetune_epochs", "must be >= 0")
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------

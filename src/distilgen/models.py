@@ -142,6 +142,21 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.
     return ids, mask
 
 
+def _pad_topk(items: Sequence[Encoded], width: int) -> Batch:
+    """`topk_ids`/`topk_logprobs` (B, T, k) and `topk_rows` (B,), 1 for the items that have top-k."""
+    k = min(len(it.topk_ids[0]) for it in items if it.topk_ids)
+    ids = torch.zeros((len(items), width, k), dtype=torch.long)
+    logprobs = torch.zeros((len(items), width, k), dtype=torch.float32)
+    rows = torch.zeros(len(items), dtype=torch.long)
+    for i, it in enumerate(items):
+        if it.topk_ids is not None:
+            n = min(len(it.topk_ids), width)
+            ids[i, :n] = torch.tensor(it.topk_ids[:n], dtype=torch.long)[:, :k]
+            logprobs[i, :n] = torch.tensor(it.topk_logprobs[:n], dtype=torch.float32)[:, :k]
+            rows[i] = 1
+    return {"topk_ids": ids, "topk_logprobs": logprobs, "topk_rows": rows}
+
+
 class Layout(Protocol):
     """How one model family lays out a batch; `target_logits` returns (B, T, V) aligned with target_ids."""
 
@@ -195,6 +210,10 @@ class Encoded:
     id: str
     source: list[int]
     target: list[int]
+    topk_ids: list[list[int]] | None = None
+    """A teacher's top-k token ids at each target position (a stored PT's), for sparse Logits KD."""
+    topk_logprobs: list[list[float]] | None = None
+    """Their log-probabilities, same shape."""
 
 
 @dataclass
@@ -298,6 +317,8 @@ class TextModel:
         batch = {"source_ids": source_ids, "source_mask": source_mask}
         if all(it.target for it in items):
             batch["target_ids"], batch["target_mask"] = _pad([it.target for it in items], pad, left=False)
+        if any(it.topk_ids is not None for it in items):
+            batch.update(_pad_topk(items, batch["target_ids"].shape[1]))
         return batch
 
     def target_logits(self, batch: Batch) -> torch.Tensor:

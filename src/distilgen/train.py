@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -111,6 +112,29 @@ def dev_score(tm: TextModel, dev: Sequence[Example], metric: str, decoding: Deco
     return compute_metrics([metric], predictions, [list(e.references) for e in dev])[metric]
 
 
+def dev_evaluator(
+    dev: Sequence[Example], cfg: TrainConfig, decoding: DecodingConfig, data: DataConfig
+) -> Callable[[TextModel], float] | None:
+    """The `evaluate` argument of `train`: the score on the first `cfg.dev_limit` dev examples (None: no dev)."""
+    dev = list(dev)[: cfg.dev_limit]
+    if not dev:
+        return None
+    return lambda model: dev_score(model, dev, cfg.metric, decoding, data)
+
+
+def stage_summary(state: TrainState, output_dir: Path, metric: str) -> dict:
+    """Where a finished training run put its model, its steps and its best dev score (in the metric's sense)."""
+    best = state.best_score
+    if best is not None and metric in LOWER_IS_BETTER:
+        best = -best
+    return {
+        "model": str(output_dir / "model"),
+        "steps": state.step,
+        "best_step": state.best_step,
+        f"best_dev_{metric}": best,
+    }
+
+
 def _save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: Path) -> None:
     """Write `checkpoint/` atomically: a complete new one replaces the old, or the old stays."""
     final, tmp, old = output_dir / "checkpoint", output_dir / "checkpoint.tmp", output_dir / "checkpoint.old"
@@ -135,9 +159,18 @@ def _find_checkpoint(output_dir: Path) -> Path | None:
     return None
 
 
+Items = Sequence[Encoded] | Callable[[int], Sequence[Encoded]]
+"""Training items, or a function of the epoch giving them (PT methods: a different PT each epoch; the
+number of items must not change between epochs)."""
+
+Prepare = Callable[[TextModel, int, Batch], Batch]
+"""(current model, 0-based optimizer step, micro-batch on device) -> the micro-batch to train on, before its
+target tokens are counted (Joint-Teaching swaps in fresh student PTs here)."""
+
+
 def train(
     tm: TextModel,
-    items: Sequence[Encoded],
+    items: Items,
     loss_fn: LossFn,
     cfg: TrainConfig,
     output_dir: Path,
@@ -145,18 +178,21 @@ def train(
     seed: int,
     evaluate: Callable[[TextModel], float] | None = None,
     on_step: Callable[[TrainState], None] | None = None,
+    prepare: Prepare | None = None,
 ) -> TrainState:
     """Run (or resume) training; the best model by `evaluate` is saved to `output_dir/model`.
 
     Args:
-        items: encoded training examples, each with a target.
+        items: encoded training examples, each with a target, or a function of the epoch giving them.
         loss_fn: summed loss of one micro-batch; the loop divides by the step's target tokens.
         evaluate: dev score of the current model, higher is better; None saves the last model.
         on_step: called after every optimizer step (tests use it to simulate a crash).
+        prepare: transforms each micro-batch before it is counted and trained on (see `Prepare`).
     """
     # --- setup ---------------------------------------------------------------------------------
     output_dir.mkdir(parents=True, exist_ok=True)
-    batches_per_epoch = len(epoch_batches(items, cfg.batch_size, seed, 0)) // accelerator.num_processes
+    items_at = items if callable(items) else lambda epoch: items
+    batches_per_epoch = len(epoch_batches(items_at(0), cfg.batch_size, seed, 0)) // accelerator.num_processes
     if batches_per_epoch < cfg.grad_accum:
         raise TrainingError(
             f"the training data makes {batches_per_epoch} batches per process, fewer than train.grad_accum="
@@ -235,13 +271,16 @@ def train(
     progress = tqdm(total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process)
     started, loss_window, stop = time.perf_counter(), [], state.finished
     while state.step < total_steps and not stop:
-        batches = epoch_batches(items, cfg.batch_size, seed, state.epoch)
+        epoch_items = items_at(state.epoch)
+        batches = epoch_batches(epoch_items, cfg.batch_size, seed, state.epoch)
         mine = batches[accelerator.process_index :: accelerator.num_processes][:batches_per_epoch]
         while state.batch_in_epoch + cfg.grad_accum <= len(mine) and state.step < total_steps and not stop:
             micro = [mine[state.batch_in_epoch + i] for i in range(cfg.grad_accum)]
             micro_batches = [
-                {k: v.to(accelerator.device) for k, v in tm.collate([items[i] for i in b]).items()} for b in micro
+                {k: v.to(accelerator.device) for k, v in tm.collate([epoch_items[i] for i in b]).items()} for b in micro
             ]
+            if prepare is not None:
+                micro_batches = [prepare(unwrapped, state.step, b) for b in micro_batches]
             local_tokens = sum(b["target_mask"].sum() for b in micro_batches)
             step_tokens = accelerator.reduce(local_tokens.float(), reduction="sum").clamp_min(1)
             step_loss = torch.zeros((), device=accelerator.device)
@@ -308,7 +347,7 @@ def train(
     return state
 
 
-def _training_text(splits: dict[str, list[Example]]):
+def training_text(splits: dict[str, list[Example]]):
     """Text a new tokenizer is trained on: sources and targets of the training splits."""
     for name in ("train", "unlabeled"):
         for e in splits.get(name, []):
@@ -323,7 +362,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     """
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_run(cfg, output_dir)
+    check_same_run(cfg, output_dir, ("data", "model", "seed"))
     set_seed(cfg.seed)
     accelerator = make_accelerator(cfg.train, output_dir)
 
@@ -334,7 +373,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     model_cfg = cfg.model
     if model_cfg.path is None and model_cfg.tokenizer is None and tokenizer_dir.exists():
         model_cfg = dataclasses.replace(model_cfg, tokenizer=str(tokenizer_dir))  # a resumed run keeps its vocabulary
-    tm = load_model(model_cfg, texts=lambda: _training_text(splits))
+    tm = load_model(model_cfg, texts=lambda: training_text(splits))
     if accelerator.is_main_process and not tokenizer_dir.exists():
         tm.tokenizer.save_pretrained(tokenizer_dir)
 
@@ -348,39 +387,24 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 kind,
                 kind[:-1],
             )
-    dev = splits.get("dev", [])[: cfg.train.dev_limit]
-    evaluate = None
-    if dev:
-
-        def evaluate(model: TextModel) -> float:
-            return dev_score(model, dev, cfg.train.metric, cfg.decoding, cfg.data)
-
+    evaluate = dev_evaluator(splits.get("dev", []), cfg.train, cfg.decoding, cfg.data)
     state = train(
         tm, items, cross_entropy_loss(cfg.train.label_smoothing), cfg.train, output_dir, accelerator, cfg.seed, evaluate
     )
-    summary = {
-        "model": str(output_dir / "model"),
-        "steps": state.step,
-        "best_step": state.best_step,
-        f"best_dev_{cfg.train.metric}": None
-        if state.best_score is None
-        else -state.best_score
-        if cfg.train.metric in LOWER_IS_BETTER
-        else state.best_score,
-        "truncation": truncation.as_dict(),
-    }
+    summary = {**stage_summary(state, output_dir, cfg.train.metric), "truncation": truncation.as_dict()}
     if accelerator.is_main_process:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _check_same_run(cfg: FinetuneConfig, output_dir: Path) -> None:
-    """Refuse to resume a run directory made by a different config (data, model or seed)."""
+def check_same_run(cfg: Any, output_dir: Path, keys: Sequence[str]) -> None:
+    """Refuse to resume a run directory made by a config that differs in `keys` (data, models, seed...);
+    then save `cfg` there."""
     saved = output_dir / "config.yaml"
     if saved.exists():
         before = yaml.safe_load(saved.read_text())
         now = to_dict(cfg)
-        changed = [k for k in ("data", "model", "seed") if before.get(k) != now.get(k)]
+        changed = [k for k in keys if before.get(k) != now.get(k)]
         if changed:
             raise ConfigError(changed[0], f"differs from the run already in {output_dir}; use a new output_dir")
     save_config(cfg, saved)

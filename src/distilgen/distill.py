@@ -1,0 +1,524 @@
+"""Distillation methods: each is an objective plus a data schedule, registered by name.
+
+    distilgen distill configs/distill/joint_teaching.yaml
+    distilgen distill configs/distill/joint_teaching.yaml method=logits_kd_pt
+
+A method turns a `Context` (teacher, student, data, PT store, config) into a `Plan`: the training items of
+each epoch, an optional `prepare` hook that rewrites a micro-batch before it is trained on (student PTs),
+and the loss. `distill` runs the plan on the shared training loop (`train.train`: Accelerate, resume after a
+kill, early stopping on dev), then the study's final stage of plain fine-tuning on the labeled data.
+
+| method         | targets                                              | loss                       |
+|----------------|------------------------------------------------------|----------------------------|
+| finetune       | gold                                                 | cross-entropy              |
+| logits_kd      | gold                                                 | Logits KD                  |
+| noisy_kd       | gold; teacher with dropout, noised student input     | Logits KD                  |
+| attention_kd   | gold                                                 | Logits KD + attention rel. |
+| seq_kd         | teacher PTs (+ gold)                                 | cross-entropy              |
+| logits_kd_pt   | teacher PTs (+ gold)                                 | Logits KD                  |
+| student_pt     | fresh student PTs                                    | Logits KD                  |
+| joint_teaching | teacher PTs (+ gold), and fresh student PTs          | Logits KD                  |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from distilgen.config import ConfigError, DecodingSpec, DistillConfig, ModelConfig
+from distilgen.data import Example, load_splits
+from distilgen.models import Batch, Encoded, TextModel, load_model
+from distilgen.objectives import (
+    attention_relation_kd,
+    capture_qkv,
+    dropout_at,
+    logits_kd,
+    masked_sum,
+    noise_tokens,
+    sparse_logits_kd,
+)
+from distilgen.pseudo_targets import PTRecord, PTStore, pt_schedule, sample_seed
+from distilgen.registry import registrar
+from distilgen.students import require_same_vocab, vocab_compatible
+from distilgen.train import (
+    Items,
+    LossFn,
+    Prepare,
+    TrainingError,
+    check_same_run,
+    cross_entropy_loss,
+    dev_evaluator,
+    make_accelerator,
+    stage_summary,
+    train,
+    training_text,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """What a method may use. The teacher is in inference mode and never updated."""
+
+    cfg: DistillConfig
+    teacher: TextModel
+    student: TextModel
+    splits: dict[str, list[Example]]
+    store: PTStore | None = None
+    """The PT store, with the PTs this run needs already generated (PT methods only)."""
+    teacher_fp: str | None = None
+
+
+@dataclass
+class Plan:
+    items: Items
+    loss: LossFn
+    prepare: Prepare | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    build: Callable[[Context], Plan]
+    teacher_pts: bool = False
+    """Needs teacher PTs in the store before training."""
+    word_level: bool = True
+    """Compares teacher and student distributions, so needs one vocabulary."""
+
+
+METHODS: dict[str, Method] = {}
+_register = registrar(METHODS, "method")
+
+
+def register_method(name: str, teacher_pts: bool = False, word_level: bool = True):
+    """`@register_method(name)` on a function Context -> Plan adds a method users pick with `method: name`."""
+
+    def decorate(build: Callable[[Context], Plan]) -> Callable[[Context], Plan]:
+        _register(name)(Method(build, teacher_pts, word_level))
+        return build
+
+    return decorate
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules: which targets each step sees
+# ---------------------------------------------------------------------------------------------
+
+
+def is_student_step(step: int, alpha: float) -> bool:
+    """Joint-Teaching's step mixing: whether optimizer step `step` (0-based) trains on fresh student PTs.
+
+    Exactly floor(n * (1 - alpha)) of the first n steps do, spread evenly (alpha 0.5: steps 1, 3, 5, ...;
+    alpha 0.75: every 4th). Exact rational arithmetic, so no step drifts for alphas like 0.7.
+    """
+    share = 1 - Fraction(str(alpha))
+    return math.floor((step + 1) * share) > math.floor(step * share)
+
+
+def _pt_examples(ctx: Context) -> list[Example]:
+    """The inputs that get teacher PTs: labeled, plus unlabeled unless pts.unlabeled is false."""
+    return ctx.splits["train"] + (ctx.splits.get("unlabeled", []) if ctx.cfg.pts.unlabeled else [])
+
+
+def _spec(ctx: Context) -> DecodingSpec:
+    from distilgen.pt_generation import resolve_spec
+
+    return resolve_spec(ctx.cfg.pts.spec)
+
+
+def _pts_per_input(ctx: Context) -> int:
+    return ctx.cfg.pts.k or _spec(ctx).num_per_input
+
+
+class _Encoder:
+    """Encodes sources and targets for the student once, and teacher PTs from their stored tokens."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.student = ctx.student
+        self.data = ctx.cfg.data
+        self.same_vocab = vocab_compatible(ctx.teacher.tokenizer, ctx.student.tokenizer)
+        self._sources: dict[str, list[int]] = {}
+        self._gold: dict[str, list[int]] = {}
+
+    def gold(self, examples: Sequence[Example]) -> list[Encoded]:
+        self._cache(examples)
+        return [Encoded(e.id, self._sources[e.id], self._gold[e.id]) for e in examples]
+
+    def placeholder(self, examples: Sequence[Example]) -> list[Encoded]:
+        """Sources with a one-token target (EOS), for methods whose targets come from `prepare`."""
+        self._cache(examples)
+        eos = [self.student.tokenizer.eos_token_id]
+        return [Encoded(e.id, self._sources[e.id], eos) for e in examples]
+
+    def pt(self, example_id: str, record: PTRecord) -> Encoded:
+        """A teacher PT as a student target: the teacher's own tokens (same vocabulary), else its text re-encoded."""
+        limit = self.data.max_target_length
+        if self.same_vocab:
+            target = (
+                record.token_ids
+                if len(record.token_ids) <= limit
+                else [*record.token_ids[: limit - 1], record.token_ids[-1]]
+            )
+            topk = (record.topk_ids, record.topk_logprobs) if record.topk_ids is not None else (None, None)
+            return Encoded(example_id, self._sources[example_id], target, topk[0], topk[1])
+        (encoded,), _ = self.student.encode([Example(example_id, "", record.text, ())], 8, limit)
+        return Encoded(example_id, self._sources[example_id], encoded.target)
+
+    def _cache(self, examples: Sequence[Example]) -> None:
+        todo = [e for e in examples if e.id not in self._sources]
+        encoded, _ = self.student.encode(todo, self.data.max_source_length, self.data.max_target_length)
+        for e, enc in zip(todo, encoded, strict=True):
+            self._sources[e.id] = enc.source
+            self._gold[e.id] = enc.target
+
+
+def gold_items(ctx: Context) -> list[Encoded]:
+    return _Encoder(ctx).gold(ctx.splits["train"])
+
+
+def teacher_pt_items(ctx: Context) -> Callable[[int], list[Encoded]]:
+    """Items of epoch e: PT number e % K of every PT input, plus the gold targets (pts.include_gold)."""
+    encoder, examples = _Encoder(ctx), _pt_examples(ctx)
+    encoder.placeholder(examples)  # encode every source once
+    pts = ctx.store.get(ctx.teacher_fp, _spec(ctx), [e.source for e in examples])
+    k = _pts_per_input(ctx)
+    gold = {e.id: g for e, g in zip(ctx.splits["train"], encoder.gold(ctx.splits["train"]), strict=True)}
+
+    def items(epoch: int) -> list[Encoded]:
+        out = []
+        for target in pt_schedule(examples, pts, k, epoch, ctx.cfg.pts.include_gold):
+            out.append(gold[target.example_id] if target.kind == "gold" else encoder.pt(target.example_id, target.pt))
+        return out
+
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+
+def _subset(batch: Batch, rows: torch.Tensor) -> Batch:
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def _teacher_logits(ctx: Context, batch: Batch) -> torch.Tensor:
+    on_device = {k: v.to(ctx.teacher.device) for k, v in batch.items() if not k.startswith(("topk", "row_"))}
+    with torch.no_grad():
+        return ctx.teacher.target_logits(on_device)
+
+
+def kd_per_token(ctx: Context, student_logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """(B, T) word-level KD of the student against the teacher along the batch's targets.
+
+    Rows carrying stored teacher top-k (`topk_rows`) use sparse KD when kd.use_stored_topk; the other rows run
+    the live teacher, in one pass.
+    """
+    kd = ctx.cfg.kd
+    mask = batch["target_mask"]
+    stored = (
+        batch["topk_rows"].bool()
+        if kd.use_stored_topk and "topk_rows" in batch
+        else torch.zeros_like(mask[:, 0]).bool()
+    )
+    per_token = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    if stored.any():
+        sparse = sparse_logits_kd(
+            student_logits[stored], batch["topk_ids"][stored], batch["topk_logprobs"][stored], mask[stored],
+            temperature=kd.temperature,
+        )  # fmt: skip
+        per_token = per_token.index_put((stored.nonzero()[:, 0],), sparse.float())
+    live = ~stored
+    if live.any():
+        teacher_logits = _teacher_logits(ctx, _subset(batch, live) if not live.all() else batch)
+        dense = logits_kd(
+            student_logits[live], teacher_logits.to(student_logits.device), mask[live], kd.divergence, kd.temperature
+        )
+        per_token = per_token.index_put((live.nonzero()[:, 0],), dense.float())
+    return per_token
+
+
+def _weighted_sum(per_token: torch.Tensor, batch: Batch) -> torch.Tensor:
+    if "row_weight" in batch:
+        per_token = per_token * batch["row_weight"][:, None]
+    return masked_sum(per_token, batch["target_mask"])
+
+
+def kd_loss(ctx: Context) -> LossFn:
+    def loss(tm: TextModel, batch: Batch) -> torch.Tensor:
+        return _weighted_sum(kd_per_token(ctx, tm.target_logits(batch), batch), batch)
+
+    return loss
+
+
+def noisy_kd_loss(ctx: Context) -> LossFn:
+    """Logits KD with a noised student input and a teacher running with dropout (Noisy KD)."""
+    noise = ctx.cfg.noise
+    tok = ctx.student.tokenizer
+    mask_id = (tok.mask_token_id or tok.unk_token_id) if noise.token_kind == "mask" else None
+    keep = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.sep_token_id, tok.pad_token_id) if i is not None]
+    side = "left" if ctx.student.layout.pad_source_left else "right"
+
+    def loss(tm: TextModel, batch: Batch) -> torch.Tensor:
+        source_ids, source_mask = noise_tokens(
+            batch["source_ids"], batch["source_mask"], noise.token_rate, mask_id, keep_ids=keep, padding_side=side
+        )
+        noised = {**batch, "source_ids": source_ids, "source_mask": source_mask}
+        student_logits = tm.target_logits(noised)
+        with dropout_at(ctx.teacher.model, noise.teacher_dropout):
+            per_token = kd_per_token(ctx, student_logits, batch)
+        return _weighted_sum(per_token, batch)
+
+    return loss
+
+
+def attention_kd_loss(ctx: Context) -> LossFn:
+    """Logits KD plus MiniLMv2 attention relations of the last self-attention layer (weighted per target token)."""
+    att = ctx.cfg.attention
+    which = att.which if ctx.student.is_encoder_decoder else "decoder"
+
+    def loss(tm: TextModel, batch: Batch) -> torch.Tensor:
+        with capture_qkv(tm.model, which) as s, capture_qkv(ctx.teacher.model, which) as t:
+            student_logits = tm.target_logits(batch)
+            per_token = kd_per_token(ctx, student_logits, {k: v for k, v in batch.items() if k != "topk_rows"})
+        kd = _weighted_sum(per_token, batch)
+        if which == "encoder":
+            positions = batch["source_mask"]
+        elif tm.is_encoder_decoder:
+            positions = batch["target_mask"]
+        else:  # decoder-only: the prompt then the target, as `target_logits` feeds them
+            positions = torch.cat([batch["source_mask"], batch["target_mask"]], dim=1)[:, :-1]
+        relations = attention_relation_kd(
+            s["q"], s["k"], s["v"], t["q"].to(s["q"].dtype), t["k"].to(s["q"].dtype), t["v"].to(s["q"].dtype),
+            positions, att.relation_heads, causal=which == "decoder",
+        )  # fmt: skip
+        mean_relation = masked_sum(relations, positions) / positions.sum().clamp_min(1)
+        return kd + att.weight * mean_relation * batch["target_mask"].sum()
+
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Student PTs
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def student_pt_batch(ctx: Context, tm: TextModel, batch: Batch, step: int) -> Batch:
+    """The batch's sources with fresh PTs sampled by the current student `tm` (eval mode, KV cache, no grad).
+
+    Row r of step s is sampled with seed `sample_seed(seed, "student-step-s", r)`, so a resumed run draws the
+    PTs the uninterrupted one would have, given the same weights.
+    """
+    from distilgen.pt_generation import seeded_generate_kwargs
+
+    cfg = ctx.cfg.student_pts
+    spec = DecodingSpec(
+        "student", "sample", temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens
+    )
+    rows = batch["source_ids"].shape[0]
+    seeds = [sample_seed(ctx.cfg.seed, f"student-step-{step}", r) for r in range(rows)]
+    kwargs = seeded_generate_kwargs(spec, seeds)
+    kwargs.update(pad_token_id=tm.tokenizer.pad_token_id, eos_token_id=tm.tokenizer.eos_token_id)
+    was_training = tm.model.training
+    tm.model.eval()
+    device = tm.device
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        generated = tm.layout.generate(
+            tm.model, {"source_ids": batch["source_ids"], "source_mask": batch["source_mask"]}, **kwargs
+        )
+    tm.model.train(was_training)
+    limit = ctx.cfg.data.max_target_length
+    targets = [tm.target_ids(tokens)[:limit] for tokens in tm.output_tokens(generated)]
+    collated = tm.collate([Encoded("", [0], target) for target in targets])
+    return {
+        "source_ids": batch["source_ids"],
+        "source_mask": batch["source_mask"],
+        "target_ids": collated["target_ids"].to(device),
+        "target_mask": collated["target_mask"].to(device),
+    }
+
+
+def _concat_rows(first: Batch, second: Batch, pad_id: int, pad_source_left: bool) -> Batch:
+    """Stack two batches' rows, padding sources and targets to the wider of the two."""
+    out = {}
+    for key in ("source_ids", "source_mask", "target_ids", "target_mask"):
+        a, b = first[key], second[key]
+        width = max(a.shape[1], b.shape[1])
+        fill = pad_id if key.endswith("ids") else 0
+        left = pad_source_left and key.startswith("source")
+        a, b = (
+            torch.nn.functional.pad(x, (width - x.shape[1], 0) if left else (0, width - x.shape[1]), value=fill)
+            for x in (a, b)
+        )
+        out[key] = torch.cat([a, b])
+    out["row_weight"] = torch.cat([first["row_weight"], second["row_weight"]])
+    return out
+
+
+def student_pt_prepare(ctx: Context, alpha: float) -> Prepare:
+    """Joint-Teaching's `prepare`: per the mixing mode, swap in or add fresh student PTs."""
+    mixing = ctx.cfg.student_pts.mixing
+
+    def prepare(tm: TextModel, step: int, batch: Batch) -> Batch:
+        if mixing == "steps" or alpha == 0:
+            return student_pt_batch(ctx, tm, batch, step) if is_student_step(step, alpha) else batch
+        rows = batch["source_ids"].shape[0]
+        teacher_half = {k: v for k, v in batch.items() if not k.startswith("topk")}
+        teacher_half["row_weight"] = torch.full((rows,), 2 * alpha, device=batch["source_ids"].device)
+        student_half = student_pt_batch(ctx, tm, batch, step)
+        student_half["row_weight"] = torch.full((rows,), 2 * (1 - alpha), device=batch["source_ids"].device)
+        return _concat_rows(teacher_half, student_half, tm.tokenizer.pad_token_id, tm.layout.pad_source_left)
+
+    return prepare
+
+
+# ---------------------------------------------------------------------------------------------
+# The methods
+# ---------------------------------------------------------------------------------------------
+
+
+@register_method("finetune", word_level=False)
+def _finetune(ctx: Context) -> Plan:
+    return Plan(gold_items(ctx), cross_entropy_loss(ctx.cfg.train.label_smoothing))
+
+
+@register_method("logits_kd")
+def _logits_kd(ctx: Context) -> Plan:
+    return Plan(gold_items(ctx), kd_loss(ctx))
+
+
+@register_method("noisy_kd")
+def _noisy_kd(ctx: Context) -> Plan:
+    return Plan(gold_items(ctx), noisy_kd_loss(ctx))
+
+
+@register_method("attention_kd")
+def _attention_kd(ctx: Context) -> Plan:
+    return Plan(gold_items(ctx), attention_kd_loss(ctx))
+
+
+@register_method("seq_kd", teacher_pts=True, word_level=False)
+def _seq_kd(ctx: Context) -> Plan:
+    return Plan(teacher_pt_items(ctx), cross_entropy_loss(ctx.cfg.train.label_smoothing))
+
+
+@register_method("logits_kd_pt", teacher_pts=True)
+def _logits_kd_pt(ctx: Context) -> Plan:
+    return Plan(teacher_pt_items(ctx), kd_loss(ctx))
+
+
+@register_method("student_pt")
+def _student_pt(ctx: Context) -> Plan:
+    items = _Encoder(ctx).placeholder(_pt_examples(ctx))
+    return Plan(items, kd_loss(ctx), student_pt_prepare(ctx, alpha=0.0))
+
+
+@register_method("joint_teaching", teacher_pts=True)
+def _joint_teaching(ctx: Context) -> Plan:
+    return Plan(teacher_pt_items(ctx), kd_loss(ctx), student_pt_prepare(ctx, ctx.cfg.student_pts.alpha))
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_student(cfg: DistillConfig, splits: dict[str, list[Example]]) -> TextModel:
+    """The student; one built from `arch` gets the teacher's tokenizer unless it names one (word-level KD
+    needs one vocabulary)."""
+    model_cfg = cfg.student
+    if model_cfg.path is None and model_cfg.tokenizer is None:
+        model_cfg = dataclasses.replace(model_cfg, tokenizer=cfg.teacher.tokenizer or cfg.teacher.path)
+    return load_model(model_cfg, texts=lambda: training_text(splits))
+
+
+def prepare_pts(ctx: Context, state: Accelerator) -> None:
+    """Generate the teacher PTs the method needs that the store lacks (sharded across processes)."""
+    from distilgen.pt_generation import generate_pts, teacher_fingerprint
+
+    cfg = ctx.cfg
+    ctx.store = PTStore(cfg.pts.store or Path(cfg.output_dir) / "pts")
+    ctx.teacher_fp = teacher_fingerprint(ctx.teacher, cfg.data.max_source_length, cfg.data.template)
+    spec = _spec(ctx)
+    if cfg.pts.k is not None and cfg.pts.k > spec.num_per_input:
+        field = "num_samples" if spec.kind == "sample" else "num_return"
+        raise ConfigError("pts.k", f"the spec makes {spec.num_per_input} PTs per input; raise its {field} or lower k")
+    report = generate_pts(
+        ctx.teacher, ctx.store, ctx.teacher_fp, spec, [e.source for e in _pt_examples(ctx)],
+        batch_size=cfg.pts.batch_size, max_source_length=cfg.data.max_source_length, topk=cfg.pts.topk,
+        process_index=state.process_index, num_processes=state.num_processes, barrier=state.wait_for_everyone,
+        progress=state.is_local_main_process,
+    )  # fmt: skip
+    state.wait_for_everyone()
+    log.info("teacher PTs: %d requested, %d generated here", report.requested, report.generated)
+
+
+def distill(cfg: DistillConfig) -> dict[str, Any]:
+    """`distilgen distill`: the method's stage, then `final_finetune_epochs` of fine-tuning; resumable."""
+    from distilgen.pt_generation import load_teacher
+
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    check_same_run(cfg, output_dir, ("method", "data", "teacher", "student", "seed"))
+    set_seed(cfg.seed)
+    method = METHODS[cfg.method]
+    accelerator = make_accelerator(cfg.train, output_dir)
+    splits = load_splits(cfg.data, ("train", "unlabeled", "dev"))
+    if not splits.get("train"):
+        raise TrainingError("distillation needs labeled data: set data.train or data.task")
+    teacher = load_teacher(cfg.teacher, cfg.precision, accelerator.device)
+    student = _load_student(cfg, splits)
+    if method.word_level:
+        require_same_vocab(student.tokenizer, teacher.tokenizer, cfg.method)
+    ctx = Context(cfg, teacher, student, splits)
+    if method.teacher_pts:
+        prepare_pts(ctx, accelerator)
+    evaluate = dev_evaluator(splits.get("dev", []), cfg.train, cfg.decoding, cfg.data)
+
+    plan = method.build(ctx)
+    stage = output_dir / "distill"
+    state = train(
+        student, plan.items, plan.loss, cfg.train, stage, accelerator, cfg.seed, evaluate, prepare=plan.prepare
+    )
+    summary = {"method": cfg.method, "distill": stage_summary(state, stage, cfg.train.metric)}
+    final = stage / "model"
+    if cfg.final_finetune_epochs > 0 and cfg.method != "finetune":
+        tuned = load_model(ModelConfig(path=str(final)))
+        train_cfg = dataclasses.replace(cfg.train, epochs=cfg.final_finetune_epochs, max_steps=None)
+        stage = output_dir / "finetune"
+        ft_state = train(
+            tuned, gold_items(dataclasses.replace(ctx, student=tuned)), cross_entropy_loss(cfg.train.label_smoothing),
+            train_cfg, stage, accelerator, cfg.seed, evaluate,
+        )  # fmt: skip
+        summary["finetune"] = stage_summary(ft_state, stage, cfg.train.metric)
+        final = _better(summary, cfg.train.metric)
+    summary["model"] = str(final)
+    if accelerator.is_main_process:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _better(summary: dict, metric: str) -> Path:
+    """The final model: the fine-tuning stage's, unless it scored worse on dev than the method's own."""
+    from distilgen.train import LOWER_IS_BETTER
+
+    key = f"best_dev_{metric}"
+    before, after = summary["distill"][key], summary["finetune"][key]
+    if before is None or after is None:
+        return Path(summary["finetune"]["model"])
+    worse = after > before if metric in LOWER_IS_BETTER else after < before
+    return Path(summary["distill" if worse else "finetune"]["model"])

@@ -1,0 +1,232 @@
+"""Distillation methods: the data schedule, Joint-Teaching's mixing, every method end to end, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from distilgen.config import DistillConfig, ModelConfig, from_dict
+from distilgen.data import load_splits
+from distilgen.distill import (
+    METHODS,
+    Context,
+    distill,
+    is_student_step,
+    prepare_pts,
+    student_pt_batch,
+    student_pt_prepare,
+    teacher_pt_items,
+)
+from distilgen.models import load_model
+from distilgen.pt_generation import load_teacher
+from tests.conftest import TINY, tiny_model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK = {"train_size": 24, "unlabeled_size": 8, "dev_size": 4, "test_size": 0}
+STUDENT = {"arch": "bart", **TINY, "hidden_size": 16, "encoder_layers": 1, "decoder_layers": 1}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tokenizer_dir):
+    path = tmp_path_factory.mktemp("teacher") / "model"
+    torch.manual_seed(0)
+    load_model(tiny_model_config("bart", tokenizer_dir)).save(path)
+    return path
+
+
+def _cfg(tmp_path, teacher_dir, method, **overrides) -> DistillConfig:
+    data = {
+        "output_dir": str(tmp_path / method),
+        "data": {"task": TASK, "max_source_length": 256, "max_target_length": 48},
+        "teacher": {"path": str(teacher_dir)},
+        "student": STUDENT,
+        "method": method,
+        "pts": {
+            "spec": {"name": "s2", "kind": "sample", "num_samples": 2, "max_new_tokens": 24},
+            "store": str(tmp_path / "pts"),
+        },
+        "student_pts": {"max_new_tokens": 24},
+        "attention": {"relation_heads": 2},
+        "train": {"max_steps": 12, "batch_size": 8, "lr": 3e-3, "eval_every": 0, "metric": "loss", "log_every": 1},
+        "decoding": {"max_new_tokens": 24},
+        "final_finetune_epochs": 0,
+    }  # fmt: skip
+    for key, value in overrides.items():
+        node = data
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return from_dict(DistillConfig, data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------------------------
+
+
+def test_alpha_mixes_student_steps_exactly_and_evenly():
+    assert [is_student_step(s, 0.5) for s in range(6)] == [False, True] * 3
+    assert [is_student_step(s, 0.75) for s in range(8)] == [False, False, False, True] * 2
+    assert all(is_student_step(s, 0.0) for s in range(10)) and not any(is_student_step(s, 1.0) for s in range(10))
+    for alpha in (0.7, 0.3, 0.1, 0.9):
+        assert sum(is_student_step(s, alpha) for s in range(1000)) == round(1000 * (1 - alpha))
+        assert sum(is_student_step(s, alpha) for s in range(10)) == round(10 * (1 - alpha))  # no drift early on
+
+
+@pytest.fixture(scope="module")
+def pt_context(tmp_path_factory, teacher_dir):
+    tmp_path = tmp_path_factory.mktemp("ctx")
+    cfg = _cfg(tmp_path, teacher_dir, "joint_teaching", **{"pts.spec.num_samples": 3})
+    teacher = load_teacher(cfg.teacher, "fp32", torch.device("cpu"))
+    student = load_model(ModelConfig(**{**STUDENT, "tokenizer": str(teacher_dir)}))
+    ctx = Context(cfg, teacher, student, load_splits(cfg.data, ("train", "unlabeled")))
+
+    class OneProcess:
+        process_index, num_processes, is_local_main_process = 0, 1, False
+
+        def wait_for_everyone(self):
+            pass
+
+    prepare_pts(ctx, OneProcess())
+    return ctx
+
+
+def test_each_input_cycles_through_its_k_teacher_pts_across_epochs(pt_context):
+    ctx = pt_context
+    items = teacher_pt_items(ctx)
+    labeled, unlabeled = ctx.splits["train"][0], ctx.splits["unlabeled"][0]
+    pts = ctx.store.get(
+        ctx.teacher_fp, ctx.store.spec(ctx.store.stats()[0].spec_fp), [labeled.source, unlabeled.source]
+    )
+    for epoch in range(4):
+        epoch_items = items(epoch)
+        assert len(epoch_items) == 24 + 24 + 8  # gold + one PT per labeled input, one PT per unlabeled input
+        for example in (labeled, unlabeled):
+            mine = [it for it in epoch_items if it.id == example.id]
+            from distilgen.pseudo_targets import input_key
+
+            expected_pt = pts[input_key(example.source)][epoch % 3].token_ids
+            assert expected_pt in [it.target for it in mine]
+        gold = [it for it in epoch_items if it.id == labeled.id]
+        assert len(gold) == 2  # its gold target and one PT
+    assert [it.id for it in items(0)] == [it.id for it in items(1)]
+
+
+def test_a_student_step_swaps_in_fresh_student_pts_and_a_teacher_step_keeps_the_batch(pt_context):
+    ctx = pt_context
+    items = teacher_pt_items(ctx)(0)[:4]
+    batch = ctx.student.collate(items)
+    prepare = student_pt_prepare(ctx, alpha=0.5)
+    assert prepare(ctx.student, 0, batch) is batch  # step 0: teacher PTs
+    fresh = prepare(ctx.student, 1, batch)  # step 1: student PTs for the same sources
+    assert torch.equal(fresh["source_ids"], batch["source_ids"]) and "topk_rows" not in fresh
+    assert not torch.equal(fresh["target_ids"][:, :3], batch["target_ids"][:, :3])
+    again = student_pt_batch(ctx, ctx.student, batch, step=1)
+    assert torch.equal(again["target_ids"], fresh["target_ids"])  # seeded by (seed, step, row)
+    other = student_pt_batch(ctx, ctx.student, batch, step=3)
+    assert not torch.equal(other["target_ids"], fresh["target_ids"])
+    eos = ctx.student.tokenizer.eos_token_id
+    assert all(eos in row for row in fresh["target_ids"].tolist())
+    assert ctx.student.model.training  # generation ran in eval mode and restored the mode
+
+
+def test_within_batch_mixing_trains_on_both_kinds_weighted_by_alpha(pt_context, monkeypatch):
+    ctx = pt_context
+    monkeypatch.setattr(ctx.cfg.student_pts, "mixing", "batch")
+    batch = ctx.student.collate(teacher_pt_items(ctx)(0)[:4])
+    mixed = student_pt_prepare(ctx, alpha=0.75)(ctx.student, 0, batch)
+    assert mixed["target_ids"].shape[0] == 8
+    assert mixed["row_weight"].tolist() == [1.5] * 4 + [0.5] * 4
+    assert torch.equal(mixed["source_ids"][:4, : batch["source_ids"].shape[1]], batch["source_ids"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Every method end to end
+# ---------------------------------------------------------------------------------------------
+
+
+def _losses(run_dir: Path) -> list[float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in lines if "loss" in line]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_a_tiny_student_and_its_loss_goes_down(method, tmp_path, teacher_dir):
+    cfg = _cfg(tmp_path, teacher_dir, method, final_finetune_epochs=1)
+    summary = distill(cfg)
+    losses = _losses(Path(cfg.output_dir) / "distill")
+    assert len(losses) == 12 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    assert Path(summary["model"], "model.safetensors").exists()
+    if method != "finetune":
+        assert summary["finetune"]["steps"] == 3  # one epoch of 24 labeled examples in batches of 8
+
+
+def test_stored_topk_replaces_the_teacher_pass_on_teacher_pts(tmp_path, teacher_dir, monkeypatch):
+    import distilgen.distill as distill_module
+
+    calls = []
+    original = distill_module._teacher_logits
+    monkeypatch.setattr(
+        distill_module, "_teacher_logits", lambda ctx, batch: calls.append(batch) or original(ctx, batch)
+    )
+    cfg = _cfg(
+        tmp_path, teacher_dir, "logits_kd_pt", **{"pts.topk": 8, "pts.include_gold": False, "train.max_steps": 3}
+    )
+    distill(cfg)
+    assert calls == []  # every target was a PT with stored top-k
+    cfg = _cfg(tmp_path, teacher_dir, "logits_kd_pt", output_dir=str(tmp_path / "live"),
+               **{"pts.topk": 8, "kd.use_stored_topk": False, "train.max_steps": 3})  # fmt: skip
+    distill(cfg)
+    assert len(calls) == 3
+
+
+def test_a_word_level_method_refuses_a_student_with_another_vocabulary(tmp_path, teacher_dir):
+    from distilgen.config import ConfigError
+    from distilgen.models import train_tokenizer
+
+    train_tokenizer(["completely different words here"] * 20, 120).save_pretrained(tmp_path / "other")
+    cfg = _cfg(tmp_path, teacher_dir, "logits_kd", **{"student.tokenizer": str(tmp_path / "other")})
+    with pytest.raises(ConfigError, match="seq_kd"):
+        distill(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sigkill_during_joint_teaching_then_rerun_resumes_and_finishes(tmp_path, teacher_dir):
+    cfg = _cfg(tmp_path, teacher_dir, "joint_teaching", **{"train.max_steps": 30, "train.checkpoint_every": 3})
+    path = tmp_path / "jt.yaml"
+    from distilgen.config import to_dict
+
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "distilgen.cli", "distill", str(path)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = Path(cfg.output_dir) / "distill" / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if state_file.exists() and 3 <= json.loads(state_file.read_text())["step"] < 30:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "distill ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(state_file.read_text())["step"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"at step {killed_at}/30" in result.stdout
+    summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
+    assert summary["distill"]["steps"] == 30

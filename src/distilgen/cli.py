@@ -6,6 +6,8 @@
     distilgen data configs/teacher.yaml --export data/match_reports
     distilgen generate configs/generate/sample4.yaml
     distilgen distill configs/distill/joint_teaching.yaml method=logits_kd_pt
+    distilgen study configs/study/match_reports.yaml
+    distilgen diagnose configs/diagnose/match_reports.yaml
     distilgen pts show configs/generate/sample4.yaml
 
 A user error (bad config, bad data file) prints one line and exits with code 2.
@@ -30,12 +32,14 @@ from pathlib import Path
 from distilgen.config import (
     ConfigError,
     DataConfig,
+    DiagnoseConfig,
     DistillConfig,
     EvaluateConfig,
     FinetuneConfig,
     GenerateConfig,
     InspectConfig,
     ModelConfig,
+    StudyConfig,
     apply_overrides,
     from_dict,
     load_config,
@@ -106,6 +110,22 @@ def run_distill(cfg: DistillConfig, args: argparse.Namespace) -> int:
     from distilgen.distill import distill
 
     print(json.dumps(distill(cfg), indent=2))
+    return 0
+
+
+def run_study(cfg: StudyConfig, args: argparse.Namespace) -> int:
+    from distilgen.study import study
+
+    study(cfg)
+    return 0
+
+
+def run_diagnose(cfg: DiagnoseConfig, args: argparse.Namespace) -> int:
+    from distilgen.diagnose import diagnose
+
+    result = diagnose(cfg)
+    print(result["table"])
+    print(f"report: {result['output_dir']}/diagnose.md, plot: {result['output_dir']}/diagnose.png")
     return 0
 
 
@@ -238,6 +258,16 @@ COMMANDS: dict[str, Command] = {
         "train a student from a teacher with one of the study's methods (joint_teaching, logits_kd_pt, ...)",
         run_distill,
         DistillConfig,
+    ),
+    "study": Command(
+        "run several methods (and seeds) on one task and report scores, gap closed, cost and a plot",
+        run_study,
+        StudyConfig,
+    ),
+    "diagnose": Command(
+        "exposure bias: the student writes the first X% of each output, the teacher the rest; score per X",
+        run_diagnose,
+        DiagnoseConfig,
     ),
     "evaluate": Command(
         "score models on a split, with their cost, side by side",

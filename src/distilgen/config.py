@@ -694,6 +694,119 @@ class DistillConfig:
         check(self.final_finetune_epochs >= 0, "final_finetune_epochs", "must be >= 0")
 
 
+@dataclass
+class StudyVariant:
+    """One extra run of a study: a method with some settings changed."""
+
+    name: str
+    """Its name in the report, e.g. logits_kd_pt_labeled_only."""
+    method: str
+    """The distillation method."""
+    set: dict[str, Any] = field(default_factory=dict)
+    """Settings of this run only, as in a distill config, e.g. {pts: {unlabeled: false}}."""
+
+
+@dataclass
+class StudyConfig:
+    """`distilgen study`: several methods (and seeds) on one task with a shared teacher, student init and PT
+    store; a report of test scores, the fraction of the teacher-student gap closed, cost and a plot."""
+
+    output_dir: str
+    """Study directory: one run directory per seed and method, pts/, report.md, report.json, study.png."""
+    data: DataConfig
+    """The task's splits."""
+    teacher: ModelConfig
+    """The trained teacher (`path`)."""
+    student: ModelConfig
+    """The student every method starts from (same init for the same seed)."""
+    methods: list[str] = field(
+        default_factory=lambda: ["finetune", "logits_kd", "seq_kd", "logits_kd_pt", "joint_teaching"]
+    )
+    """Methods run with the common settings; `finetune` is the baseline the gap is measured from."""
+    variants: list[StudyVariant] = field(default_factory=list)
+    """Extra runs with their own settings (e.g. PTs for labeled inputs only)."""
+    common: dict[str, Any] = field(default_factory=dict)
+    """Settings of every run, as in a distill config: train, kd, pts, student_pts, final_finetune_epochs..."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Every run is repeated per seed; the report gives mean and standard deviation."""
+    split: Literal["dev", "test"] = "test"
+    """Split of the final scores."""
+    metrics: list[str] = field(default_factory=lambda: ["bleu", "rouge", "chrf", "exact_match"])
+    """Text metrics of the report; the gap closed is reported for each."""
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    """How every model generates for the report."""
+    cost: CostConfig = field(default_factory=CostConfig)
+    """How cost is measured (once per model of seed 0)."""
+
+    def __post_init__(self):
+        check(len(self.seeds) >= 1, "seeds", "give at least one seed")
+        names = [*self.methods, *(v.name for v in self.variants)]
+        check(len(set(names)) == len(names), "variants", f"run names must be unique, got {names}")
+        for key in ("output_dir", "data", "teacher", "student", "method", "seed"):
+            check(key not in self.common, f"common.{key}", "set by the study itself; remove it")
+        self.run_configs()  # every run's settings are checked now, before anything trains
+
+    def run_configs(self) -> list[tuple[str, int, DistillConfig]]:
+        """(run name, seed, its distill config) for every run of the study."""
+        runs = [(m, m, {}) for m in self.methods] + [(v.name, v.method, v.set) for v in self.variants]
+        out = []
+        for seed in self.seeds:
+            for name, method, own in runs:
+                shared = _merge({"pts": {"store": str(Path(self.output_dir) / "pts")}}, self.common)
+                data = _merge(
+                    shared,
+                    {
+                        **own,
+                        "output_dir": str(Path(self.output_dir) / f"seed{seed}" / name),
+                        "data": dataclasses.asdict(self.data),
+                        "teacher": dataclasses.asdict(self.teacher),
+                        "student": dataclasses.asdict(self.student),
+                        "method": method,
+                        "seed": seed,
+                    },
+                )
+                where = "common" if not own else f"variants.{name}"
+                try:
+                    out.append((name, seed, from_dict(DistillConfig, data)))
+                except ConfigError as err:
+                    raise err.under(where) from None
+        return out
+
+
+@dataclass
+class DiagnoseConfig:
+    """`distilgen diagnose`: the exposure-bias check. The student writes the first X% of each output and the
+    teacher completes it; the score per X shows how much the student's own prefixes hurt."""
+
+    output_dir: str
+    """Where diagnose.json, diagnose.md and diagnose.png go."""
+    data: DataConfig
+    """The split to score comes from here."""
+    teacher: ModelConfig
+    """The teacher that completes the outputs (`path`)."""
+    students: list[str]
+    """Student model directories (e.g. checkpoints of one run, in training order)."""
+    fractions: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Shares of the student's output kept as the prefix (0: the teacher alone; 1: the student alone)."""
+    split: Literal["dev", "test"] = "test"
+    """Which labeled split to score."""
+    metric: str = "bleu"
+    """Text metric of the table."""
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    """Greedy or beam settings of both models."""
+    limit: int | None = None
+    """Score at most this many examples."""
+
+    def __post_init__(self):
+        from distilgen.metrics import METRICS
+
+        check(self.teacher.path is not None, "teacher.path", "set the teacher's directory")
+        check(len(self.students) >= 1, "students", "name at least one student directory")
+        check(all(0.0 <= f <= 1.0 for f in self.fractions), "fractions", "every fraction must be in [0, 1]")
+        check(self.metric in METRICS, "metric", f"choose one of: {', '.join(sorted(METRICS))}")
+        check(self.limit is None or self.limit > 0, "limit", f"must be > 0, got {self.limit}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
@@ -727,6 +840,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise errors[0] if len(errors) == 1 else ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         check(value in typing.get_args(tp), key, f"expected one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is dict:  # free-form mappings, validated by the code that reads them (e.g. study runs)
+        check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
         return value
     if origin is list:
         check(isinstance(value, list | tuple), key, f"expected a list, got {value!r}")

@@ -164,7 +164,11 @@ class Layout(Protocol):
 
     def target_logits(self, model: PreTrainedModel, batch: Batch) -> torch.Tensor: ...
 
-    def generate(self, model: PreTrainedModel, batch: Batch, **kwargs: Any) -> torch.Tensor: ...
+    def generate(
+        self, model: PreTrainedModel, batch: Batch, prefix: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """The new token ids, after the target tokens `prefix` (B, P) when given (the output continues them)."""
+        ...
 
 
 class EncoderDecoderLayout:
@@ -177,9 +181,14 @@ class EncoderDecoderLayout:
         out = model(input_ids=batch["source_ids"], attention_mask=batch["source_mask"], decoder_input_ids=decoder_input)
         return out.logits  # (B, T, V)
 
-    def generate(self, model: PreTrainedModel, batch: Batch, **kwargs: Any) -> torch.Tensor:
+    def generate(
+        self, model: PreTrainedModel, batch: Batch, prefix: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        if prefix is not None:
+            start = torch.full((prefix.shape[0], 1), model.config.decoder_start_token_id, device=prefix.device)
+            kwargs["decoder_input_ids"] = torch.cat([start, prefix], dim=1)
         out = model.generate(input_ids=batch["source_ids"], attention_mask=batch["source_mask"], **kwargs)
-        return out[:, 1:]  # drop the decoder start token
+        return out[:, 1 + (0 if prefix is None else prefix.shape[1]) :]  # drop the decoder start and the prefix
 
 
 class DecoderOnlyLayout:
@@ -193,9 +202,14 @@ class DecoderOnlyLayout:
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         return logits[:, source_len - 1 :]  # (B, T, V): position S-1+t predicts target token t
 
-    def generate(self, model: PreTrainedModel, batch: Batch, **kwargs: Any) -> torch.Tensor:
-        out = model.generate(input_ids=batch["source_ids"], attention_mask=batch["source_mask"], **kwargs)
-        return out[:, batch["source_ids"].shape[1] :]  # drop the prompt
+    def generate(
+        self, model: PreTrainedModel, batch: Batch, prefix: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        ids, mask = batch["source_ids"], batch["source_mask"]
+        if prefix is not None:
+            ids, mask = torch.cat([ids, prefix], dim=1), torch.cat([mask, torch.ones_like(prefix)], dim=1)
+        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        return out[:, ids.shape[1] :]  # drop the prompt (and the prefix)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,6 +349,16 @@ class TextModel:
             eos_token_id=self.tokenizer.eos_token_id,
         )
         return self.layout.generate(self.model, batch, **kwargs)
+
+    @torch.no_grad()
+    def complete(self, batch: Batch, prefixes: Sequence[Sequence[int]], decoding: DecodingConfig) -> list[list[int]]:
+        """Text tokens that continue each row's `prefixes` (text tokens, all of one length), up to EOS."""
+        pre, _ = self._target_affixes()
+        prefix = torch.tensor([[*pre, *p] for p in prefixes], dtype=torch.long, device=self.device)
+        budget = max(1, decoding.max_new_tokens - prefix.shape[1])
+        kwargs = {**decoding.generate_kwargs(), "max_new_tokens": budget}
+        kwargs.update(pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        return self.output_tokens(self.layout.generate(self.model, batch, prefix, **kwargs))
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         """Text up to the first EOS of each row."""

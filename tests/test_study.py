@@ -1,0 +1,156 @@
+"""The study runner and the exposure-bias diagnostic, end to end on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distilgen.config import ConfigError, DecodingConfig, DiagnoseConfig, ModelConfig, StudyConfig, from_dict
+from distilgen.data import load_splits
+from distilgen.diagnose import diagnose, student_outputs, teacher_completions
+from distilgen.evaluate import generate
+from distilgen.metrics import compute_metrics
+from distilgen.models import load_model
+from distilgen.study import gap_closed, study
+from tests.conftest import TINY, tiny_model_config
+
+TASK = {"train_size": 16, "unlabeled_size": 8, "dev_size": 4, "test_size": 6}
+STUDENT = {"arch": "bart", **TINY, "hidden_size": 16, "encoder_layers": 1, "decoder_layers": 1}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tokenizer_dir):
+    path = tmp_path_factory.mktemp("teacher") / "model"
+    torch.manual_seed(0)
+    load_model(tiny_model_config("bart", tokenizer_dir)).save(path)
+    return path
+
+
+def _study_cfg(tmp_path, teacher_dir, **extra) -> StudyConfig:
+    return from_dict(
+        StudyConfig,
+        {
+            "output_dir": str(tmp_path / "study"),
+            "data": {"task": TASK, "max_source_length": 256, "max_target_length": 32},
+            "teacher": {"path": str(teacher_dir)},
+            "student": STUDENT,
+            "methods": ["finetune", "logits_kd"],
+            "variants": [{"name": "seq_kd_labeled", "method": "seq_kd", "set": {"pts": {"unlabeled": False}}}],
+            "common": {
+                "train": {"max_steps": 4, "batch_size": 8, "eval_every": 0, "metric": "loss"},
+                "pts": {"spec": {"name": "s2", "kind": "sample", "num_samples": 2, "max_new_tokens": 16}},
+                "decoding": {"max_new_tokens": 16},
+                "final_finetune_epochs": 0,
+            },
+            "seeds": [0, 1],
+            "decoding": {"max_new_tokens": 16},
+            "cost": {"latency_runs": 2, "throughput_examples": 4, "throughput_batch": 2},
+            **extra,
+        },
+    )
+
+
+def test_gap_closed_is_zero_at_the_student_and_one_at_the_teacher():
+    assert gap_closed(20.0, 20.0, 30.0) == 0.0 and gap_closed(30.0, 20.0, 30.0) == 1.0
+    assert gap_closed(26.0, 20.0, 30.0) == pytest.approx(0.6) and gap_closed(1.0, 2.0, 2.0) is None
+
+
+def test_study_settings_are_checked_per_run_before_anything_trains(tmp_path, teacher_dir):
+    with pytest.raises(ConfigError) as err:
+        _study_cfg(tmp_path, teacher_dir, common={"train": {"lr": -1}})
+    assert err.value.key == "common.train.lr"
+    with pytest.raises(ConfigError) as err:
+        _study_cfg(tmp_path, teacher_dir, variants=[{"name": "x", "method": "seq_kd", "set": {"pts": {"k": 0}}}])
+    assert err.value.key == "variants.x.pts.k"
+    with pytest.raises(ConfigError, match="set by the study"):
+        _study_cfg(tmp_path, teacher_dir, common={"seed": 3})
+
+
+def test_study_trains_every_run_shares_pts_and_reports_gap_cost_and_a_plot(tmp_path, teacher_dir):
+    cfg = _study_cfg(tmp_path, teacher_dir)
+    report = study(cfg)
+    out = tmp_path / "study"
+    assert [row["name"] for row in report["runs"]] == ["finetune", "logits_kd", "seq_kd_labeled"]
+    for seed in (0, 1):
+        for name in ("finetune", "logits_kd", "seq_kd_labeled"):
+            assert json.loads((out / f"seed{seed}" / name / "summary.json").read_text())["distill"]["steps"] == 4
+    assert (out / "pts" / "manifest.json").exists() and not (out / "seed0" / "seq_kd_labeled" / "pts").exists()
+
+    def score(name: str) -> float:
+        return json.loads((out / "eval" / f"{name}.json").read_text())["scores"]["chrf"]
+
+    per_seed = [gap_closed(score(f"logits_kd-seed{s}"), score(f"finetune-seed{s}"), score("teacher")) for s in (0, 1)]
+    logits_kd = report["runs"][1]
+    assert logits_kd["chrf_gap_closed"][0] == pytest.approx(sum(per_seed) / 2)
+    assert logits_kd["chrf"][0] == pytest.approx((score("logits_kd-seed0") + score("logits_kd-seed1")) / 2)
+    assert report["runs"][0]["chrf_gap_closed"][0] == 0.0
+    assert logits_kd["cost"]["parameters"]["total"] < report["teacher"]["cost"]["parameters"]["total"]
+    table = (out / "report.md").read_text()
+    assert "| teacher |" in table and "| seq_kd_labeled |" in table and "gap closed (bleu)" in table
+    assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    times = (out / "train_seconds.json").read_text()
+    study(cfg)  # a rerun trains and evaluates nothing again
+    assert (out / "train_seconds.json").read_text() == times
+
+
+# ---------------------------------------------------------------------------------------------
+# diagnose
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory, teacher_dir):
+    path = tmp_path_factory.mktemp("student") / "model"
+    torch.manual_seed(1)
+    load_model(ModelConfig(**{**STUDENT, "tokenizer": str(teacher_dir)})).save(path)
+    return path
+
+
+def test_diagnose_ends_are_the_teacher_and_the_student_alone(tmp_path, teacher_dir, student_dir):
+    cfg = from_dict(
+        DiagnoseConfig,
+        {
+            "output_dir": str(tmp_path / "diag"),
+            "data": {"task": TASK, "max_source_length": 256},
+            "teacher": {"path": str(teacher_dir)},
+            "students": [str(student_dir)],
+            "decoding": {"max_new_tokens": 12, "batch_size": 4},
+            "metric": "chrf",
+        },
+    )
+    result = diagnose(cfg)
+    scores = result["students"][str(student_dir)]
+    examples = load_splits(cfg.data, ("test",))["test"]
+    references = [list(e.references) for e in examples]
+    teacher, student = load_model(ModelConfig(path=str(teacher_dir))), load_model(ModelConfig(path=str(student_dir)))
+    alone = {
+        name: compute_metrics(["chrf"], generate(tm, examples, DecodingConfig(max_new_tokens=12), 256), references)
+        for name, tm in (("teacher", teacher), ("student", student))
+    }
+    assert scores[0.0] == pytest.approx(alone["teacher"]["chrf"])
+    assert scores[1.0] == pytest.approx(alone["student"]["chrf"])
+    assert sorted(scores) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert (tmp_path / "diag" / "diagnose.png").exists() and "chrf @ 50% student" in result["table"]
+
+
+def test_teacher_completions_keep_the_student_prefix(teacher_dir, student_dir):
+    cfg = from_dict(
+        DiagnoseConfig,
+        {
+            "output_dir": "unused",
+            "data": {"task": TASK, "max_source_length": 256},
+            "teacher": {"path": str(teacher_dir)},
+            "students": [str(student_dir)],
+            "decoding": {"max_new_tokens": 12, "batch_size": 4},
+        },
+    )
+    examples = load_splits(cfg.data, ("test",))["test"]
+    teacher, student = load_model(ModelConfig(path=str(teacher_dir))), load_model(ModelConfig(path=str(student_dir)))
+    outputs = student_outputs(student, examples, cfg)
+    prefixes = [tokens[: len(tokens) // 2] for tokens in outputs]
+    completed = teacher_completions(teacher, examples, prefixes, cfg)
+    for prefix, full in zip(prefixes, completed, strict=True):
+        assert full[: len(prefix)] == prefix and len(full) > len(prefix)

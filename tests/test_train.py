@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from distilgen.config import TrainConfig
+from distilgen.data import load_splits
 from distilgen.models import load_model
 from distilgen.train import TrainingError, cross_entropy_loss, epoch_batches, make_accelerator, train
 from tests.conftest import tiny_model_config
@@ -150,3 +152,28 @@ def test_a_small_model_learns_to_copy_from_its_source(tokenizer_dir, splits, tmp
     predictions = generate(tm, examples[:40], DecodingConfig(max_new_tokens=12), 64)
     correct = sum(p == e.target for p, e in zip(predictions, examples[:40], strict=True))
     assert correct >= 32, predictions[:5]
+
+
+def test_denoising_pretraining_learns_to_rebuild_text_and_fine_tunes_after(tokenizer_dir, tmp_path):
+    from distilgen.config import BuiltinTaskConfig, DataConfig, FinetuneConfig, ModelConfig, TrainConfig
+    from distilgen.train import finetune, text_windows
+
+    data = DataConfig(task=BuiltinTaskConfig(train_size=16, unlabeled_size=48, dev_size=4, test_size=0))
+    model = tiny_model_config("bart", tokenizer_dir, dropout=0.0)
+    train_cfg = TrainConfig(max_steps=40, batch_size=16, lr=1e-2, eval_every=20, metric="loss", log_every=1)
+    summary = finetune(FinetuneConfig(str(tmp_path / "pre"), data, model, train_cfg, objective="denoise"))
+    assert summary["objective"] == "denoise" and summary["steps"] == 40 and summary["best_dev_loss"] is not None
+    losses = _losses(tmp_path / "pre")
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+    tm = load_model(ModelConfig(path=str(tmp_path / "pre" / "model")))
+    windows = text_windows(tm, load_splits(data, ("train",))["train"][:2], 64)
+    decode = lambda ids: tm.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    assert all(decode(w.source) == decode(w.target) for w in windows)  # rebuild the window itself
+    assert all(len(w.target) <= 64 + 2 for w in windows) and len(windows) >= 4  # ~150-token sources: 3 windows
+
+    tuned = finetune(
+        FinetuneConfig(str(tmp_path / "ft"), data, ModelConfig(path=str(tmp_path / "pre" / "model")),
+                       dataclasses.replace(train_cfg, max_steps=4, eval_every=0))  # fmt: skip
+    )
+    assert tuned["steps"] == 4

@@ -467,8 +467,37 @@ class FinetuneConfig:
     """Optimisation, evaluation and checkpoints."""
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     """Decoding for dev evaluation."""
+    objective: Literal["target", "denoise"] = "target"
+    """target: learn source -> target on the labeled data. denoise: domain-adaptive pre-training on the task's
+    text without labels (sources of train and unlabeled): rebuild windows of text from a copy with tokens
+    dropped or masked, as in BART; fine-tune the result with `model.path` afterwards."""
+    denoise: DenoiseConfig = field(default_factory=lambda: DenoiseConfig())
+    """Settings of objective=denoise."""
     seed: int = 0
     """Seed of model initialisation, dropout and data order."""
+
+    def __post_init__(self):
+        check(
+            self.objective != "denoise" or self.train.metric in ("loss", "perplexity"),
+            "train.metric",
+            "denoising is early-stopped on dev loss or perplexity (its outputs are text windows); set loss",
+        )
+
+
+@dataclass
+class DenoiseConfig:
+    """Denoising pre-training: each window of text is rebuilt from a noised copy (fresh noise every step)."""
+
+    window: int = 64
+    """Tokens per window (texts are cut into consecutive windows)."""
+    rate: float = 0.3
+    """Share of the window's tokens hit by noise."""
+    kind: Literal["mask", "drop"] = "drop"
+    """drop: hit tokens are removed; mask: replaced by the unknown-token."""
+
+    def __post_init__(self):
+        check(self.window >= 4, "window", f"must be >= 4, got {self.window}")
+        check(0.0 < self.rate < 1.0, "rate", f"must be in (0, 1), got {self.rate}")
 
 
 @dataclass

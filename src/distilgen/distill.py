@@ -45,7 +45,6 @@ from distilgen.objectives import (
     dropout_at,
     logits_kd,
     masked_sum,
-    noise_tokens,
     sparse_logits_kd,
 )
 from distilgen.pseudo_targets import PTRecord, PTStore, pt_schedule, sample_seed
@@ -60,6 +59,7 @@ from distilgen.train import (
     cross_entropy_loss,
     dev_evaluator,
     make_accelerator,
+    noise_source,
     stage_summary,
     train,
     training_text,
@@ -266,16 +266,9 @@ def kd_loss(ctx: Context) -> LossFn:
 def noisy_kd_loss(ctx: Context) -> LossFn:
     """Logits KD with a noised student input and a teacher running with dropout (Noisy KD)."""
     noise = ctx.cfg.noise
-    tok = ctx.student.tokenizer
-    mask_id = (tok.mask_token_id or tok.unk_token_id) if noise.token_kind == "mask" else None
-    keep = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.sep_token_id, tok.pad_token_id) if i is not None]
-    side = "left" if ctx.student.layout.pad_source_left else "right"
 
     def loss(tm: TextModel, batch: Batch) -> torch.Tensor:
-        source_ids, source_mask = noise_tokens(
-            batch["source_ids"], batch["source_mask"], noise.token_rate, mask_id, keep_ids=keep, padding_side=side
-        )
-        noised = {**batch, "source_ids": source_ids, "source_mask": source_mask}
+        noised = noise_source(tm, batch, noise.token_rate, noise.token_kind)
         student_logits = tm.target_logits(noised)
         with dropout_at(ctx.teacher.model, noise.teacher_dropout):
             per_token = kd_per_token(ctx, student_logits, batch)

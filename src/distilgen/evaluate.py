@@ -119,10 +119,17 @@ def evaluate_model(
     return result, predictions
 
 
+DISTILL_STAGES = ("distill", "finetune")
+"""Stage directories of a `distilgen distill` run (its models live in RUN/<stage>/model)."""
+
+
 def model_label(path: str) -> str:
-    """A short name for tables: `runs/qs/teacher/model` -> `teacher`."""
+    """A short name for tables: `runs/qs/teacher/model` -> `teacher`, `runs/qs/jt/finetune/model` -> `jt`."""
     p = Path(path)
-    return p.parent.name if p.name == "model" and p.parent.name else p.name or path
+    if p.name != "model" or not p.parent.name:
+        return p.name or path
+    run = p.parent
+    return run.parent.name if run.name in DISTILL_STAGES and (run.parent / "summary.json").exists() else run.name
 
 
 TABLE_SCORES = [("bleu", "BLEU"), ("rouge", "ROUGE"), ("chrf", "chrF"), ("exact_match", "EM"), ("perplexity", "PPL")]

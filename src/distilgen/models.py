@@ -276,6 +276,11 @@ class TextModel:
         prefix, suffix = self._affixes()
         return prefix, suffix if suffix[-1:] == eos else suffix + eos
 
+    def source_ids(self, content: Sequence[int]) -> list[int]:
+        """The model input of the text tokens `content` (as `encode` lays it out, without truncation)."""
+        prefix, suffix = self._source_affixes()
+        return [*prefix, *content, *suffix]
+
     def target_ids(self, content: Sequence[int]) -> list[int]:
         """The training target of the text tokens `content` (as `encode` lays it out, without truncation)."""
         prefix, suffix = self._target_affixes()

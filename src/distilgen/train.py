@@ -36,7 +36,7 @@ from distilgen.data import Example, load_splits
 from distilgen.evaluate import generate, gold_perplexity
 from distilgen.metrics import compute_metrics
 from distilgen.models import Batch, Encoded, TextModel, load_model
-from distilgen.objectives import cross_entropy, masked_sum
+from distilgen.objectives import cross_entropy, masked_sum, noise_tokens
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,38 @@ def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
         return masked_sum(per_token, batch["target_mask"])
 
     return loss
+
+
+def noise_source(tm: TextModel, batch: Batch, rate: float, kind: str) -> Batch:
+    """The batch with its source tokens hit by noise (`objectives.noise_tokens`): dropped, or masked with the
+    tokenizer's mask (else unknown) token. Special tokens and padding are never hit."""
+    tok = tm.tokenizer
+    mask_id = (tok.mask_token_id or tok.unk_token_id) if kind == "mask" else None
+    keep = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.sep_token_id, tok.pad_token_id) if i is not None]
+    side = "left" if tm.layout.pad_source_left else "right"
+    ids, mask = noise_tokens(batch["source_ids"], batch["source_mask"], rate, mask_id, keep_ids=keep, padding_side=side)
+    return {**batch, "source_ids": ids, "source_mask": mask}
+
+
+def denoising_loss(rate: float, kind: str) -> LossFn:
+    """Denoising pre-training: cross-entropy of the clean text given a freshly noised copy."""
+    clean = cross_entropy_loss()
+
+    def loss(tm: TextModel, batch: Batch) -> torch.Tensor:
+        return clean(tm, noise_source(tm, batch, rate, kind))
+
+    return loss
+
+
+def text_windows(tm: TextModel, examples: Sequence[Example], window: int) -> list[Encoded]:
+    """Each example's source cut into consecutive windows of `window` tokens, as (window -> window) items."""
+    ids = tm.tokenizer([e.source for e in examples], add_special_tokens=False)["input_ids"]
+    items = []
+    for example, tokens in zip(examples, ids, strict=True):
+        for start in range(0, len(tokens), window):
+            piece = tokens[start : start + window]
+            items.append(Encoded(f"{example.id}@{start}", tm.source_ids(piece), tm.target_ids(piece)))
+    return items
 
 
 LOWER_IS_BETTER = ("loss", "perplexity")
@@ -377,6 +409,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if accelerator.is_main_process and not tokenizer_dir.exists():
         tm.tokenizer.save_pretrained(tokenizer_dir)
 
+    if cfg.objective == "denoise":
+        return _pretrain(cfg, tm, splits, accelerator, output_dir)
     items, truncation = tm.encode(splits["train"], cfg.data.max_source_length, cfg.data.max_target_length)
     for kind in ("sources", "targets"):
         if getattr(truncation, f"{kind}_truncated"):
@@ -392,6 +426,39 @@ def finetune(cfg: FinetuneConfig) -> dict:
         tm, items, cross_entropy_loss(cfg.train.label_smoothing), cfg.train, output_dir, accelerator, cfg.seed, evaluate
     )
     summary = {**stage_summary(state, output_dir, cfg.train.metric), "truncation": truncation.as_dict()}
+    if accelerator.is_main_process:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _pretrain(
+    cfg: FinetuneConfig, tm: TextModel, splits: dict[str, list[Example]], accelerator: Accelerator, output_dir: Path
+) -> dict:
+    """`finetune` with objective=denoise: windows of the train and unlabeled sources, early-stopped on the
+    denoising loss of the dev sources."""
+    window = cfg.denoise.window
+    items = text_windows(tm, splits["train"] + splits.get("unlabeled", []), window)
+    dev = text_windows(tm, splits.get("dev", [])[: cfg.train.dev_limit], window)
+    loss = denoising_loss(cfg.denoise.rate, cfg.denoise.kind)
+    evaluate = None
+    if dev:
+
+        def evaluate(model: TextModel) -> float:
+            generator = torch.random.get_rng_state()
+            torch.manual_seed(0)  # the same noise at every evaluation
+            total = tokens = 0.0
+            with torch.no_grad():
+                for start in range(0, len(dev), cfg.train.batch_size):
+                    chunk = dev[start : start + cfg.train.batch_size]
+                    batch = {k: v.to(model.device) for k, v in model.collate(chunk).items()}
+                    total += loss(model, batch).item()
+                    tokens += batch["target_mask"].sum().item()
+            torch.random.set_rng_state(generator)
+            mean = total / max(tokens, 1)
+            return -(mean if cfg.train.metric == "loss" else math.exp(mean))
+
+    state = train(tm, items, loss, cfg.train, output_dir, accelerator, cfg.seed, evaluate)
+    summary = {**stage_summary(state, output_dir, cfg.train.metric), "objective": "denoise", "windows": len(items)}
     if accelerator.is_main_process:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

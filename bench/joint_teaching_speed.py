@@ -1,0 +1,125 @@
+"""Training speed of Joint-Teaching against Logits KD on teacher PTs, side by side, per training sample.
+
+    python bench/joint_teaching_speed.py --teacher runs/bench/teacher/model          # CPU
+    python bench/joint_teaching_speed.py --teacher runs/bench/teacher/model --steps 200 --batch-size 64
+
+Both methods run distilgen's training loop (`train.train`) from the same student initialisation on the
+same inputs, PTs, batch size and lengths, with the live teacher (stored top-k off). The teacher PTs are
+generated first (not timed). Joint-Teaching samples fresh student PTs (eval mode, KV cache, no grad, nucleus
+0.95) on a share 1 - alpha of the steps and teacher-forces the teacher along them; the report gives samples/s
+of each and the cost ratio (logits_kd_pt samples/s over joint_teaching samples/s; target: <= 2 on a GPU).
+Without --teacher, a teacher and a student of the BENCHMARKS.md sizes are built at random (they generate
+to max_new_tokens, the slowest case for student PTs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from distilgen.config import (
+    BuiltinTaskConfig,
+    DataConfig,
+    DistillConfig,
+    KDConfig,
+    ModelConfig,
+    PTConfig,
+    StudentPTConfig,
+    TrainConfig,
+)
+from distilgen.data import load_splits
+from distilgen.distill import METHODS, Context, prepare_pts
+from distilgen.models import load_model
+from distilgen.pseudo_targets import get_spec
+from distilgen.pt_generation import load_teacher
+from distilgen.train import make_accelerator, train
+
+STUDENT = ModelConfig(arch="bart", hidden_size=96, encoder_layers=2, decoder_layers=1, ffn_size=384, max_positions=384)
+TEACHER = ModelConfig(arch="bart", hidden_size=192, encoder_layers=3, decoder_layers=3, ffn_size=768, max_positions=384)
+
+
+def run(method: str, base: DistillConfig, overrides: dict, steps: int) -> float:
+    """Seconds for `steps` optimizer steps of `method` (setup and PT generation excluded)."""
+    cfg = dataclasses.replace(base, method=method, **overrides)
+    accelerator = make_accelerator(cfg.train, Path(cfg.output_dir))
+    splits = load_splits(cfg.data, ("train", "unlabeled"))
+    teacher = load_teacher(cfg.teacher, cfg.precision, accelerator.device)
+    torch.manual_seed(0)
+    student = load_model(dataclasses.replace(cfg.student, tokenizer=cfg.teacher.path))
+    ctx = Context(cfg, teacher, student, splits)
+    prepare_pts(ctx, accelerator)
+    plan = METHODS[method].build(ctx)
+    out = Path(tempfile.mkdtemp(prefix=f"jt-bench-{method}-"))
+    if accelerator.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    train(student, plan.items, plan.loss, cfg.train, out, accelerator, cfg.seed, prepare=plan.prepare)
+    if accelerator.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", help="a trained teacher directory; default: random models of the bench sizes")
+    parser.add_argument("--student-width", type=int, default=96)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--inputs", type=int, default=512, help="unlabeled inputs with teacher PTs")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="jt-bench-"))
+    task = BuiltinTaskConfig(train_size=args.inputs // 4, unlabeled_size=args.inputs, dev_size=0, test_size=0)
+    data = DataConfig(task=task, max_source_length=320, max_target_length=64)
+    teacher_path = args.teacher
+    if teacher_path is None:
+        splits = load_splits(data, ("train", "unlabeled"))
+        texts = [e.source for s in splits.values() for e in s] + [r for e in splits["train"] for r in e.references]
+        torch.manual_seed(0)
+        load_model(TEACHER, texts=lambda: texts).save(work / "teacher")
+        teacher_path = str(work / "teacher")
+    student = dataclasses.replace(STUDENT, hidden_size=args.student_width, ffn_size=4 * args.student_width)
+    spec = dataclasses.replace(get_spec("sample"), max_new_tokens=args.max_new_tokens)
+    base = DistillConfig(
+        output_dir=str(work / "run"),
+        data=data,
+        teacher=ModelConfig(path=teacher_path),
+        student=student,
+        kd=KDConfig(use_stored_topk=False),
+        pts=PTConfig(store=str(work / "pts"), spec=spec),
+        student_pts=StudentPTConfig(max_new_tokens=args.max_new_tokens),
+        train=TrainConfig(max_steps=args.steps, batch_size=args.batch_size, eval_every=0, log_every=10**9),
+    )
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"{args.steps} steps of batch {args.batch_size} on {device}; student width {args.student_width}")
+    samples = args.steps * args.batch_size
+    timings = {}
+    batch_mixing = dataclasses.replace(base.student_pts, mixing="batch")
+    cases = [
+        ("logits_kd_pt", "logits_kd_pt", {}),
+        ("joint_teaching (alpha 0.5, steps)", "joint_teaching", {}),
+        ("joint_teaching (alpha 0.5, batch)", "joint_teaching", {"student_pts": batch_mixing}),
+    ]
+    for name, method, overrides in cases:
+        timings[name] = run(method, base, overrides, args.steps)
+        print(f"{name}: {samples / timings[name]:.1f} samples/s")
+    reference = timings["logits_kd_pt"]
+    rows = [
+        {"method": name, "samples_per_s": round(samples / s, 2), "cost_vs_logits_kd_pt": round(s / reference, 2)}
+        for name, s in timings.items()
+    ]
+    for row in rows[1:]:
+        print(f"{row['method']}: {row['cost_vs_logits_kd_pt']}x the time of logits_kd_pt per training sample")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,3 +61,32 @@ def tiny_model_config(arch: str, tokenizer: str, **overrides) -> ModelConfig:
 def tiny_model(arch, tokenizer_dir):
     torch.manual_seed(0)
     return load_model(tiny_model_config(arch, tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, tokenizer_dir):
+    """A tiny random BART teacher saved with its tokenizer, as `distilgen finetune` leaves one."""
+    path = tmp_path_factory.mktemp("teacher") / "model"
+    torch.manual_seed(0)
+    load_model(tiny_model_config("bart", tokenizer_dir)).save(path)
+    return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env() -> dict[str, str]:
+    """Environment of a `python -m distilgen.cli` subprocess: this checkout, offline, one thread."""
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 240, log: Path | None = None) -> None:
+    """SIGKILL `proc` as soon as `ready()` holds (polled every 20 ms); the test fails if `proc` ends first
+    (showing the end of `log`, where the process's output went, if given)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.02)
+    output = log.read_text()[-3000:] if log is not None and log.exists() else ""
+    assert proc.poll() is None, f"the process ended (code {proc.returncode}) before it could be killed\n{output}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from distilgen.cli import COMMANDS, main
+from tests.conftest import kill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,14 +122,7 @@ def test_sigkill_during_finetune_then_rerun_resumes_and_finishes(tmp_path, token
         stderr=subprocess.DEVNULL,
     )
     state_file = tmp_path / "run" / "checkpoint" / "trainer_state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if state_file.exists() and 4 <= json.loads(state_file.read_text())["step"] < 40:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "finetune ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: state_file.exists() and 4 <= json.loads(state_file.read_text())["step"] < 40)
     killed_at = json.loads(state_file.read_text())["step"]
     assert killed_at < 40
 

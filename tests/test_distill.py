@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,19 +25,11 @@ from distilgen.distill import (
 )
 from distilgen.models import load_model
 from distilgen.pt_generation import load_teacher
-from tests.conftest import TINY, tiny_model_config
+from tests.conftest import TINY, cli_env, kill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = {"train_size": 24, "unlabeled_size": 8, "dev_size": 4, "test_size": 0}
 STUDENT = {"arch": "bart", **TINY, "hidden_size": 16, "encoder_layers": 1, "decoder_layers": 1}
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, tokenizer_dir):
-    path = tmp_path_factory.mktemp("teacher") / "model"
-    torch.manual_seed(0)
-    load_model(tiny_model_config("bart", tokenizer_dir)).save(path)
-    return path
 
 
 def _cfg(tmp_path, teacher_dir, method, **overrides) -> DistillConfig:
@@ -207,26 +196,21 @@ def test_a_word_level_method_refuses_a_student_with_another_vocabulary(tmp_path,
 
 
 def test_sigkill_during_joint_teaching_then_rerun_resumes_and_finishes(tmp_path, teacher_dir):
-    cfg = _cfg(tmp_path, teacher_dir, "joint_teaching", **{"train.max_steps": 30, "train.checkpoint_every": 3})
+    cfg = _cfg(tmp_path, teacher_dir, "joint_teaching", **{"train.max_steps": 60, "train.checkpoint_every": 3})
     path = tmp_path / "jt.yaml"
     from distilgen.config import to_dict
 
     path.write_text(yaml.safe_dump(to_dict(cfg)))
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = cli_env()
     command = [sys.executable, "-m", "distilgen.cli", "distill", str(path)]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     state_file = Path(cfg.output_dir) / "distill" / "checkpoint" / "trainer_state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if state_file.exists() and 3 <= json.loads(state_file.read_text())["step"] < 30:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "distill ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: state_file.exists() and 3 <= json.loads(state_file.read_text())["step"] < 50, log=log)
     killed_at = json.loads(state_file.read_text())["step"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"at step {killed_at}/30" in result.stdout
+    assert f"at step {killed_at}/60" in result.stdout
     summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
-    assert summary["distill"]["steps"] == 30
+    assert summary["distill"]["steps"] == 60

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +26,7 @@ from distilgen.pt_generation import (
     seeded_generate_kwargs,
     teacher_fingerprint,
 )
-from tests.conftest import tiny_model_config
+from tests.conftest import cli_env, kill_when, tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE2 = DecodingSpec("sample2", "sample", num_samples=2, max_new_tokens=12)
@@ -246,10 +243,6 @@ def test_teacher_fingerprint_follows_weights_dtype_and_input_length(tokenizer_di
 # ---------------------------------------------------------------------------------------------
 
 
-def _env():
-    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
 def _generate_yaml(tmp_path, teacher_dir, store, **overrides) -> Path:
     cfg = {
         "store": str(store),
@@ -262,14 +255,6 @@ def _generate_yaml(tmp_path, teacher_dir, store, **overrides) -> Path:
     }
     path = tmp_path / f"generate-{store.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, tokenizer_dir):
-    path = tmp_path_factory.mktemp("teacher") / "model"
-    torch.manual_seed(0)
-    load_model(tiny_model_config("bart", tokenizer_dir)).save(path)
     return path
 
 
@@ -289,7 +274,7 @@ def _store_rows(store_dir) -> set:
 def test_generate_command_sigkill_then_rerun_ends_with_the_uninterrupted_pts(tmp_path, teacher_dir):
     full = _generate_yaml(tmp_path, teacher_dir, tmp_path / "full")
     result = subprocess.run(
-        [sys.executable, "-m", "distilgen.cli", "generate", str(full)], env=_env(), capture_output=True, text=True
+        [sys.executable, "-m", "distilgen.cli", "generate", str(full)], env=cli_env(), capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     assert '"requested": 240' in result.stdout and '"stored_pts": 240' in result.stdout
@@ -297,37 +282,30 @@ def test_generate_command_sigkill_then_rerun_ends_with_the_uninterrupted_pts(tmp
     killed = _generate_yaml(tmp_path, teacher_dir, tmp_path / "killed")
     proc = subprocess.Popen(
         [sys.executable, "-m", "distilgen.cli", "generate", str(killed)],
-        env=_env(),
+        env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     manifest = tmp_path / "killed" / "manifest.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if manifest.exists() and 2 <= manifest.read_text().count('"file"') < 15:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "generate ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: manifest.exists() and 2 <= manifest.read_text().count('"file"') < 15)
     done_before = PTStore(tmp_path / "killed").stats()[0].pts
     assert 32 <= done_before < 240
 
     rerun = subprocess.run(
-        [sys.executable, "-m", "distilgen.cli", "generate", str(killed)], env=_env(), capture_output=True, text=True
+        [sys.executable, "-m", "distilgen.cli", "generate", str(killed)], env=cli_env(), capture_output=True, text=True
     )
     assert rerun.returncode == 0, rerun.stderr
     assert f'"already_stored": {done_before}' in rerun.stdout
     assert _store_rows(tmp_path / "killed") == _store_rows(tmp_path / "full")
 
     again = subprocess.run(
-        [sys.executable, "-m", "distilgen.cli", "generate", str(killed)], env=_env(), capture_output=True, text=True
+        [sys.executable, "-m", "distilgen.cli", "generate", str(killed)], env=cli_env(), capture_output=True, text=True
     )
     assert '"already_stored": 240' in again.stdout and '"generated_here": 0' in again.stdout
 
     shown = subprocess.run(
         [sys.executable, "-m", "distilgen.cli", "pts", "show", str(killed), "--examples", "1"],
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
     )
@@ -341,7 +319,7 @@ def test_generate_command_sigkill_then_rerun_ends_with_the_uninterrupted_pts(tmp
 def test_two_processes_under_accelerate_launch_give_the_single_process_store(tmp_path, teacher_dir):
     single = _generate_yaml(tmp_path, teacher_dir, tmp_path / "single")
     assert subprocess.run(
-        [sys.executable, "-m", "distilgen.cli", "generate", str(single)], env=_env(), capture_output=True
+        [sys.executable, "-m", "distilgen.cli", "generate", str(single)], env=cli_env(), capture_output=True
     ).returncode == 0  # fmt: skip
     double = _generate_yaml(tmp_path, teacher_dir, tmp_path / "double")
     # On a machine without GPU, accelerate starts several processes only with --multi_gpu (torchrun).
@@ -349,7 +327,7 @@ def test_two_processes_under_accelerate_launch_give_the_single_process_store(tmp
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
     result = subprocess.run(
         [*launcher, "-m", "distilgen.cli", "generate", str(double)],
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -363,10 +341,10 @@ def test_two_processes_under_accelerate_launch_give_the_single_process_store(tmp
 def test_generate_config_errors_name_the_key(tmp_path, teacher_dir):
     cfg = _generate_yaml(tmp_path, teacher_dir, tmp_path / "x", spec="nucleus")
     result = subprocess.run(
-        [sys.executable, "-m", "distilgen.cli", "generate", str(cfg)], env=_env(), capture_output=True, text=True
+        [sys.executable, "-m", "distilgen.cli", "generate", str(cfg)], env=cli_env(), capture_output=True, text=True
     )
     assert result.returncode == 2 and "spec: unknown spec 'nucleus'" in result.stderr
     result = subprocess.run(
-        [sys.executable, "-m", "distilgen.cli", "pts", "show", str(cfg)], env=_env(), capture_output=True, text=True
+        [sys.executable, "-m", "distilgen.cli", "pts", "show", str(cfg)], env=cli_env(), capture_output=True, text=True
     )
     assert result.returncode == 2

@@ -14,18 +14,10 @@ from distilgen.evaluate import generate
 from distilgen.metrics import compute_metrics
 from distilgen.models import load_model
 from distilgen.study import gap_closed, study
-from tests.conftest import TINY, tiny_model_config
+from tests.conftest import TINY
 
 TASK = {"train_size": 16, "unlabeled_size": 8, "dev_size": 4, "test_size": 6}
 STUDENT = {"arch": "bart", **TINY, "hidden_size": 16, "encoder_layers": 1, "decoder_layers": 1}
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, tokenizer_dir):
-    path = tmp_path_factory.mktemp("teacher") / "model"
-    torch.manual_seed(0)
-    load_model(tiny_model_config("bart", tokenizer_dir)).save(path)
-    return path
 
 
 def _study_cfg(tmp_path, teacher_dir, **extra) -> StudyConfig:

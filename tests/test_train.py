@@ -173,7 +173,11 @@ def test_denoising_pretraining_learns_to_rebuild_text_and_fine_tunes_after(token
     assert all(len(w.target) <= 64 + 2 for w in windows) and len(windows) >= 4  # ~150-token sources: 3 windows
 
     tuned = finetune(
-        FinetuneConfig(str(tmp_path / "ft"), data, ModelConfig(path=str(tmp_path / "pre" / "model")),
-                       dataclasses.replace(train_cfg, max_steps=4, eval_every=0))  # fmt: skip
+        FinetuneConfig(
+            str(tmp_path / "ft"),
+            data,
+            ModelConfig(path=str(tmp_path / "pre" / "model")),
+            dataclasses.replace(train_cfg, max_steps=4, eval_every=0),
+        )  # fmt: skip
     )
     assert tuned["steps"] == 4

@@ -265,7 +265,7 @@ COMMANDS: dict[str, Command] = {
         StudyConfig,
     ),
     "diagnose": Command(
-        "exposure bias: the student writes the first X% of each output, the teacher the rest; score per X",
+        "exposure bias: the student writes the first X percent of each output, the teacher the rest; score per X",
         run_diagnose,
         DiagnoseConfig,
     ),

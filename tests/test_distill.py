@@ -214,3 +214,18 @@ def test_sigkill_during_joint_teaching_then_rerun_resumes_and_finishes(tmp_path,
     assert f"at step {killed_at}/60" in result.stdout
     summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
     assert summary["distill"]["steps"] == 60
+
+
+def test_a_long_teacher_pt_is_cut_like_encode_does_with_its_topk(pt_context):
+    from distilgen.distill import _Encoder
+    from distilgen.pseudo_targets import PTRecord
+
+    ctx = pt_context
+    example = ctx.splits["train"][0]
+    tokens = [*range(5, 5 + 59), ctx.student.tokenizer.eos_token_id]  # 60 tokens, the limit is 48
+    record = PTRecord("k", 0, "text", tokens, topk_ids=[[t, 1] for t in tokens], topk_logprobs=[[-0.5, -2.0]] * 60)
+    encoder = _Encoder(ctx)
+    encoder.placeholder([example])
+    item = encoder.pt(example.id, record)
+    assert item.target == [*tokens[:47], tokens[-1]]
+    assert [ids[0] for ids in item.topk_ids] == item.target and len(item.topk_logprobs) == 48

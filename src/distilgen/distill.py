@@ -165,14 +165,15 @@ class _Encoder:
     def pt(self, example_id: str, record: PTRecord) -> Encoded:
         """A teacher PT as a student target: the teacher's own tokens (same vocabulary), else its text re-encoded."""
         limit = self.data.max_target_length
-        if self.same_vocab:
-            target = (
-                record.token_ids
-                if len(record.token_ids) <= limit
-                else [*record.token_ids[: limit - 1], record.token_ids[-1]]
-            )
-            topk = (record.topk_ids, record.topk_logprobs) if record.topk_ids is not None else (None, None)
-            return Encoded(example_id, self._sources[example_id], target, topk[0], topk[1])
+        if self.same_vocab:  # too long: keep the first limit - 1 positions and the last (EOS), as `encode` does
+            keep = list(range(len(record.token_ids)))
+            keep = keep if len(keep) <= limit else [*keep[: limit - 1], keep[-1]]
+            target = [record.token_ids[i] for i in keep]
+            if record.topk_ids is None:
+                return Encoded(example_id, self._sources[example_id], target)
+            topk_ids = [record.topk_ids[i] for i in keep]
+            topk_logprobs = [record.topk_logprobs[i] for i in keep]
+            return Encoded(example_id, self._sources[example_id], target, topk_ids, topk_logprobs)
         (encoded,), _ = self.student.encode([Example(example_id, "", record.text, ())], 8, limit)
         return Encoded(example_id, self._sources[example_id], encoded.target)
 

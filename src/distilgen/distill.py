@@ -459,6 +459,13 @@ def prepare_pts(ctx: Context, state: Accelerator) -> None:
     )  # fmt: skip
     state.wait_for_everyone()
     log.info("teacher PTs: %d requested, %d generated here", report.requested, report.generated)
+    (stats,) = [s for s in ctx.store.stats() if (s.teacher_fp, s.spec_fp) == (ctx.teacher_fp, spec.fingerprint())]
+    if cfg.pts.topk and stats.topk < cfg.pts.topk:
+        log.warning(
+            "pts.topk=%d, but PTs already in %s hold top-%d: they are not generated again, and steps on them run "
+            "the teacher (use a new pts.store to have top-%d stored)",
+            cfg.pts.topk, ctx.store.root, stats.topk, cfg.pts.topk,
+        )  # fmt: skip
 
 
 def distill(cfg: DistillConfig) -> dict[str, Any]:

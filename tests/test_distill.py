@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -49,6 +50,7 @@ def _cfg(tmp_path, teacher_dir, method, **overrides) -> DistillConfig:
         "decoding": {"max_new_tokens": 24},
         "final_finetune_epochs": 0,
     }  # fmt: skip
+    data = copy.deepcopy(data)  # overrides must not reach the module's STUDENT
     for key, value in overrides.items():
         node = data
         *path, last = key.split(".")

@@ -459,8 +459,8 @@ def prepare_pts(ctx: Context, state: Accelerator) -> None:
     )  # fmt: skip
     state.wait_for_everyone()
     log.info("teacher PTs: %d requested, %d generated here", report.requested, report.generated)
-    (stats,) = [s for s in ctx.store.stats() if (s.teacher_fp, s.spec_fp) == (ctx.teacher_fp, spec.fingerprint())]
-    if cfg.pts.topk and stats.topk < cfg.pts.topk:
+    stats = ctx.store.pair_stats(ctx.teacher_fp, spec)
+    if cfg.pts.topk and stats is not None and stats.topk < cfg.pts.topk:
         log.warning(
             "pts.topk=%d, but PTs already in %s hold top-%d: they are not generated again, and steps on them run "
             "the teacher (use a new pts.store to have top-%d stored)",

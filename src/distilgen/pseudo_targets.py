@@ -262,6 +262,11 @@ class PTStore:
             )
         return lines
 
+    def pair_stats(self, teacher_fp: str, spec: DecodingSpec) -> PTStats | None:
+        """`stats` of one (teacher, spec); None when nothing is stored for it."""
+        key = (teacher_fp, spec.fingerprint())
+        return next((s for s in self.stats() if (s.teacher_fp, s.spec_fp) == key), None)
+
     def spec(self, spec_fp: str) -> DecodingSpec:
         """The spec stored under fingerprint `spec_fp` (as first added; counts may differ from later calls)."""
         self._reload()

@@ -391,7 +391,7 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         progress=state.is_local_main_process,
     )
     state.wait_for_everyone()
-    (stats,) = [s for s in store.stats() if s.teacher_fp == teacher_fp and s.spec_fp == spec.fingerprint()] or [None]
+    stats = store.pair_stats(teacher_fp, spec)
     return {
         "store": cfg.store,
         "teacher_fp": teacher_fp,

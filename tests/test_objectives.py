@@ -29,6 +29,7 @@ from distilgen.objectives import (
     logits_kd,
     masked_sum,
     noise_tokens,
+    permute_spans,
     sparse_logits_kd,
 )
 
@@ -364,6 +365,23 @@ def test_noise_is_reproducible_with_a_seeded_generator():
         noise_tokens(ids, torch.ones_like(ids), 0.3, MASK, generator=torch.Generator().manual_seed(7))[0] for _ in "ab"
     ]
     assert torch.equal(*runs) and (runs[0] == MASK).any()
+
+
+def test_span_permutation_shuffles_whole_spans_and_leaves_padding_and_special_tokens():
+    ids = torch.tensor([[BOS, *range(10, 40), EOS, PAD, PAD], [BOS, 50, 51, 52, EOS, *[PAD] * 29]])
+    mask = (ids != PAD).long()
+    generator = torch.Generator().manual_seed(3)
+    shuffled = [permute_spans(ids, mask, 0.2, generator, keep_ids=[BOS, EOS]) for _ in range(20)]
+    for out in shuffled:
+        assert out[:, 0].tolist() == [BOS, BOS] and out[0, 31:].tolist() == [EOS, PAD, PAD] and out[1, 4] == EOS
+        assert sorted(out[0, 1:31].tolist()) == list(range(10, 40))  # a permutation of the content
+        assert torch.equal(out[1, 5:], ids[1, 5:])
+        steps = (out[0, 2:31] - out[0, 1:30]).tolist()
+        assert sum(step == 1 for step in steps) >= 15  # mostly runs of consecutive tokens: spans, not tokens
+    assert sum(not torch.equal(out, ids) for out in shuffled) >= 18
+    assert torch.equal(permute_spans(ids, mask, 0.0, keep_ids=[BOS, EOS]), ids)
+    everywhere = permute_spans(ids, mask, 1.0, torch.Generator().manual_seed(0), keep_ids=[BOS, EOS])
+    assert sorted(everywhere[0, 1:31].tolist()) == list(range(10, 40)) and not torch.equal(everywhere, ids)
 
 
 # --- attention-relation KD ----------------------------------------------------------------------------

@@ -156,7 +156,7 @@ def test_a_small_model_learns_to_copy_from_its_source(tokenizer_dir, splits, tmp
 
 def test_denoising_pretraining_learns_to_rebuild_text_and_fine_tunes_after(tokenizer_dir, tmp_path):
     from distilgen.config import BuiltinTaskConfig, DataConfig, FinetuneConfig, ModelConfig, TrainConfig
-    from distilgen.train import finetune, text_windows
+    from distilgen.train import finetune, noise_source, text_windows
 
     data = DataConfig(task=BuiltinTaskConfig(train_size=16, unlabeled_size=48, dev_size=4, test_size=0))
     model = tiny_model_config("bart", tokenizer_dir, dropout=0.0)
@@ -171,6 +171,17 @@ def test_denoising_pretraining_learns_to_rebuild_text_and_fine_tunes_after(token
     decode = lambda ids: tm.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     assert all(decode(w.source) == decode(w.target) for w in windows)  # rebuild the window itself
     assert all(len(w.target) <= 64 + 2 for w in windows) and len(windows) >= 4  # ~150-token sources: 3 windows
+    whole = text_windows(tm, load_splits(data, ("train",))["train"][:2], 64, whole_source_length=100)
+    by_id = {w.id: w.target for w in windows}
+    assert [w.id for w in whole] == [w.id for w in windows if int(w.id.split("@")[1]) < 98]
+    cut = [w.target[:-1] == by_id[w.id][: len(w.target) - 1] for w in whole]  # windows of the kept 98 tokens
+    kept, affixes = 100 - len(tm.source_ids([])), len(tm.target_ids([]))
+    assert all(cut) and [len(w.target) - affixes for w in whole] == [64, kept - 64] * 2
+    assert all(len(w.source) == 100 and decode(w.target) in decode(w.source) for w in whole)
+    batch = tm.collate(whole)
+    permuted = noise_source(tm, batch, 0.1, "permute")["source_ids"]
+    assert not torch.equal(permuted, batch["source_ids"])
+    assert torch.equal(permuted.sort(1).values, batch["source_ids"].sort(1).values)  # the same tokens, moved
 
     tuned = finetune(
         FinetuneConfig(

@@ -491,9 +491,13 @@ class DenoiseConfig:
     window: int = 64
     """Tokens per window (texts are cut into consecutive windows)."""
     rate: float = 0.3
-    """Share of the window's tokens hit by noise."""
-    kind: Literal["mask", "drop"] = "drop"
-    """drop: hit tokens are removed; mask: replaced by the unknown-token."""
+    """Share of the source's tokens hit by noise (permute: share of tokens that start a new span)."""
+    kind: Literal["mask", "drop", "permute"] = "drop"
+    """drop: hit tokens are removed; mask: replaced by the mask (else unknown) token; permute: the source is
+    cut into spans (mean length 1/rate) put in random order, so the model must find each next span by content."""
+    source: Literal["window", "text"] = "window"
+    """window: the model reads the noised window; text: it reads the whole noised text and writes one of its
+    windows, so every source position is trained and the window must be found in a long input."""
 
     def __post_init__(self):
         check(self.window >= 4, "window", f"must be >= 4, got {self.window}")

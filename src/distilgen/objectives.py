@@ -380,6 +380,37 @@ def noise_tokens(
     return input_ids.gather(1, order), kept.gather(1, order).to(mask.dtype)
 
 
+def permute_spans(
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    rate: float,
+    generator: torch.Generator | None = None,
+    keep_ids: Sequence[int] = (),
+) -> torch.Tensor:
+    """Cut each row's valid tokens into spans and shuffle the spans (BART's permutation noise, at span level).
+
+    A new span starts before each valid token with probability `rate` (mean span length 1/rate); the
+    spans then take a random order, each keeping its tokens in order. Padding and `keep_ids` stay
+    where they are. Rebuilding the text from such a source cannot be done by reading it position by
+    position: the model has to find where the text goes on by content, the skill that copying names
+    out of a long input needs.
+
+    Returns:
+        (B, S) token ids; the mask is unchanged.
+    """
+    if not 0 <= rate <= 1:
+        raise ValueError(f"need rate in [0, 1], got {rate}")
+    special = torch.isin(input_ids, torch.as_tensor(list(keep_ids), dtype=input_ids.dtype, device=input_ids.device))
+    content = mask.bool() & ~special  # (B, S)
+    starts = content & (torch.rand(input_ids.shape, generator=generator, device=input_ids.device) < rate)
+    span = starts.long().cumsum(1)  # (B, S) span number of each position
+    span_key = torch.rand(input_ids.shape[0], input_ids.shape[1] + 1, generator=generator, device=input_ids.device)
+    key = torch.where(content, span_key.gather(1, span), 2.0)  # other positions sort last, in order
+    taken = torch.sort(key, dim=1, stable=True).indices  # content positions in shuffled span order, then the rest
+    slots = torch.sort((~content).to(torch.uint8), dim=1, stable=True).indices  # content positions in order, then rest
+    return input_ids.scatter(1, slots, input_ids.gather(1, taken))
+
+
 DROPOUT_ATTRIBUTES = ("dropout", "attention_dropout", "activation_dropout", "dropout_rate")
 """Float attributes through which `transformers` layers apply functional dropout (BART-style)."""
 

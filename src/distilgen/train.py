@@ -36,7 +36,7 @@ from distilgen.data import Example, load_splits
 from distilgen.evaluate import generate, gold_perplexity
 from distilgen.metrics import compute_metrics
 from distilgen.models import Batch, Encoded, TextModel, load_model
-from distilgen.objectives import cross_entropy, masked_sum, noise_tokens
+from distilgen.objectives import cross_entropy, masked_sum, noise_tokens, permute_spans
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +102,13 @@ def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
 
 def noise_source(tm: TextModel, batch: Batch, rate: float, kind: str) -> Batch:
     """The batch with its source tokens hit by noise (`objectives.noise_tokens`): dropped, or masked with the
-    tokenizer's mask (else unknown) token. Special tokens and padding are never hit."""
+    tokenizer's mask (else unknown) token; or cut into spans put in random order (`objectives.permute_spans`).
+    Special tokens and padding are never hit."""
     tok = tm.tokenizer
-    mask_id = (tok.mask_token_id or tok.unk_token_id) if kind == "mask" else None
     keep = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.sep_token_id, tok.pad_token_id) if i is not None]
+    if kind == "permute":
+        return {**batch, "source_ids": permute_spans(batch["source_ids"], batch["source_mask"], rate, keep_ids=keep)}
+    mask_id = (tok.mask_token_id or tok.unk_token_id) if kind == "mask" else None
     side = "left" if tm.layout.pad_source_left else "right"
     ids, mask = noise_tokens(batch["source_ids"], batch["source_mask"], rate, mask_id, keep_ids=keep, padding_side=side)
     return {**batch, "source_ids": ids, "source_mask": mask}
@@ -121,14 +124,24 @@ def denoising_loss(rate: float, kind: str) -> LossFn:
     return loss
 
 
-def text_windows(tm: TextModel, examples: Sequence[Example], window: int) -> list[Encoded]:
-    """Each example's source cut into consecutive windows of `window` tokens, as (window -> window) items."""
+def text_windows(
+    tm: TextModel, examples: Sequence[Example], window: int, whole_source_length: int | None = None
+) -> list[Encoded]:
+    """Each example's source cut into consecutive windows of `window` tokens, as (window -> window) items.
+
+    With `whole_source_length`, the items are (whole source -> window), the source truncated to that many
+    model tokens and only its kept part cut into windows.
+    """
     ids = tm.tokenizer([e.source for e in examples], add_special_tokens=False)["input_ids"]
+    whole_source = whole_source_length is not None
+    if whole_source:
+        ids = [tokens[: whole_source_length - len(tm.source_ids([]))] for tokens in ids]
     items = []
     for example, tokens in zip(examples, ids, strict=True):
         for start in range(0, len(tokens), window):
             piece = tokens[start : start + window]
-            items.append(Encoded(f"{example.id}@{start}", tm.source_ids(piece), tm.target_ids(piece)))
+            source = tm.source_ids(tokens if whole_source else piece)
+            items.append(Encoded(f"{example.id}@{start}", source, tm.target_ids(piece)))
     return items
 
 
@@ -437,8 +450,9 @@ def _pretrain(
     """`finetune` with objective=denoise: windows of the train and unlabeled sources, early-stopped on the
     denoising loss of the dev sources."""
     window = cfg.denoise.window
-    items = text_windows(tm, splits["train"] + splits.get("unlabeled", []), window)
-    dev = text_windows(tm, splits.get("dev", [])[: cfg.train.dev_limit], window)
+    whole = cfg.data.max_source_length if cfg.denoise.source == "text" else None
+    items = text_windows(tm, splits["train"] + splits.get("unlabeled", []), window, whole)
+    dev = text_windows(tm, splits.get("dev", [])[: cfg.train.dev_limit], window, whole)
     loss = denoising_loss(cfg.denoise.rate, cfg.denoise.kind)
     evaluate = None
     if dev:

@@ -78,13 +78,13 @@ def main() -> None:
         sentences = re.split(r"(?<=\.) ", record["source"])
         k = rng.randrange(3, len(sentences) - 1)
         facts.append(" ".join(sentences[k : k + 2]))
+    sources = [r["source"] for r in dev]
+    golds = [r["targets"][0] for r in dev]
     print("| model | name start | name rest | digits | other words | mid-report facts: first 2 tokens | rest |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for path in args.models:
         tm = load_model(ModelConfig(path=path))
         tm.model.eval()
-        sources = [r["source"] for r in dev]
-        golds = [r["targets"][0] for r in dev]
         by_kind = defaultdict(list)
         offsets = tm.tokenizer(golds, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         for gold, spans, nll in zip(golds, offsets, per_token_nll(tm, sources, golds), strict=True):

@@ -172,10 +172,10 @@ def test_denoising_pretraining_learns_to_rebuild_text_and_fine_tunes_after(token
     assert all(decode(w.source) == decode(w.target) for w in windows)  # rebuild the window itself
     assert all(len(w.target) <= 64 + 2 for w in windows) and len(windows) >= 4  # ~150-token sources: 3 windows
     whole = text_windows(tm, load_splits(data, ("train",))["train"][:2], 64, whole_source_length=100)
+    kept, affixes = 100 - len(tm.source_ids([])), len(tm.target_ids([]))  # text tokens kept of each source
     by_id = {w.id: w.target for w in windows}
-    assert [w.id for w in whole] == [w.id for w in windows if int(w.id.split("@")[1]) < 98]
-    cut = [w.target[:-1] == by_id[w.id][: len(w.target) - 1] for w in whole]  # windows of the kept 98 tokens
-    kept, affixes = 100 - len(tm.source_ids([])), len(tm.target_ids([]))
+    assert [w.id for w in whole] == [w.id for w in windows if int(w.id.split("@")[1]) < kept]
+    cut = [w.target[:-1] == by_id[w.id][: len(w.target) - 1] for w in whole]  # windows of the kept tokens
     assert all(cut) and [len(w.target) - affixes for w in whole] == [64, kept - 64] * 2
     assert all(len(w.source) == 100 and decode(w.target) in decode(w.source) for w in whole)
     batch = tm.collate(whole)

@@ -332,6 +332,12 @@ def sparse_logits_kd(
 # Noisy KD: the student reads a noised input; the teacher reads the clean one with dropout on.
 
 
+def _noisable(input_ids: torch.Tensor, mask: torch.Tensor, keep_ids: Sequence[int]) -> torch.Tensor:
+    """(B, S) True at the tokens noise may touch: real tokens (mask 1) other than `keep_ids`."""
+    special = torch.isin(input_ids, torch.as_tensor(list(keep_ids), dtype=input_ids.dtype, device=input_ids.device))
+    return mask.bool() & ~special
+
+
 def noise_tokens(
     input_ids: torch.Tensor,
     mask: torch.Tensor,
@@ -368,9 +374,8 @@ def noise_tokens(
     if not 0 <= rate <= 1 or padding_side not in ("right", "left"):
         raise ValueError(f"need rate in [0, 1] and padding_side 'right' or 'left', got {rate}, {padding_side!r}")
     valid = mask.bool()  # (B, S)
-    special = torch.isin(input_ids, torch.as_tensor(list(keep_ids), dtype=input_ids.dtype, device=input_ids.device))
     noise = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)  # (B, S)
-    hit = valid & ~special & (noise < rate)
+    hit = _noisable(input_ids, mask, keep_ids) & (noise < rate)
     if mask_token_id is not None:
         return input_ids.masked_fill(hit, mask_token_id), mask
     kept = valid & ~hit
@@ -400,8 +405,7 @@ def permute_spans(
     """
     if not 0 <= rate <= 1:
         raise ValueError(f"need rate in [0, 1], got {rate}")
-    special = torch.isin(input_ids, torch.as_tensor(list(keep_ids), dtype=input_ids.dtype, device=input_ids.device))
-    content = mask.bool() & ~special  # (B, S)
+    content = _noisable(input_ids, mask, keep_ids)  # (B, S)
     starts = content & (torch.rand(input_ids.shape, generator=generator, device=input_ids.device) < rate)
     span = starts.long().cumsum(1)  # (B, S) span number of each position
     span_key = torch.rand(input_ids.shape[0], input_ids.shape[1] + 1, generator=generator, device=input_ids.device)

@@ -4,28 +4,16 @@ from collections import Counter
 import pytest
 
 from distilgen.config import BuiltinTaskConfig, ConfigError
-from distilgen.tasks import TASKS, generate_split, register_task
-
-VENUE = re.compile(r"^(?:(?P<h1>.+) (?:hosted|welcomed) (?P<a1>.+)|(?P<a2>.+) visited (?P<h2>.+)) on \w+\.$")
-GOAL = re.compile(r"^\d+' goal (?P<player>.+) \((?P<club>.+?)(?:, penalty)?\)\.$")
-NAMED = re.compile(r"^\d+' (?:yellow card|red card|missed penalty|substitution .+ on for) (?P<player>.+) \(")
-
-
-def parse_report(source: str) -> dict:
-    """Read a match report back into (home, away, goals per club, goals per player, other players)."""
-    first, *facts = re.split(r"(?<=\.) (?=\S)", source)
-    venue = VENUE.match(first)
-    home, away = venue["h1"] or venue["h2"], venue["a1"] or venue["a2"]
-    goals, scorers, others = Counter(), Counter(), set()
-    for fact in facts:
-        if goal := GOAL.match(fact):
-            goals[goal["club"]] += 1
-            scorers[goal["player"]] += 1
-        elif named := NAMED.match(fact):
-            others.add(named["player"])
-        elif fact.startswith("Referee "):
-            others.add(fact.removeprefix("Referee ").rstrip("."))
-    return {"home": home, "away": away, "goals": goals, "scorers": scorers, "others": others - set(scorers)}
+from distilgen.tasks import (
+    CLUB_PREFIXES,
+    FIRST_NAMES,
+    SURNAMES,
+    TASKS,
+    TOWNS,
+    generate_split,
+    parse_match_report,
+    register_task,
+)
 
 
 def split(size: int = 200, name: str = "train", seed: int = 0) -> list[dict]:
@@ -34,6 +22,12 @@ def split(size: int = 200, name: str = "train", seed: int = 0) -> list[dict]:
 
 def test_the_same_seed_gives_the_same_split():
     assert split(50) == split(50)
+
+
+def test_the_generator_is_pinned_so_recorded_benchmarks_stay_reproducible():
+    first = split(1)[0]
+    assert first["source"].startswith("Danbul Town visited Real Zasuk on Tuesday. 73' Danbul Town substitution, ")
+    assert first["targets"][0] == "Real Zasuk and Danbul Town drew 1-1."
 
 
 def test_another_seed_gives_other_examples():
@@ -52,7 +46,7 @@ def test_splits_are_disjoint_and_ids_name_task_split_and_index():
 
 def test_references_agree_with_the_facts_in_the_report():
     for record in split(400):
-        match = parse_report(record["source"])
+        match = parse_match_report(record["source"])
         home, away, scorers = match["home"], match["away"], match["scorers"]
         score = {home: match["goals"][home], away: match["goals"][away]}
         if sum(score.values()) == 1:
@@ -90,11 +84,14 @@ def test_each_input_has_several_distinct_references():
     assert all(len(set(record["targets"])) >= 3 for record in split(200))
 
 
-def test_names_are_invented_fresh_so_they_must_be_copied():
-    scorers = [name for record in split(1000) for name in parse_report(record["source"])["scorers"]]
-    clubs = [parse_report(record["source"])["home"] for record in split(1000)]
-    assert len(set(scorers)) >= 0.9 * len(scorers) and len(scorers) > 1000
-    assert len(set(clubs)) >= 0.9 * len(clubs)
+def test_names_are_single_words_from_fixed_stocks_drawn_anew_for_each_match():
+    records = split(1000)
+    scorers = [name for record in records for name in parse_match_report(record["source"])["scorers"]]
+    clubs = [parse_match_report(record["source"])["home"] for record in records]
+    assert {word for name in scorers for word in name.split()} <= {*FIRST_NAMES, *SURNAMES}
+    assert {club.split()[1] if club.split()[0] in CLUB_PREFIXES else club.split()[0] for club in clubs} <= set(TOWNS)
+    assert len(set(scorers)) >= 0.9 * len(scorers) and len(scorers) > 1000  # so a model must copy them
+    assert len(set(clubs)) >= 0.75 * len(clubs)
 
 
 def test_sources_and_targets_are_short_enough_for_tiny_models():

@@ -56,7 +56,7 @@ class QuickstartConfig:
             decoder_layers=3,
             num_heads=4,
             ffn_size=512,
-            vocab_size=1000,
+            vocab_size=2000,
             max_positions=256,
         )
     )
@@ -64,12 +64,12 @@ class QuickstartConfig:
     student: ModelConfig = field(
         default_factory=lambda: ModelConfig(
             arch="bart",
-            hidden_size=64,
-            encoder_layers=2,
+            hidden_size=32,
+            encoder_layers=1,
             decoder_layers=1,
             num_heads=4,
-            ffn_size=256,
-            vocab_size=1000,
+            ffn_size=128,
+            vocab_size=2000,
             max_positions=256,
         )
     )

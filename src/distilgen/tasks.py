@@ -11,6 +11,7 @@ its first examples.
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from collections.abc import Callable
 
@@ -46,7 +47,7 @@ def generate_split(cfg: BuiltinTaskConfig, split: str) -> list[dict]:
 
 # Difficulty knobs. What makes size matter: counting goals per team across shuffled facts, telling
 # goals from look-alike facts (missed penalties, a half-time score, cards for scorers), knowing
-# which team is at home, and copying names no training example contained.
+# which team is at home, spotting players who scored twice, and copying names drawn anew for every match.
 GOAL_WEIGHTS = (8, 17, 22, 22, 17, 14)  # relative frequency of 0, 1, ..., 5 goals in a match
 DISTRACTORS = (3, 5)  # fewest and most cards, substitutions and missed penalties in a match
 REPEAT_SCORER = 0.35  # chance a goal goes to a player who already scored for that team (braces)
@@ -57,7 +58,8 @@ SHUFFLE_FACTS = True  # False lists the facts in a fixed order (easier)
 RANDOM_GOLD_WORDING = True  # the training target's template is drawn at random, as in human-written data;
 # False always trains on the first template (one wording, easier to fit)
 
-# Invented names come from syllables, so a model must copy them rather than memorise them.
+# Names are invented from syllables, once, into fixed inventories (as real first names, surnames and towns
+# are a finite stock): a model copies them from the report, one word each, since every match draws new ones.
 ONSETS = ("b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "st", "tr")
 VOWELS = ("a", "e", "i", "o", "u", "ai", "au", "ei")
 CODAS = ("", "", "", "", "n", "r", "l", "s", "m", "k", "sh", "nd", "rt")
@@ -93,8 +95,22 @@ def _word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(syllables)).title()
 
 
+def _inventory(size: int, syllables: tuple[int, ...], seed: str, taken: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """`size` distinct invented words of `syllables` syllables (none in `taken`), the same in every run."""
+    rng, words = random.Random(seed), {}
+    while len(words) < size:
+        if (word := _word(rng, rng.choice(syllables))) not in taken:
+            words[word] = None
+    return tuple(words)
+
+
+FIRST_NAMES = _inventory(60, (1,), "first names")
+SURNAMES = _inventory(400, (2,), "surnames", FIRST_NAMES)
+TOWNS = _inventory(150, (2,), "towns", FIRST_NAMES + SURNAMES)
+
+
 def _club(rng: random.Random) -> str:
-    stem = _word(rng, 2)
+    stem = rng.choice(TOWNS)
     return f"{rng.choice(CLUB_PREFIXES)} {stem}" if rng.random() < 0.25 else f"{stem} {rng.choice(CLUB_SUFFIXES)}"
 
 
@@ -111,7 +127,7 @@ def match_reports(rng: random.Random) -> tuple[str, list[str]]:
         return name
 
     def new_player() -> str:
-        return new_name(lambda: f"{_word(rng, 1)} {_word(rng, rng.choice((1, 2)))}")
+        return new_name(lambda: f"{rng.choice(FIRST_NAMES)} {rng.choice(SURNAMES)}")
 
     clubs = (new_name(lambda: _club(rng)), new_name(lambda: _club(rng)))  # (home, away)
     num_goals = rng.choices(range(len(GOAL_WEIGHTS)), GOAL_WEIGHTS)[0]
@@ -127,15 +143,15 @@ def match_reports(rng: random.Random) -> tuple[str, list[str]]:
         scorers[side].append(scorer)
         half_time[side] += minute <= 45
         penalty = ", penalty" if rng.random() < PENALTY else ""
-        events.append((minute, f"{minute}' goal {scorer} ({clubs[side]}{penalty}).", scorer, side))
+        events.append((minute, f"{minute}' {clubs[side]} goal, {scorer}{penalty}.", scorer, side))
     for minute in minutes[num_goals:]:
         side = rng.randrange(2)
         kind = rng.choices(("yellow card", "red card", "substitution", "missed penalty"), (5, 1, 4, 1))[0]
         known = kind != "substitution" and scorers[side] and rng.random() < KNOWN_PLAYER
         player = rng.choice(scorers[side]) if known else new_player()
         if kind == "substitution":
-            kind = f"substitution {new_player()} on for"
-        events.append((minute, f"{minute}' {kind} {player} ({clubs[side]}).", None, None))
+            player = f"{new_player()} on for {player}"
+        events.append((minute, f"{minute}' {clubs[side]} {kind}, {player}.", None, None))
     if rng.random() < HALF_TIME:
         events.append((45.5, f"Half-time {half_time[0]}-{half_time[1]}.", None, None))
     events.append((91, f"Attendance {rng.randint(800, 60000)}.", None, None))
@@ -176,3 +192,26 @@ def _summaries(clubs: tuple[str, str], goals: list[tuple[str, int]]) -> list[str
         fields["venue"] = "at home against" if winner == 0 else "away at"
         templates = WIN_TEMPLATES
     return [pair[1 if highlights else 0].format(**fields) for pair in templates]
+
+
+_VENUE = re.compile(r"^(?:(?P<h1>.+) (?:hosted|welcomed) (?P<a1>.+)|(?P<a2>.+) visited (?P<h2>.+)) on \w+\.$")
+_GOAL = re.compile(r"^\d+' (?P<club>.+) goal, (?P<player>.+?)(?:, penalty)?\.$")
+_NAMED = re.compile(r"^\d+' .+ (?:yellow card|red card|missed penalty|substitution), (?:.+ on for )?(?P<player>.+)\.$")
+
+
+def parse_match_report(source: str) -> dict:
+    """Read a match_reports source back into its facts: home, away, goals per club, goals per player, and the
+    other players named; for checking the generator and for error analysis of summaries."""
+    first, *facts = re.split(r"(?<=\.) (?=\S)", source)
+    venue = _VENUE.match(first)
+    home, away = venue["h1"] or venue["h2"], venue["a1"] or venue["a2"]
+    goals, scorers, others = Counter(), Counter(), set()
+    for fact in facts:
+        if goal := _GOAL.match(fact):
+            goals[goal["club"]] += 1
+            scorers[goal["player"]] += 1
+        elif named := _NAMED.match(fact):
+            others.add(named["player"])
+        elif fact.startswith("Referee "):
+            others.add(fact.removeprefix("Referee ").rstrip("."))
+    return {"home": home, "away": away, "goals": goals, "scorers": scorers, "others": others - set(scorers)}

@@ -96,7 +96,8 @@ def _word(rng: random.Random, syllables: int) -> str:
 
 
 def _inventory(size: int, syllables: tuple[int, ...], seed: str, taken: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """`size` distinct invented words of `syllables` syllables (none in `taken`), the same in every run."""
+    """`size` distinct invented words (none in `taken`), the same in every run; each word's syllable count is
+    drawn from `syllables` (a draw even when there is one choice: it fixes the random stream, so the stocks)."""
     rng, words = random.Random(seed), {}
     while len(words) < size:
         if (word := _word(rng, rng.choice(syllables))) not in taken:

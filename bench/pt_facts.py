@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterable
 
-from summary_errors import NAMED, score
+from summary_errors import clubs_and_names, score
 
 from distilgen.config import DataConfig, from_dict, read_yaml
 from distilgen.data import load_splits
@@ -31,13 +31,13 @@ def facts_right(pairs: Iterable[tuple[str, str]]) -> dict[str, float]:
     n = clubs = right_score = written = copied = 0
     for source, text in pairs:
         facts = parse_match_report(source)
-        n += 1
-        clubs += facts["home"] in text and facts["away"] in text
+        both_clubs, names, in_report = clubs_and_names(facts, source, text)
         said = score(text) or (["0", "0"] if "goalless" in text else None)
+        n += 1
+        clubs += both_clubs
         right_score += said == sorted(str(facts["goals"][club]) for club in (facts["home"], facts["away"]))
-        names = set(NAMED.findall(text))
         written += len(names)
-        copied += sum(name in source for name in names)
+        copied += in_report
     return {"clubs": clubs / max(n, 1), "score": right_score / max(n, 1), "names copied": copied / max(written, 1)}
 
 

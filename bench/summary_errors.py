@@ -30,17 +30,24 @@ def score(text: str) -> list[str] | None:
     return sorted(numbers.groups()) if numbers else None
 
 
+def clubs_and_names(facts: dict, source: str, text: str) -> tuple[bool, set[str], int]:
+    """Of a summary `text` of the report `source` (with `facts` parsed from it): whether it names both clubs,
+    the player names it writes, and how many of those stand in the report."""
+    names = set(NAMED.findall(text))
+    return facts["home"] in text and facts["away"] in text, names, sum(name in source for name in names)
+
+
 def errors(rows: list[dict]) -> dict[str, float]:
     counts = dict.fromkeys(("clubs", "score", "scorers"), 0)
     written = copied = 0
     for row in rows:
         facts, prediction, reference = parse_match_report(row["source"]), row["prediction"], row["references"][0]
-        counts["clubs"] += facts["home"] in prediction and facts["away"] in prediction
+        both_clubs, names, in_report = clubs_and_names(facts, row["source"], prediction)
+        counts["clubs"] += both_clubs
         counts["score"] += score(prediction) == score(reference)
-        names = set(NAMED.findall(prediction))
         counts["scorers"] += names == set(NAMED.findall(reference))
         written += len(names)
-        copied += sum(name in row["source"] for name in names)
+        copied += in_report
     return {**{k: v / len(rows) for k, v in counts.items()}, "names copied": copied / max(written, 1)}
 
 

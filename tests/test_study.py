@@ -87,6 +87,15 @@ def test_study_trains_every_run_shares_pts_and_reports_gap_cost_and_a_plot(tmp_p
     study(cfg)  # a rerun trains and evaluates nothing again
     assert (out / "train_seconds.json").read_text() == times
 
+    # a run trained outside the study has no time: its row says so instead of failing the report
+    (out / "train_seconds.json").write_text(
+        json.dumps({k: v for k, v in json.loads(times).items() if k != "seq_kd_labeled/seed1"})
+    )
+    report = study(cfg)
+    assert [row["train_seconds"] is None for row in report["runs"]] == [False, False, True]
+    assert json.loads((out / "report.json").read_text())["runs"][2]["train_seconds"] is None
+    assert (out / "report.md").read_text().splitlines()[-1].endswith("| - |")
+
 
 # ---------------------------------------------------------------------------------------------
 # diagnose

@@ -113,7 +113,9 @@ def summarize(
                 ]
                 row[f"{metric}_gap_closed"] = None if None in gaps else _mean_std(gaps)
         row["cost"] = results[(name, cfg.seeds[0])].get("cost")
-        row["train_seconds"] = _mean_std([times.get(f"{name}/seed{s}", float("nan")) for s in cfg.seeds])
+        # a run trained outside the study (or before its times were kept) has no time: none rather than a guess
+        run_times = [times.get(f"{name}/seed{s}") for s in cfg.seeds]
+        row["train_seconds"] = None if None in run_times else _mean_std(run_times)
         rows.append(row)
     return {"split": cfg.split, "teacher": teacher, "runs": rows}
 
@@ -155,7 +157,8 @@ def markdown(report: dict[str, Any], metrics: list[str]) -> str:
     )
     for row in report["runs"]:
         cells = [row["name"], *(_fmt(row[m]) for m in metrics), _fmt(row.get(f"{metrics[0]}_gap_closed"), True)]
-        cells += [*cost_cells(row["cost"]), f"{row['train_seconds'][0]:.0f}"]
+        train = row["train_seconds"]
+        cells += [*cost_cells(row["cost"]), "-" if train is None else f"{train[0]:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -7,7 +7,9 @@ Both methods run distilgen's training loop (`train.train`) from the same student
 same inputs, PTs, batch size and lengths, with the live teacher (stored top-k off). The teacher PTs are
 generated first (not timed). Joint-Teaching samples fresh student PTs (eval mode, KV cache, no grad, nucleus
 0.95) on a share 1 - alpha of the steps and teacher-forces the teacher along them; the report gives samples/s
-of each and the cost ratio (logits_kd_pt samples/s over joint_teaching samples/s; target: <= 2 on a GPU).
+of each and the cost ratio (logits_kd_pt samples/s over joint_teaching samples/s; target: <= 2 on a GPU), at
+the default (fresh student PTs every student step), with `student_pts.refresh_every` (the PTs of that many
+student steps sampled in one call) and with batch mixing.
 Without --teacher, a teacher and a student of the BENCHMARKS.md sizes are built at random (they generate
 to max_new_tokens, the slowest case for student PTs).
 """
@@ -73,6 +75,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--inputs", type=int, default=512, help="unlabeled inputs with teacher PTs")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--refresh-every", type=int, default=4, help="student-PT steps sampled at once (staleness)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="jt-bench-"))
@@ -103,9 +106,15 @@ def main() -> None:
     samples = args.steps * args.batch_size
     timings = {}
     batch_mixing = dataclasses.replace(base.student_pts, mixing="batch")
+    ahead = dataclasses.replace(base.student_pts, refresh_every=args.refresh_every)
     cases = [
         ("logits_kd_pt", "logits_kd_pt", {}),
         ("joint_teaching (alpha 0.5, steps)", "joint_teaching", {}),
+        (
+            f"joint_teaching (alpha 0.5, steps, refresh_every {args.refresh_every})",
+            "joint_teaching",
+            {"student_pts": ahead},
+        ),
         ("joint_teaching (alpha 0.5, batch)", "joint_teaching", {"student_pts": batch_mixing}),
     ]
     for name, method, overrides in cases:

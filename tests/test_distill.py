@@ -20,7 +20,7 @@ from distilgen.distill import (
     distill,
     is_student_step,
     prepare_pts,
-    student_pt_batch,
+    sample_student_pts,
     student_pt_prepare,
     teacher_pt_items,
 )
@@ -113,32 +113,75 @@ def test_each_input_cycles_through_its_k_teacher_pts_across_epochs(pt_context):
     assert [it.id for it in items(0)] == [it.id for it in items(1)]
 
 
+def _nothing_ahead(steps):
+    return {}
+
+
 def test_a_student_step_swaps_in_fresh_student_pts_and_a_teacher_step_keeps_the_batch(pt_context):
     ctx = pt_context
     items = teacher_pt_items(ctx)(0)[:4]
     batch = ctx.student.collate(items)
     prepare = student_pt_prepare(ctx, alpha=0.5)
-    assert prepare(ctx.student, 0, batch) is batch  # step 0: teacher PTs
-    fresh = prepare(ctx.student, 1, batch)  # step 1: student PTs for the same sources
+    assert prepare(ctx.student, 0, [batch], _nothing_ahead) == [batch]  # step 0: teacher PTs
+    (fresh,) = prepare(ctx.student, 1, [batch], _nothing_ahead)  # step 1: student PTs for the same sources
     assert torch.equal(fresh["source_ids"], batch["source_ids"]) and "topk_rows" not in fresh
     assert not torch.equal(fresh["target_ids"][:, :3], batch["target_ids"][:, :3])
-    again = student_pt_batch(ctx, ctx.student, batch, step=1)
+    (again,) = sample_student_pts(ctx, ctx.student, {1: [batch]})[1]
     assert torch.equal(again["target_ids"], fresh["target_ids"])  # seeded by (seed, step, row)
-    other = student_pt_batch(ctx, ctx.student, batch, step=3)
+    (other,) = sample_student_pts(ctx, ctx.student, {3: [batch]})[3]
     assert not torch.equal(other["target_ids"], fresh["target_ids"])
     eos = ctx.student.tokenizer.eos_token_id
     assert all(eos in row for row in fresh["target_ids"].tolist())
     assert ctx.student.model.training  # generation ran in eval mode and restored the mode
 
 
+def test_refresh_every_samples_a_window_of_student_steps_in_one_call_with_the_same_draws(pt_context, monkeypatch):
+    ctx = pt_context
+    items = teacher_pt_items(ctx)(0)
+    # step s trains on two micro-batches (grad_accum 2) of 3 rows each, all different sources
+    steps = {s: [ctx.student.collate(items[6 * s + 3 * j : 6 * s + 3 * j + 3]) for j in range(2)] for s in range(8)}
+    calls = []
+    generate = ctx.student.layout.generate
+    monkeypatch.setattr(
+        ctx.student.layout,
+        "generate",
+        lambda model, batch, **kw: calls.append(len(batch["source_ids"])) or generate(model, batch, **kw),
+    )
+
+    def run(refresh_every: int) -> list[list[dict]]:
+        monkeypatch.setattr(ctx.cfg.student_pts, "refresh_every", refresh_every)
+        prepare = student_pt_prepare(ctx, alpha=0.5)
+        asked = []
+
+        def upcoming(later):
+            asked.append(list(later))
+            return {s: steps[s] for s in later if s < 8}  # the run ends after step 7
+
+        trained = [prepare(ctx.student, s, steps[s], upcoming) for s in range(8)]
+        return trained, asked
+
+    fresh, asked = run(1)
+    assert calls == [6] * 4 and asked == [[]] * 4  # steps 1, 3, 5, 7: one call each, no look-ahead
+    calls.clear()
+    stale, asked = run(3)
+    assert calls == [18, 6]  # steps 1, 3, 5 in one call; then step 7 (9 and 11 are past the run)
+    assert asked == [[3, 5], [9, 11]]
+    for s in range(8):
+        for a, b in zip(fresh[s], stale[s], strict=True):
+            assert torch.equal(a["source_ids"], b["source_ids"]) and torch.equal(a["target_ids"], b["target_ids"])
+        if s % 2 == 0:
+            assert stale[s] is steps[s]  # teacher-PT steps are untouched
+
+
 def test_within_batch_mixing_trains_on_both_kinds_weighted_by_alpha(pt_context, monkeypatch):
     ctx = pt_context
     monkeypatch.setattr(ctx.cfg.student_pts, "mixing", "batch")
     batch = ctx.student.collate(teacher_pt_items(ctx)(0)[:4])
-    mixed = student_pt_prepare(ctx, alpha=0.75)(ctx.student, 0, batch)
+    (mixed,) = student_pt_prepare(ctx, alpha=0.75)(ctx.student, 0, [batch], _nothing_ahead)
     assert mixed["target_ids"].shape[0] == 8
     assert mixed["row_weight"].tolist() == [1.5] * 4 + [0.5] * 4
     assert torch.equal(mixed["source_ids"][:4, : batch["source_ids"].shape[1]], batch["source_ids"])
+    assert student_pt_prepare(ctx, alpha=1.0)(ctx.student, 0, [batch], _nothing_ahead) == [batch]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +204,31 @@ def test_every_method_trains_a_tiny_student_and_its_loss_goes_down(method, tmp_p
     assert Path(summary["model"], "model.safetensors").exists()
     if method != "finetune":
         assert summary["finetune"]["steps"] == 3  # one epoch of 24 labeled examples in batches of 8
+
+
+def test_joint_teaching_with_refresh_every_samples_ahead_within_each_epoch(tmp_path, teacher_dir, monkeypatch):
+    import distilgen.distill as distill_module
+
+    windows = []
+    original = distill_module.sample_student_pts
+    monkeypatch.setattr(
+        distill_module,
+        "sample_student_pts",
+        lambda ctx, tm, window: windows.append({s: len(b) for s, b in window.items()}) or original(ctx, tm, window),
+    )
+    overrides = {"student_pts.refresh_every": 3, "train.batch_size": 4, "train.grad_accum": 2}
+    distill(_cfg(tmp_path, teacher_dir, "joint_teaching", **overrides))
+    # 56 items an epoch (24 gold, 32 PTs) make 14 batches, 7 steps of 2 micro-batches: steps 0-6, then 7-11
+    assert windows == [{1: 2, 3: 2, 5: 2}, {7: 2, 9: 2, 11: 2}]
+    losses = _losses(tmp_path / "joint_teaching" / "distill")
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]), losses
+
+
+def test_refresh_every_below_one_is_refused_with_its_key(tmp_path, teacher_dir):
+    from distilgen.config import ConfigError
+
+    with pytest.raises(ConfigError, match="student_pts.refresh_every.*>= 1"):
+        _cfg(tmp_path, teacher_dir, "joint_teaching", **{"student_pts.refresh_every": 0})
 
 
 def test_stored_topk_replaces_the_teacher_pass_on_teacher_pts(tmp_path, teacher_dir, monkeypatch):

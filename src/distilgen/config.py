@@ -644,9 +644,15 @@ class StudentPTConfig:
     """Sampling temperature of the student."""
     max_new_tokens: int = 64
     """Longest student PT."""
+    refresh_every: int = 1
+    """Staleness knob: sample the student PTs of this many student-PT steps at once, in one batched `generate`,
+    by the student of the first of them (1: fresh every step, as in the study). Larger values keep a GPU busier
+    during generation; the PTs of a window's later steps are up to refresh_every - 1 student steps old. A
+    window stops at the end of an epoch, and a resumed run starts a new one."""
 
     def __post_init__(self):
         check(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
+        check(self.refresh_every >= 1, "refresh_every", f"must be >= 1, got {self.refresh_every}")
         check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")

@@ -4,9 +4,10 @@
     distilgen distill configs/distill/joint_teaching.yaml method=logits_kd_pt
 
 A method turns a `Context` (teacher, student, data, PT store, config) into a `Plan`: the training items of
-each epoch, an optional `prepare` hook that rewrites a micro-batch before it is trained on (student PTs),
-and the loss. `distill` runs the plan on the shared training loop (`train.train`: Accelerate, resume after a
-kill, early stopping on dev), then the study's final stage of plain fine-tuning on the labeled data.
+each epoch, an optional `prepare` hook that rewrites a step's micro-batches before they are trained on
+(student PTs), and the loss. `distill` runs the plan on the shared training loop (`train.train`:
+Accelerate, resume after a kill, early stopping on dev), then the study's final stage of plain fine-tuning
+on the labeled data.
 
 | method         | targets                                              | loss                       |
 |----------------|------------------------------------------------------|----------------------------|
@@ -55,6 +56,7 @@ from distilgen.train import (
     LossFn,
     Prepare,
     TrainingError,
+    Upcoming,
     check_same_run,
     cross_entropy_loss,
     dev_evaluator,
@@ -310,11 +312,13 @@ def attention_kd_loss(ctx: Context) -> LossFn:
 
 
 @torch.no_grad()
-def student_pt_batch(ctx: Context, tm: TextModel, batch: Batch, step: int) -> Batch:
-    """The batch's sources with fresh PTs sampled by the current student `tm` (eval mode, KV cache, no grad).
+def sample_student_pts(ctx: Context, tm: TextModel, window: dict[int, list[Batch]]) -> dict[int, list[Batch]]:
+    """Each step's micro-batches with fresh PTs of the current student `tm` as targets, sampled for all the
+    window's sources in one `generate` call (eval mode, KV cache, no grad).
 
-    Row r of step s is sampled with seed `sample_seed(seed, "student-step-s", r)`, so a resumed run draws the
-    PTs the uninterrupted one would have, given the same weights.
+    Row r of step s (counting across the step's micro-batches) is sampled with seed
+    `sample_seed(seed, "student-step-s", r)`: how steps are grouped into windows does not change a row's draw,
+    and a resumed run draws the PTs the uninterrupted one would have, given the same weights.
     """
     from distilgen.pt_generation import seeded_generate_kwargs
 
@@ -322,60 +326,102 @@ def student_pt_batch(ctx: Context, tm: TextModel, batch: Batch, step: int) -> Ba
     spec = DecodingSpec(
         "student", "sample", temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens
     )
-    rows = batch["source_ids"].shape[0]
-    seeds = [sample_seed(ctx.cfg.seed, f"student-step-{step}", r) for r in range(rows)]
+    seeds = [
+        sample_seed(ctx.cfg.seed, f"student-step-{step}", r)
+        for step, batches in window.items()
+        for r in range(sum(b["source_ids"].shape[0] for b in batches))
+    ]
     kwargs = seeded_generate_kwargs(spec, seeds)
     kwargs.update(pad_token_id=tm.tokenizer.pad_token_id, eos_token_id=tm.tokenizer.eos_token_id)
+    parts = [b for batches in window.values() for b in batches]
+    sources = _stack_rows(parts, ("source_ids", "source_mask"), tm.tokenizer.pad_token_id, tm.layout.pad_source_left)
     was_training = tm.model.training
     tm.model.eval()
     device = tm.device
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        generated = tm.layout.generate(
-            tm.model, {"source_ids": batch["source_ids"], "source_mask": batch["source_mask"]}, **kwargs
-        )
+        generated = tm.layout.generate(tm.model, sources, **kwargs)
     tm.model.train(was_training)
     limit = ctx.cfg.data.max_target_length
-    targets = [tm.target_ids(tokens)[:limit] for tokens in tm.output_tokens(generated)]
-    collated = tm.collate([Encoded("", [0], target) for target in targets])
-    return {
-        "source_ids": batch["source_ids"],
-        "source_mask": batch["source_mask"],
-        "target_ids": collated["target_ids"].to(device),
-        "target_mask": collated["target_mask"].to(device),
-    }
-
-
-def _concat_rows(first: Batch, second: Batch, pad_id: int, pad_source_left: bool) -> Batch:
-    """Stack two batches' rows, padding sources and targets to the wider of the two."""
-    out = {}
-    for key in ("source_ids", "source_mask", "target_ids", "target_mask"):
-        a, b = first[key], second[key]
-        width = max(a.shape[1], b.shape[1])
-        fill = pad_id if key.endswith("ids") else 0
-        left = pad_source_left and key.startswith("source")
-        a, b = (
-            torch.nn.functional.pad(x, (width - x.shape[1], 0) if left else (0, width - x.shape[1]), value=fill)
-            for x in (a, b)
-        )
-        out[key] = torch.cat([a, b])
-    out["row_weight"] = torch.cat([first["row_weight"], second["row_weight"]])
+    targets = iter([tm.target_ids(tokens)[:limit] for tokens in tm.output_tokens(generated)])
+    out: dict[int, list[Batch]] = {}
+    for step, batches in window.items():
+        out[step] = []
+        for b in batches:
+            collated = tm.collate([Encoded("", [0], next(targets)) for _ in range(b["source_ids"].shape[0])])
+            out[step].append(
+                {
+                    "source_ids": b["source_ids"],
+                    "source_mask": b["source_mask"],
+                    "target_ids": collated["target_ids"].to(device),
+                    "target_mask": collated["target_mask"].to(device),
+                }
+            )
     return out
 
 
-def student_pt_prepare(ctx: Context, alpha: float) -> Prepare:
-    """Joint-Teaching's `prepare`: per the mixing mode, swap in or add fresh student PTs."""
-    mixing = ctx.cfg.student_pts.mixing
+def _stack_rows(batches: Sequence[Batch], keys: Sequence[str], pad_id: int, pad_source_left: bool) -> Batch:
+    """The batches' rows stacked, for each of `keys`, padded to the widest (and `row_weight` when they have it)."""
+    out = {}
+    for key in keys:
+        width = max(b[key].shape[1] for b in batches)
+        fill = pad_id if key.endswith("ids") else 0
+        left = pad_source_left and key.startswith("source")
+        out[key] = torch.cat(
+            [
+                torch.nn.functional.pad(x, (width - x.shape[1], 0) if left else (0, width - x.shape[1]), value=fill)
+                for x in (b[key] for b in batches)
+            ]
+        )
+    if all("row_weight" in b for b in batches):
+        out["row_weight"] = torch.cat([b["row_weight"] for b in batches])
+    return out
 
-    def prepare(tm: TextModel, step: int, batch: Batch) -> Batch:
-        if mixing == "steps" or alpha == 0:
-            return student_pt_batch(ctx, tm, batch, step) if is_student_step(step, alpha) else batch
-        rows = batch["source_ids"].shape[0]
-        teacher_half = {k: v for k, v in batch.items() if not k.startswith("topk")}
-        teacher_half["row_weight"] = torch.full((rows,), 2 * alpha, device=batch["source_ids"].device)
-        student_half = student_pt_batch(ctx, tm, batch, step)
-        student_half["row_weight"] = torch.full((rows,), 2 * (1 - alpha), device=batch["source_ids"].device)
-        return _concat_rows(teacher_half, student_half, tm.tokenizer.pad_token_id, tm.layout.pad_source_left)
+
+def _later_steps(step: int, count: int, is_student: Callable[[int], bool]) -> list[int]:
+    """The next `count` student-PT steps after `step`."""
+    later = []
+    while len(later) < count:
+        step += 1
+        if is_student(step):
+            later.append(step)
+    return later
+
+
+def student_pt_prepare(ctx: Context, alpha: float) -> Prepare:
+    """Joint-Teaching's `prepare`: per the mixing mode, swap in or add fresh student PTs.
+
+    With `student_pts.refresh_every` = N > 1, the first student-PT step of a window samples the PTs of the next
+    N - 1 student-PT steps of the epoch too, and keeps them until their step comes.
+    """
+    cfg = ctx.cfg.student_pts
+    by_step = cfg.mixing == "steps" or alpha == 0
+
+    def is_student(step: int) -> bool:
+        return is_student_step(step, alpha) if by_step else alpha < 1
+
+    ahead: dict[int, list[Batch]] = {}
+
+    def prepare(tm: TextModel, step: int, batches: list[Batch], upcoming: Upcoming) -> list[Batch]:
+        if not is_student(step):
+            return batches
+        if step not in ahead:
+            ahead.clear()
+            window = {step: batches, **upcoming(_later_steps(step, cfg.refresh_every - 1, is_student))}
+            ahead.update(sample_student_pts(ctx, tm, window))
+        fresh = ahead.pop(step)
+        if by_step:
+            return fresh
+        mixed = []
+        for teacher_half, student_half in zip(batches, fresh, strict=True):
+            rows, device = teacher_half["source_ids"].shape[0], teacher_half["source_ids"].device
+            teacher_half = {k: v for k, v in teacher_half.items() if not k.startswith("topk")}
+            teacher_half["row_weight"] = torch.full((rows,), 2 * alpha, device=device)
+            student_half = {**student_half, "row_weight": torch.full((rows,), 2 * (1 - alpha), device=device)}
+            keys = ("source_ids", "source_mask", "target_ids", "target_mask")
+            pad, left = tm.tokenizer.pad_token_id, tm.layout.pad_source_left
+            mixed.append(_stack_rows([teacher_half, student_half], keys, pad, left))
+        return mixed
 
     return prepare
 

@@ -208,9 +208,13 @@ Items = Sequence[Encoded] | Callable[[int], Sequence[Encoded]]
 """Training items, or a function of the epoch giving them (PT methods: a different PT each epoch; the
 number of items must not change between epochs)."""
 
-Prepare = Callable[[TextModel, int, Batch], Batch]
-"""(current model, 0-based optimizer step, micro-batch on device) -> the micro-batch to train on, before its
-target tokens are counted (Joint-Teaching swaps in fresh student PTs here)."""
+Upcoming = Callable[[Sequence[int]], dict[int, list[Batch]]]
+"""Later optimizer steps -> their micro-batches on device; steps past the epoch or the run are left out."""
+
+Prepare = Callable[[TextModel, int, list[Batch], Upcoming], list[Batch]]
+"""(current model, 0-based optimizer step, the step's micro-batches on device, a view of later steps) -> the
+micro-batches to train on, before their target tokens are counted (Joint-Teaching swaps in fresh student PTs
+here, sampling those of later steps with them when `student_pts.refresh_every` > 1)."""
 
 
 def train(
@@ -232,7 +236,7 @@ def train(
         loss_fn: summed loss of one micro-batch; the loop divides by the step's target tokens.
         evaluate: dev score of the current model, higher is better; None saves the last model.
         on_step: called after every optimizer step (tests use it to simulate a crash).
-        prepare: transforms each micro-batch before it is counted and trained on (see `Prepare`).
+        prepare: transforms each step's micro-batches before they are counted and trained on (see `Prepare`).
     """
     # --- setup ---------------------------------------------------------------------------------
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -315,17 +319,24 @@ def train(
     model.train()
     progress = tqdm(total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process)
     started, loss_window, stop = time.perf_counter(), [], state.finished
+
+    def step_batches(start: int) -> list[Batch]:
+        """The micro-batches of the step whose first batch is `start` in this epoch's share of this process."""
+        micro = [tm.collate([epoch_items[i] for i in mine[start + j]]) for j in range(cfg.grad_accum)]
+        return [{k: v.to(accelerator.device) for k, v in b.items()} for b in micro]
+
+    def upcoming(steps: Sequence[int]) -> dict[int, list[Batch]]:
+        starts = {s: state.batch_in_epoch + (s - state.step) * cfg.grad_accum for s in steps}
+        return {s: step_batches(b) for s, b in starts.items() if s < total_steps and b + cfg.grad_accum <= len(mine)}
+
     while state.step < total_steps and not stop:
         epoch_items = items_at(state.epoch)
         batches = epoch_batches(epoch_items, cfg.batch_size, seed, state.epoch)
         mine = batches[accelerator.process_index :: accelerator.num_processes][:batches_per_epoch]
         while state.batch_in_epoch + cfg.grad_accum <= len(mine) and state.step < total_steps and not stop:
-            micro = [mine[state.batch_in_epoch + i] for i in range(cfg.grad_accum)]
-            micro_batches = [
-                {k: v.to(accelerator.device) for k, v in tm.collate([epoch_items[i] for i in b]).items()} for b in micro
-            ]
+            micro_batches = step_batches(state.batch_in_epoch)
             if prepare is not None:
-                micro_batches = [prepare(unwrapped, state.step, b) for b in micro_batches]
+                micro_batches = prepare(unwrapped, state.step, micro_batches, upcoming)
             local_tokens = sum(b["target_mask"].sum() for b in micro_batches)
             step_tokens = accelerator.reduce(local_tokens.float(), reduction="sum").clamp_min(1)
             step_loss = torch.zeros((), device=accelerator.device)

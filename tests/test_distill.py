@@ -135,6 +135,27 @@ def test_a_student_step_swaps_in_fresh_student_pts_and_a_teacher_step_keeps_the_
     assert ctx.student.model.training  # generation ran in eval mode and restored the mode
 
 
+def test_student_pts_with_a_static_cache_pad_sources_to_buckets_and_are_the_same(pt_context, monkeypatch):
+    ctx = pt_context
+    batch = ctx.student.collate(teacher_pt_items(ctx)(0)[:4])
+    seen = []
+    generate = ctx.student.layout.generate
+    monkeypatch.setattr(
+        ctx.student.layout,
+        "generate",
+        lambda model, b, **kw: (
+            seen.append((b["source_ids"].shape[1], kw.get("cache_implementation"))) or generate(model, b, **kw)
+        ),
+    )
+    (dynamic,) = sample_student_pts(ctx, ctx.student, {1: [batch]})[1]  # default: off
+    monkeypatch.setattr(ctx.cfg.student_pts, "static_cache", "on")
+    (static,) = sample_student_pts(ctx, ctx.student, {1: [batch]})[1]
+    width = batch["source_ids"].shape[1]
+    assert width % 64 and seen == [(width, None), (-(-width // 64) * 64, "static")]
+    assert torch.equal(static["source_ids"], batch["source_ids"])  # the training batch keeps its own width
+    assert torch.equal(static["target_ids"], dynamic["target_ids"])
+
+
 def test_refresh_every_samples_a_window_of_student_steps_in_one_call_with_the_same_draws(pt_context, monkeypatch):
     ctx = pt_context
     items = teacher_pt_items(ctx)(0)

@@ -348,3 +348,29 @@ def test_generate_config_errors_name_the_key(tmp_path, teacher_dir):
         [sys.executable, "-m", "distilgen.cli", "pts", "show", str(cfg)], env=cli_env(), capture_output=True, text=True
     )
     assert result.returncode == 2
+
+
+@pytest.mark.parametrize("arch", ["bart", "gpt2"])
+def test_a_static_cache_pads_sources_to_buckets_and_gives_the_same_pts(teacher, splits, tmp_path, monkeypatch):
+    sources = [e.source for e in splits["train"][:6]]
+    fp = teacher_fingerprint(teacher, 256)
+    seen = []
+    real = type(teacher.layout).generate
+
+    def spy(layout, model, batch, prefix=None, **kwargs):
+        seen.append((batch["source_ids"].shape[1], kwargs.get("cache_implementation")))
+        return real(layout, model, batch, prefix, **kwargs)
+
+    monkeypatch.setattr(type(teacher.layout), "generate", spy)
+    for spec in (GREEDY, SAMPLE2):
+        dynamic, static = PTStore(tmp_path / f"{spec.name}-dynamic"), PTStore(tmp_path / f"{spec.name}-static")
+        generate_pts(teacher, dynamic, fp, spec, sources, batch_size=4, progress=False)  # auto: off on CPU
+        assert all(cache is None for _, cache in seen) and any(width % 64 for width, _ in seen)
+        seen.clear()
+        generate_pts(teacher, static, fp, spec, sources, batch_size=4, static_cache="on", progress=False)
+        assert seen and all(width % 64 == 0 and cache == "static" for width, cache in seen)
+        seen.clear()
+        assert _contents(dynamic, fp, spec, sources) == _contents(static, fp, spec, sources)
+    beam = DecodingSpec("beam2", "beam", num_beams=2, max_new_tokens=8)
+    generate_pts(teacher, PTStore(tmp_path / "beam"), fp, beam, sources, static_cache="on", progress=False)
+    assert all(cache is None for _, cache in seen)  # beam search keeps the dynamic cache

@@ -314,13 +314,14 @@ def attention_kd_loss(ctx: Context) -> LossFn:
 @torch.no_grad()
 def sample_student_pts(ctx: Context, tm: TextModel, window: dict[int, list[Batch]]) -> dict[int, list[Batch]]:
     """Each step's micro-batches with fresh PTs of the current student `tm` as targets, sampled for all the
-    window's sources in one `generate` call (eval mode, KV cache, no grad).
+    window's sources in one `generate` call (eval mode, KV cache, no grad; with `static_cache` the compiled
+    decoder step follows the weights as they train, since the optimizer updates them in place).
 
     Row r of step s (counting across the step's micro-batches) is sampled with seed
     `sample_seed(seed, "student-step-s", r)`: how steps are grouped into windows does not change a row's draw,
     and a resumed run draws the PTs the uninterrupted one would have, given the same weights.
     """
-    from distilgen.pt_generation import seeded_generate_kwargs
+    from distilgen.pt_generation import SOURCE_BUCKET, seeded_generate_kwargs, use_static_cache
 
     cfg = ctx.cfg.student_pts
     spec = DecodingSpec(
@@ -333,11 +334,15 @@ def sample_student_pts(ctx: Context, tm: TextModel, window: dict[int, list[Batch
     ]
     kwargs = seeded_generate_kwargs(spec, seeds)
     kwargs.update(pad_token_id=tm.tokenizer.pad_token_id, eos_token_id=tm.tokenizer.eos_token_id)
+    device = tm.device
+    static = use_static_cache(cfg.static_cache, device)
+    if static:
+        kwargs["cache_implementation"] = "static"
     parts = [b for batches in window.values() for b in batches]
-    sources = _stack_rows(parts, ("source_ids", "source_mask"), tm.tokenizer.pad_token_id, tm.layout.pad_source_left)
+    keys, pad, left = ("source_ids", "source_mask"), tm.tokenizer.pad_token_id, tm.layout.pad_source_left
+    sources = _stack_rows(parts, keys, pad, left, multiple=SOURCE_BUCKET if static else 1)
     was_training = tm.model.training
     tm.model.eval()
-    device = tm.device
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         generated = tm.layout.generate(tm.model, sources, **kwargs)
@@ -360,11 +365,14 @@ def sample_student_pts(ctx: Context, tm: TextModel, window: dict[int, list[Batch
     return out
 
 
-def _stack_rows(batches: Sequence[Batch], keys: Sequence[str], pad_id: int, pad_source_left: bool) -> Batch:
-    """The batches' rows stacked, for each of `keys`, padded to the widest (and `row_weight` when they have it)."""
+def _stack_rows(
+    batches: Sequence[Batch], keys: Sequence[str], pad_id: int, pad_source_left: bool, multiple: int = 1
+) -> Batch:
+    """The batches' rows stacked, for each of `keys`, padded to the widest rounded up to a multiple of
+    `multiple` (and `row_weight` when they have it)."""
     out = {}
     for key in keys:
-        width = max(b[key].shape[1] for b in batches)
+        width = -(-max(b[key].shape[1] for b in batches) // multiple) * multiple
         fill = pad_id if key.endswith("ids") else 0
         left = pad_source_left and key.startswith("source")
         out[key] = torch.cat(
@@ -500,8 +508,8 @@ def prepare_pts(ctx: Context, state: Accelerator) -> None:
     report = generate_pts(
         ctx.teacher, ctx.store, ctx.teacher_fp, spec, [e.source for e in _pt_examples(ctx)],
         batch_size=cfg.pts.batch_size, max_source_length=cfg.data.max_source_length, topk=cfg.pts.topk,
-        process_index=state.process_index, num_processes=state.num_processes, barrier=state.wait_for_everyone,
-        progress=state.is_local_main_process,
+        static_cache=cfg.pts.static_cache, process_index=state.process_index, num_processes=state.num_processes,
+        barrier=state.wait_for_everyone, progress=state.is_local_main_process,
     )  # fmt: skip
     state.wait_for_everyone()
     log.info("teacher PTs: %d requested, %d generated here", report.requested, report.generated)

@@ -131,8 +131,10 @@ Batch = dict[str, torch.Tensor]
 """`source_ids`/`source_mask` (B, S) and, for training, `target_ids`/`target_mask` (B, T)."""
 
 
-def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
+def _pad(
+    rows: Sequence[Sequence[int]], pad_id: int, left: bool, multiple: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = -(-max(len(r) for r in rows) // multiple) * multiple
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
@@ -330,9 +332,13 @@ class TextModel:
             out.append(Encoded(example.id, src_pre + src[:keep] + src_post, target_ids))
         return out, stats
 
-    def collate(self, items: Sequence[Encoded]) -> Batch:
+    def collate(self, items: Sequence[Encoded], source_multiple: int = 1) -> Batch:
+        """Padded tensors; the source width is rounded up to a multiple of `source_multiple` (fewer distinct
+        shapes, for compiled decoding)."""
         pad = self.tokenizer.pad_token_id
-        source_ids, source_mask = _pad([it.source for it in items], pad, left=self.layout.pad_source_left)
+        source_ids, source_mask = _pad(
+            [it.source for it in items], pad, left=self.layout.pad_source_left, multiple=source_multiple
+        )
         batch = {"source_ids": source_ids, "source_mask": source_mask}
         if all(it.target for it in items):
             batch["target_ids"], batch["target_mask"] = _pad([it.target for it in items], pad, left=False)
@@ -379,6 +385,15 @@ class TextModel:
 
 def _layout_for(config: Any) -> Layout:
     return EncoderDecoderLayout() if getattr(config, "is_encoder_decoder", False) else DecoderOnlyLayout()
+
+
+def avoid_cudnn_attention() -> None:
+    """Keep PyTorch's attention off its cuDNN kernel (process-wide; flash and memory-efficient kernels remain).
+
+    cuDNN attention builds a plan for every new input shape, about 0.25 s each on an H100, and length-sorted
+    batches bring a new shape nearly every batch: it made sorted generation slower than an unsorted loop.
+    """
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def load_model(cfg: ModelConfig, texts: Callable[[], Iterable[str]] | None = None) -> TextModel:

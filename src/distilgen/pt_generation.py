@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from distilgen.config import ConfigError, DecodingSpec, GenerateConfig, ModelConfig
 from distilgen.data import load_splits
-from distilgen.models import Encoded, TextModel, load_model
+from distilgen.models import Encoded, TextModel, avoid_cudnn_attention, load_model
 from distilgen.pseudo_targets import MissingPT, PTRecord, PTStore, get_spec, sample_seed
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,15 @@ def plan_batches(rows: Sequence[Row], spec: DecodingSpec, batch_size: int) -> li
     return batches
 
 
+SOURCE_BUCKET = 64
+"""Source widths under a static cache are multiples of this: few compiled shapes, little padding."""
+
+
+def use_static_cache(setting: str, device: torch.device) -> bool:
+    """Whether a `static_cache` setting ("on", "off", "auto": on a GPU) decodes with a static KV cache."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
 def _sequences(spec: DecodingSpec, row: Row) -> int:
     return {"greedy": 1, "beam": spec.num_beams, "sample": len(row.sample_indices)}[spec.kind]
 
@@ -231,6 +240,7 @@ def generate_pts(
     max_source_length: int = 512,
     topk: int = 0,
     shard_size: int = 2048,
+    static_cache: str = "auto",
     process_index: int = 0,
     num_processes: int = 1,
     barrier=None,
@@ -243,6 +253,7 @@ def generate_pts(
         teacher_fp: `teacher_fingerprint(tm, ...)`, the store's key of this teacher.
         topk: also store the teacher's top-k log-probs at every PT token (0: none).
         shard_size: PTs buffered before they are written as one shard.
+        static_cache: "on", "off" or "auto" (on when the teacher is on a GPU); see `GenerateConfig.static_cache`.
         process_index, num_processes: this process takes rows process_index, process_index + n, ... of the plan.
         barrier: called after every process has read the store and before any writes (`wait_for_everyone`), so
             that all processes plan the same rows.
@@ -260,9 +271,10 @@ def generate_pts(
     bar = tqdm(total=total, desc=f"generate {spec.name}", unit="seq", disable=not progress or not rows)
     was_training = tm.model.training
     tm.model.eval()
+    static = use_static_cache(static_cache, tm.device)
     buffer: list[PTRecord] = []
     for batch in plan_batches(rows, spec, batch_size):
-        records = _generate_batch(tm, spec, batch, topk)
+        records = _generate_batch(tm, spec, batch, topk, static and spec.kind != "beam")
         buffer += records
         sequences = sum(_sequences(spec, r) for r in batch)
         report.sequences += sequences
@@ -294,9 +306,17 @@ def _source_ids(tm: TextModel, sources: list[str], max_source_length: int) -> li
 
 
 @torch.no_grad()
-def _generate_batch(tm: TextModel, spec: DecodingSpec, rows: Sequence[Row], topk: int) -> list[PTRecord]:
-    """Decode one batch of rows and turn the outputs into PT records (with top-k log-probs when asked)."""
-    batch = {k: v.to(tm.device) for k, v in tm.collate([Encoded("", r.source, []) for r in rows]).items()}
+def _generate_batch(
+    tm: TextModel, spec: DecodingSpec, rows: Sequence[Row], topk: int, static_cache: bool = False
+) -> list[PTRecord]:
+    """Decode one batch of rows and turn the outputs into PT records (with top-k log-probs when asked).
+
+    With `static_cache` the sources are padded to a multiple of `SOURCE_BUCKET` tokens, so that the compiled
+    decoder step (one per cross-attention length) is reused across batches.
+    """
+    items = [Encoded("", r.source, []) for r in rows]
+    collated = tm.collate(items, source_multiple=SOURCE_BUCKET if static_cache else 1)
+    batch = {k: v.to(tm.device) for k, v in collated.items()}
     seeds = None
     if spec.kind == "sample":
         seeds = [sample_seed(spec.seed, r.input_key, i) for r in rows for i in r.sample_indices]
@@ -306,6 +326,8 @@ def _generate_batch(tm: TextModel, spec: DecodingSpec, rows: Sequence[Row], topk
         kwargs = spec.generate_kwargs()
     per_row = kwargs.get("num_return_sequences", 1)
     kwargs.update(pad_token_id=tm.tokenizer.pad_token_id, eos_token_id=tm.tokenizer.eos_token_id)
+    if static_cache:
+        kwargs["cache_implementation"] = "static"
     generated = tm.layout.generate(tm.model, batch, **kwargs)  # (B * per_row, N), row b's outputs together
     contents = tm.output_tokens(generated)
     targets = [tm.target_ids(ids) for ids in contents]
@@ -355,6 +377,8 @@ def resolve_spec(spec: str | DecodingSpec) -> DecodingSpec:
 def load_teacher(cfg: ModelConfig, precision: str, device: torch.device) -> TextModel:
     """The teacher in inference mode on `device`, in bf16 when asked (auto: on a GPU that supports it)."""
     tm = load_model(cfg)
+    if device.type == "cuda":
+        avoid_cudnn_attention()  # length-sorted batches: a new shape nearly every batch
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     tm.model.to(device=device, dtype=torch.bfloat16 if use_bf16 else torch.float32).eval()
     tm.model.requires_grad_(False)
@@ -385,6 +409,7 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         max_source_length=cfg.data.max_source_length,
         topk=cfg.topk,
         shard_size=cfg.shard_size,
+        static_cache=cfg.static_cache,
         process_index=state.process_index,
         num_processes=state.num_processes,
         barrier=state.wait_for_everyone,

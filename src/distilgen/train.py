@@ -35,7 +35,7 @@ from distilgen.config import ConfigError, DataConfig, DecodingConfig, FinetuneCo
 from distilgen.data import Example, load_splits
 from distilgen.evaluate import generate, gold_perplexity
 from distilgen.metrics import compute_metrics
-from distilgen.models import Batch, Encoded, TextModel, load_model
+from distilgen.models import Batch, Encoded, TextModel, avoid_cudnn_attention, load_model
 from distilgen.objectives import cross_entropy, masked_sum, noise_tokens, permute_spans
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class TrainState:
 
 
 def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
+    avoid_cudnn_attention()  # batches vary in length
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"

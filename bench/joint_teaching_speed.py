@@ -1,15 +1,18 @@
 """Training speed of Joint-Teaching against Logits KD on teacher PTs, side by side, per training sample.
 
     python bench/joint_teaching_speed.py --teacher runs/bench/teacher/model          # CPU
-    python bench/joint_teaching_speed.py --teacher runs/bench/teacher/model --steps 200 --batch-size 64
+    python bench/joint_teaching_speed.py --teacher runs/bench/teacher/model --steps 150 --batch-size 64 \
+        --warmup-steps 30
 
 Both methods run distilgen's training loop (`train.train`) from the same student initialisation on the
 same inputs, PTs, batch size and lengths, with the live teacher (stored top-k off). The teacher PTs are
 generated first (not timed). Joint-Teaching samples fresh student PTs (eval mode, KV cache, no grad, nucleus
 0.95) on a share 1 - alpha of the steps and teacher-forces the teacher along them; the report gives samples/s
-of each and the cost ratio (logits_kd_pt samples/s over joint_teaching samples/s; target: <= 2 on a GPU), at
-the default (fresh student PTs every student step), with `student_pts.refresh_every` (the PTs of that many
-student steps sampled in one call) and with batch mixing.
+of each and the cost ratio (logits_kd_pt samples/s over joint_teaching samples/s; target: <= 2 on a GPU):
+at the defaults (fresh student PTs every student step; on a GPU sampled with a compiled decoder step),
+without the compiled step (`student_pts.static_cache: off`), with `student_pts.refresh_every` (the PTs of
+that many student steps sampled in one call) and with batch mixing. --warmup-steps first runs each case
+untimed (compiles, kernel setup); --cases picks some.
 Without --teacher, a teacher and a student of the BENCHMARKS.md sizes are built at random (they generate
 to max_new_tokens, the slowest case for student PTs).
 """
@@ -44,11 +47,19 @@ from distilgen.train import make_accelerator, train
 
 STUDENT = ModelConfig(arch="bart", hidden_size=96, encoder_layers=2, decoder_layers=1, ffn_size=384, max_positions=384)
 TEACHER = ModelConfig(arch="bart", hidden_size=192, encoder_layers=3, decoder_layers=3, ffn_size=768, max_positions=384)
+CASES = {
+    "logits_kd_pt": "logits_kd_pt",
+    "jt": "joint_teaching (alpha 0.5, steps; the defaults)",
+    "jt_eager": "joint_teaching (alpha 0.5, steps, student_pts.static_cache off)",
+    "jt_refresh": "joint_teaching (alpha 0.5, steps, refresh_every {refresh_every})",
+    "jt_batch": "joint_teaching (alpha 0.5, batch)",
+}
+"""Bench cases (--cases) and their report names."""
 
 
 def run(method: str, base: DistillConfig, overrides: dict, steps: int) -> float:
     """Seconds for `steps` optimizer steps of `method` (setup and PT generation excluded)."""
-    cfg = dataclasses.replace(base, method=method, **overrides)
+    cfg = dataclasses.replace(base, method=method, train=dataclasses.replace(base.train, max_steps=steps), **overrides)
     accelerator = make_accelerator(cfg.train, Path(cfg.output_dir))
     splits = load_splits(cfg.data, ("train", "unlabeled"))
     teacher = load_teacher(cfg.teacher, cfg.precision, accelerator.device)
@@ -76,6 +87,10 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=512, help="unlabeled inputs with teacher PTs")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--refresh-every", type=int, default=4, help="student-PT steps sampled at once (staleness)")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=0, help="untimed steps of each case first (pays compiles and kernel setup)"
+    )
+    parser.add_argument("--cases", help=f"comma-separated subset of: {', '.join(CASES)} (default: all)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="jt-bench-"))
@@ -105,22 +120,25 @@ def main() -> None:
     print(f"{args.steps} steps of batch {args.batch_size} on {device}; student width {args.student_width}")
     samples = args.steps * args.batch_size
     timings = {}
-    batch_mixing = dataclasses.replace(base.student_pts, mixing="batch")
-    ahead = dataclasses.replace(base.student_pts, refresh_every=args.refresh_every)
-    cases = [
-        ("logits_kd_pt", "logits_kd_pt", {}),
-        ("joint_teaching (alpha 0.5, steps)", "joint_teaching", {}),
-        (
-            f"joint_teaching (alpha 0.5, steps, refresh_every {args.refresh_every})",
-            "joint_teaching",
-            {"student_pts": ahead},
-        ),
-        ("joint_teaching (alpha 0.5, batch)", "joint_teaching", {"student_pts": batch_mixing}),
-    ]
-    for name, method, overrides in cases:
+    student_pts = {
+        "jt": base.student_pts,
+        "jt_eager": dataclasses.replace(base.student_pts, static_cache="off"),
+        "jt_refresh": dataclasses.replace(base.student_pts, refresh_every=args.refresh_every),
+        "jt_batch": dataclasses.replace(base.student_pts, mixing="batch"),
+    }
+    requested = set(args.cases.split(",")) if args.cases else set(CASES)
+    unknown = sorted(requested - set(CASES))
+    if unknown or "logits_kd_pt" not in requested:
+        parser.error(f"--cases: unknown {unknown}" if unknown else "--cases must include logits_kd_pt (the reference)")
+    for key in [k for k in CASES if k in requested]:  # the reference first
+        name = CASES[key].format(refresh_every=args.refresh_every)
+        method = "logits_kd_pt" if key == "logits_kd_pt" else "joint_teaching"
+        overrides = {"student_pts": student_pts[key]} if key in student_pts else {}
+        if args.warmup_steps:
+            run(method, base, overrides, args.warmup_steps)
         timings[name] = run(method, base, overrides, args.steps)
-        print(f"{name}: {samples / timings[name]:.1f} samples/s")
-    reference = timings["logits_kd_pt"]
+        print(f"{name}: {samples / timings[name]:.1f} samples/s", flush=True)
+    reference = timings[CASES["logits_kd_pt"]]
     rows = [
         {"method": name, "samples_per_s": round(samples / s, 2), "cost_vs_logits_kd_pt": round(s / reference, 2)}
         for name, s in timings.items()

@@ -147,7 +147,7 @@ def test_student_pts_with_a_static_cache_pad_sources_to_buckets_and_are_the_same
             seen.append((b["source_ids"].shape[1], kw.get("cache_implementation"))) or generate(model, b, **kw)
         ),
     )
-    (dynamic,) = sample_student_pts(ctx, ctx.student, {1: [batch]})[1]  # default: off
+    (dynamic,) = sample_student_pts(ctx, ctx.student, {1: [batch]})[1]  # default auto: off on a CPU
     monkeypatch.setattr(ctx.cfg.student_pts, "static_cache", "on")
     (static,) = sample_student_pts(ctx, ctx.student, {1: [batch]})[1]
     width = batch["source_ids"].shape[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -130,6 +131,8 @@ def test_a_student_step_swaps_in_fresh_student_pts_and_a_teacher_step_keeps_the_
     assert torch.equal(again["target_ids"], fresh["target_ids"])  # seeded by (seed, step, row)
     (other,) = sample_student_pts(ctx, ctx.student, {3: [batch]})[3]
     assert not torch.equal(other["target_ids"], fresh["target_ids"])
+    (elsewhere,) = sample_student_pts(dataclasses.replace(ctx, process_index=1), ctx.student, {1: [batch]})[1]
+    assert not torch.equal(elsewhere["target_ids"], fresh["target_ids"])  # another process, other noise
     eos = ctx.student.tokenizer.eos_token_id
     assert all(eos in row for row in fresh["target_ids"].tolist())
     assert ctx.student.model.training  # generation ran in eval mode and restored the mode

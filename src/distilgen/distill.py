@@ -81,6 +81,8 @@ class Context:
     store: PTStore | None = None
     """The PT store, with the PTs this run needs already generated (PT methods only)."""
     teacher_fp: str | None = None
+    process_index: int = 0
+    """This process under `accelerate launch`: processes sample their student PTs from different seeds."""
 
 
 @dataclass
@@ -318,8 +320,9 @@ def sample_student_pts(ctx: Context, tm: TextModel, window: dict[int, list[Batch
     decoder step follows the weights as they train, since the optimizer updates them in place).
 
     Row r of step s (counting across the step's micro-batches) is sampled with seed
-    `sample_seed(seed, "student-step-s", r)`: how steps are grouped into windows does not change a row's draw,
-    and a resumed run draws the PTs the uninterrupted one would have, given the same weights.
+    `sample_seed(seed, "student-step-s", r)` (process p > 0: "student-step-s-process-p", so that processes do
+    not share noise): how steps are grouped into windows does not change a row's draw, and a resumed run draws
+    the PTs the uninterrupted one would have, given the same weights.
     """
     from distilgen.pt_generation import SOURCE_BUCKET, seeded_generate_kwargs, use_static_cache
 
@@ -327,8 +330,9 @@ def sample_student_pts(ctx: Context, tm: TextModel, window: dict[int, list[Batch
     spec = DecodingSpec(
         "student", "sample", temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens
     )
+    process = f"-process-{ctx.process_index}" if ctx.process_index else ""
     seeds = [
-        sample_seed(ctx.cfg.seed, f"student-step-{step}", r)
+        sample_seed(ctx.cfg.seed, f"student-step-{step}{process}", r)
         for step, batches in window.items()
         for r in range(sum(b["source_ids"].shape[0] for b in batches))
     ]
@@ -539,7 +543,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     student = _load_student(cfg, splits)
     if method.word_level:
         require_same_vocab(student.tokenizer, teacher.tokenizer, cfg.method)
-    ctx = Context(cfg, teacher, student, splits)
+    ctx = Context(cfg, teacher, student, splits, process_index=accelerator.process_index)
     if method.teacher_pts:
         prepare_pts(ctx, accelerator)
     evaluate = dev_evaluator(splits.get("dev", []), cfg.train, cfg.decoding, cfg.data)

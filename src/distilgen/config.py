@@ -336,6 +336,8 @@ class DecodingSpec:
 
 
 Precision = Literal["auto", "no", "bf16", "fp16"]
+StaticCache = Literal["auto", "on", "off"]
+"""Decoding with a static KV cache (compiled decoder step on a GPU); auto: on when the model is on a GPU."""
 
 
 @dataclass
@@ -562,7 +564,7 @@ class GenerateConfig:
     the teacher); 0 stores texts and tokens only."""
     shard_size: int = 2048
     """PTs per store shard: the most work a crash can lose."""
-    static_cache: Literal["auto", "on", "off"] = "auto"
+    static_cache: StaticCache = "auto"
     """Decode with a static KV cache (greedy and sampling specs): on a GPU, transformers then compiles the
     decoder step into CUDA graphs, about 2x faster per batch after a compile of ~10 s per source-length bucket
     (sources are padded to multiples of 64 tokens). auto: on when the teacher is on a GPU; off suits short jobs."""
@@ -622,10 +624,8 @@ class PTConfig:
     """Store the teacher's top-k log-probs with new PTs (then kd.use_stored_topk skips the teacher pass)."""
     batch_size: int = 64
     """Sequences per teacher generate call."""
-    static_cache: Literal["auto", "on", "off"] = "auto"
-    """Decode with a static KV cache (greedy and sampling specs): on a GPU, transformers then compiles the
-    decoder step into CUDA graphs, about 2x faster per batch after a compile of ~10 s per source-length bucket
-    (sources are padded to multiples of 64 tokens). auto: on when the teacher is on a GPU; off suits short jobs."""
+    static_cache: StaticCache = "auto"
+    """Teacher decoding with a static KV cache, as `GenerateConfig.static_cache`."""
 
     def __post_init__(self):
         if isinstance(self.spec, str):
@@ -657,7 +657,7 @@ class StudentPTConfig:
     by the student of the first of them (1: fresh every step, as in the study). Larger values keep a GPU busier
     during generation; the PTs of a window's later steps are up to refresh_every - 1 student steps old. A
     window stops at the end of an epoch, and a resumed run starts a new one."""
-    static_cache: Literal["auto", "on", "off"] = "auto"
+    static_cache: StaticCache = "auto"
     """Sample student PTs with a static KV cache, which on a GPU makes transformers compile the student's decoder
     step (sources padded to multiples of 64 tokens; ~19 s of compile per source bucket, once per run): on an
     H100, Joint-Teaching trained 1.26x more samples/s with it. auto: on a GPU."""

@@ -39,7 +39,7 @@ from accelerate.utils import set_seed
 
 from distilgen.config import ConfigError, DecodingSpec, DistillConfig, ModelConfig
 from distilgen.data import Example, load_splits
-from distilgen.models import Batch, Encoded, TextModel, load_model
+from distilgen.models import Batch, Encoded, TextModel, load_model, round_up
 from distilgen.objectives import (
     attention_relation_kd,
     capture_qkv,
@@ -376,7 +376,7 @@ def _stack_rows(
     `multiple` (and `row_weight` when they have it)."""
     out = {}
     for key in keys:
-        width = -(-max(b[key].shape[1] for b in batches) // multiple) * multiple
+        width = round_up(max(b[key].shape[1] for b in batches), multiple)
         fill = pad_id if key.endswith("ids") else 0
         left = pad_source_left and key.startswith("source")
         out[key] = torch.cat(
@@ -425,13 +425,13 @@ def student_pt_prepare(ctx: Context, alpha: float) -> Prepare:
         if by_step:
             return fresh
         mixed = []
+        keys = ("source_ids", "source_mask", "target_ids", "target_mask")
+        pad, left = tm.tokenizer.pad_token_id, tm.layout.pad_source_left
         for teacher_half, student_half in zip(batches, fresh, strict=True):
             rows, device = teacher_half["source_ids"].shape[0], teacher_half["source_ids"].device
             teacher_half = {k: v for k, v in teacher_half.items() if not k.startswith("topk")}
             teacher_half["row_weight"] = torch.full((rows,), 2 * alpha, device=device)
             student_half = {**student_half, "row_weight": torch.full((rows,), 2 * (1 - alpha), device=device)}
-            keys = ("source_ids", "source_mask", "target_ids", "target_mask")
-            pad, left = tm.tokenizer.pad_token_id, tm.layout.pad_source_left
             mixed.append(_stack_rows([teacher_half, student_half], keys, pad, left))
         return mixed
 

@@ -131,10 +131,15 @@ Batch = dict[str, torch.Tensor]
 """`source_ids`/`source_mask` (B, S) and, for training, `target_ids`/`target_mask` (B, T)."""
 
 
+def round_up(width: int, multiple: int) -> int:
+    """`width` rounded up to a multiple of `multiple` (padding widths: fewer distinct shapes)."""
+    return -(-width // multiple) * multiple
+
+
 def _pad(
     rows: Sequence[Sequence[int]], pad_id: int, left: bool, multiple: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    width = -(-max(len(r) for r in rows) // multiple) * multiple
+    width = round_up(max(len(r) for r in rows), multiple)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):

@@ -62,10 +62,25 @@ def test_seeded_sampling_follows_the_warped_softmax():
     assert SeededSampling(range(100), top_k=1)(None, logits[:100]).argmax(-1).eq(0).all()
 
 
+def test_the_compiled_sampler_draws_exactly_what_the_eager_one_draws():
+    """The GPU path compiles `gumbel_choice`; here inductor's CPU backend stands in for it: the integer hash
+    must wrap and shift alike, whatever the batch size (one compile, dynamic in the batch)."""
+    logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(0))
+    for rows in (8, 5):
+        seeds = range(100, 100 + rows)
+        eager = SeededSampling(seeds, temperature=0.7, top_k=20, top_p=0.9)
+        compiled = SeededSampling(seeds, temperature=0.7, top_k=20, top_p=0.9, compile=True)
+        for _ in range(3):
+            assert torch.equal(compiled(None, logits[:rows]), eager(None, logits[:rows]))
+
+
 def test_seeded_generate_kwargs_replace_sampling_by_the_seeded_processor():
-    seeded = seeded_generate_kwargs(get_spec("sample_t15"), seeds=[1, 2])
+    seeded = seeded_generate_kwargs(get_spec("sample_t15"), seeds=[1, 2, 3, 4], per_input=2)
     assert seeded["temperature"] == 1.0 and seeded["top_k"] == 0  # the processor warps; generate does not
+    assert seeded["do_sample"] and seeded["num_return_sequences"] == 2
     assert isinstance(seeded["logits_processor"][0], SeededSampling)
+    one = seeded_generate_kwargs(get_spec("sample_t15"), seeds=[1, 2])
+    assert not one["do_sample"] and "temperature" not in one  # generate takes the argmax: our sample
     with pytest.raises(ValueError, match="only for sampling specs"):
         seeded_generate_kwargs(get_spec("greedy"), seeds=[1])
 

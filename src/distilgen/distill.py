@@ -324,7 +324,7 @@ def sample_student_pts(ctx: Context, tm: TextModel, window: dict[int, list[Batch
     not share noise): how steps are grouped into windows does not change a row's draw, and a resumed run draws
     the PTs the uninterrupted one would have, given the same weights.
     """
-    from distilgen.pt_generation import SOURCE_BUCKET, seeded_generate_kwargs, use_static_cache
+    from distilgen.pt_generation import SOURCE_BUCKET, compiles_decoding, seeded_generate_kwargs, use_static_cache
 
     cfg = ctx.cfg.student_pts
     spec = DecodingSpec(
@@ -336,10 +336,10 @@ def sample_student_pts(ctx: Context, tm: TextModel, window: dict[int, list[Batch
         for step, batches in window.items()
         for r in range(sum(b["source_ids"].shape[0] for b in batches))
     ]
-    kwargs = seeded_generate_kwargs(spec, seeds)
-    kwargs.update(pad_token_id=tm.tokenizer.pad_token_id, eos_token_id=tm.tokenizer.eos_token_id)
     device = tm.device
     static = use_static_cache(cfg.static_cache, device)
+    kwargs = seeded_generate_kwargs(spec, seeds, compile=compiles_decoding(static, device))
+    kwargs.update(pad_token_id=tm.tokenizer.pad_token_id, eos_token_id=tm.tokenizer.eos_token_id)
     if static:
         kwargs["cache_implementation"] = "static"
     parts = [b for batches in window.values() for b in batches]

@@ -96,8 +96,9 @@ def gumbel_choice(scores: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor,
 
 @functools.cache
 def _compiled_gumbel_choice():
-    """`gumbel_choice` as one compiled function (dynamic in batch and vocabulary): eager, it launches some 30
-    small kernels per decoding step, which on a GPU cost more than a small model's compiled decoder step."""
+    """`gumbel_choice` as one compiled function (dynamic in batch and vocabulary): eager, it runs some 50 small
+    ops per decoding step (with top-p; `bench/decode_overhead.py`), each a kernel launch on a GPU, where they
+    cost more than a small model's compiled decoder step."""
     return torch.compile(gumbel_choice, dynamic=True)
 
 

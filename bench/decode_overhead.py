@@ -1,16 +1,17 @@
-"""Per-token cost of decoding around the model: greedy, the eager seeded sampler and the compiled one.
+"""Per-token cost of decoding around the model: `generate`'s loop against distilgen's `decode`.
 
     python bench/decode_overhead.py --teacher runs/bench/teacher/model                 # CPU: op counts
-    python bench/decode_overhead.py --teacher runs/bench/teacher/model --device cuda   # GPU: and timings
+    python bench/decode_overhead.py --teacher runs/bench/teacher/model --device cuda   # GPU: and launches
 
 A small model on a GPU is bound by kernel launches: with a static cache its decoder step is one compiled
-CUDA graph, and what `generate` runs around it each token (preparing inputs, stopping checks, the sampler)
-is what is left. For one batch decoded to exactly --tokens tokens with a static cache, each variant reports,
-per token, the wall time (after --warmup untimed calls) and what `torch.profiler` sees: on a GPU the kernel
-and graph launches, on a CPU the ops run outside `model.forward` (ops nested neither in another op nor in
-the forward; on a GPU each would be about one launch). Variants: greedy (`generate`'s argmax), seeded
-sampling as distilgen samples PTs with the eager `gumbel_choice`, and with the compiled one (the default
-on a GPU).
+CUDA graph, and what the loop runs around it each token (preparing inputs, processors, stopping checks, the
+sampler) is what is left. One batch is decoded with a static cache by each variant, until every row has
+ended or --tokens; each reports, per decoding step, the wall time (after --warmup untimed calls) and what
+`torch.profiler` sees: on a GPU the kernel and graph launches, on a CPU the ops run outside the model's
+forward (ops nested neither in another op nor in the forward; on a GPU each would be about one launch;
+not counted where the step is compiled). Variants: greedy in `generate`'s loop and in `decode`; seeded
+sampling (top-p) in `decode`, with the decoder step and sampler eager, and compiled (the default on a GPU;
+on a CPU inductor's CPU code stands in for it).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from torch.profiler import ProfilerActivity
 
 from distilgen.config import DecodingSpec, ModelConfig
 from distilgen.data import Example
+from distilgen.decoding import decode
 from distilgen.models import Encoded
-from distilgen.pt_generation import SOURCE_BUCKET, load_teacher, seeded_generate_kwargs
+from distilgen.pt_generation import SOURCE_BUCKET, load_teacher
 
 
 def top_level_ops(profile, outside: str) -> int:
@@ -65,11 +67,16 @@ def main() -> None:
     examples = [Example(str(i), text, None, ()) for i, text in enumerate(texts)]
     items = [Encoded("", e.source, []) for e in tm.encode(examples, args.source_length, targets=False)[0]]
     batch = {k: v.to(device) for k, v in tm.collate(items, source_multiple=SOURCE_BUCKET).items()}
-    spec = DecodingSpec("bench", "sample", top_p=args.top_p, max_new_tokens=args.tokens)
-    variants = {
-        "greedy": lambda: {"do_sample": False, "max_new_tokens": args.tokens},
-        "seeded, eager": lambda: seeded_generate_kwargs(spec, range(args.rows)),
-        "seeded, compiled": lambda: seeded_generate_kwargs(spec, range(args.rows), compile=True),
+    greedy = DecodingSpec("greedy", max_new_tokens=args.tokens)
+    sample = DecodingSpec("sample", "sample", top_p=args.top_p, max_new_tokens=args.tokens)
+    generate_kwargs = {"do_sample": False, "max_new_tokens": args.tokens, "cache_implementation": "static"}
+    generate_kwargs.update(pad_token_id=tm.tokenizer.pad_token_id, eos_token_id=tm.tokenizer.eos_token_id)
+    seeds = list(range(args.rows))
+    variants = {  # name: (decoding call, whether the decoder step is compiled)
+        "generate, greedy": (lambda: tm.layout.generate(tm.model, batch, **generate_kwargs), device.type == "cuda"),
+        "decode, greedy": (lambda: decode(tm, batch, greedy, static=True), device.type == "cuda"),
+        "decode, seeded sample, eager": (lambda: decode(tm, batch, sample, seeds, static=True, compile=False), False),
+        "decode, seeded sample, compiled": (lambda: decode(tm, batch, sample, seeds, static=True, compile=True), True),
     }
     forward = tm.model.forward
 
@@ -77,35 +84,33 @@ def main() -> None:
         with torch.profiler.record_function("model.forward"):
             return forward(*a, **k)
 
-    def decode(make_kwargs) -> torch.Tensor:
-        kwargs = make_kwargs() | {"min_new_tokens": args.tokens, "cache_implementation": "static"}
-        kwargs.update(pad_token_id=tm.tokenizer.pad_token_id, eos_token_id=tm.tokenizer.eos_token_id)
+    def run(call) -> int:
+        """Decoding steps taken (the output's width)."""
         with torch.no_grad():
-            out = tm.layout.generate(tm.model, batch, **kwargs)
+            steps = call().shape[1]
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return out
+        return steps
 
     print(f"{args.teacher} on {device}: {args.rows} rows of {batch['source_ids'].shape[1]} source tokens")
     rows = []
-    for name, make_kwargs in variants.items():
+    for name, (call, compiled) in variants.items():
         for _ in range(args.warmup):
-            decode(make_kwargs)
+            run(call)
         start = time.perf_counter()
-        for _ in range(args.repeats):
-            decode(make_kwargs)
-        ms = (time.perf_counter() - start) / args.repeats / args.tokens * 1000
-        row = {"variant": name, "ms_per_token": round(ms, 3)}
-        if device.type == "cuda":  # the forward is compiled: count launches, and leave it as it is
+        steps = sum(run(call) for _ in range(args.repeats))
+        row = {"variant": name, "steps": steps // args.repeats}
+        row["ms_per_step"] = round((time.perf_counter() - start) / steps * 1000, 3)
+        if device.type == "cuda":
             with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profile:
-                decode(make_kwargs)
-            row["launches_per_token"] = round(launches(profile) / args.tokens, 1)
-        else:
+                steps = run(call)
+            row["launches_per_step"] = round(launches(profile) / steps, 1)
+        elif not compiled:
             tm.model.forward = marked_forward
             with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as profile:
-                decode(make_kwargs)
+                steps = run(call)
             tm.model.forward = forward
-            row["ops_per_token_outside_forward"] = round(top_level_ops(profile, "model.forward") / args.tokens, 1)
+            row["ops_per_step_outside_forward"] = round(top_level_ops(profile, "model.forward") / steps, 1)
         rows.append(row)
         print(", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     print(json.dumps(rows))

@@ -142,19 +142,17 @@ def test_student_pts_with_a_static_cache_pad_sources_to_buckets_and_are_the_same
     ctx = pt_context
     batch = ctx.student.collate(teacher_pt_items(ctx)(0)[:4])
     seen = []
-    generate = ctx.student.layout.generate
+    steps = ctx.student.layout.steps
     monkeypatch.setattr(
         ctx.student.layout,
-        "generate",
-        lambda model, b, **kw: (
-            seen.append((b["source_ids"].shape[1], kw.get("cache_implementation"))) or generate(model, b, **kw)
-        ),
+        "steps",
+        lambda model, b, *args: seen.append((b["source_ids"].shape[1], args[-2])) or steps(model, b, *args),
     )
     (dynamic,) = sample_student_pts(ctx, ctx.student, {1: [batch]})[1]  # default auto: off on a CPU
     monkeypatch.setattr(ctx.cfg.student_pts, "static_cache", "on")
     (static,) = sample_student_pts(ctx, ctx.student, {1: [batch]})[1]
     width = batch["source_ids"].shape[1]
-    assert width % 64 and seen == [(width, None), (-(-width // 64) * 64, "static")]
+    assert width % 64 and seen == [(width, False), (-(-width // 64) * 64, True)]
     assert torch.equal(static["source_ids"], batch["source_ids"])  # the training batch keeps its own width
     assert torch.equal(static["target_ids"], dynamic["target_ids"])
 
@@ -165,11 +163,11 @@ def test_refresh_every_samples_a_window_of_student_steps_in_one_call_with_the_sa
     # step s trains on two micro-batches (grad_accum 2) of 3 rows each, all different sources
     steps = {s: [ctx.student.collate(items[6 * s + 3 * j : 6 * s + 3 * j + 3]) for j in range(2)] for s in range(8)}
     calls = []
-    generate = ctx.student.layout.generate
+    decoder_steps = ctx.student.layout.steps
     monkeypatch.setattr(
         ctx.student.layout,
-        "generate",
-        lambda model, batch, **kw: calls.append(len(batch["source_ids"])) or generate(model, batch, **kw),
+        "steps",
+        lambda model, batch, *args: calls.append(len(batch["source_ids"])) or decoder_steps(model, batch, *args),
     )
 
     def run(refresh_every: int) -> list[list[dict]]:

@@ -16,91 +16,13 @@ import yaml
 
 from distilgen.config import DecodingSpec
 from distilgen.models import Encoded, load_model
-from distilgen.pseudo_targets import PTStore, get_spec, input_key
-from distilgen.pt_generation import (
-    SeededSampling,
-    counter_uniform,
-    generate_pts,
-    plan_batches,
-    plan_rows,
-    seeded_generate_kwargs,
-    teacher_fingerprint,
-)
+from distilgen.pseudo_targets import PTStore, input_key
+from distilgen.pt_generation import generate_pts, plan_batches, plan_rows, teacher_fingerprint
 from tests.conftest import cli_env, kill_when, tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE2 = DecodingSpec("sample2", "sample", num_samples=2, max_new_tokens=12)
 GREEDY = DecodingSpec("greedy12", max_new_tokens=12)
-
-# ---------------------------------------------------------------------------------------------
-# Per-PT sampling
-# ---------------------------------------------------------------------------------------------
-
-
-def test_counter_uniforms_are_a_function_of_seed_step_and_column():
-    seeds = torch.tensor([1, 2, 2**62 + 3])
-    u = counter_uniform(seeds, step=0, size=5000)
-    assert u.shape == (3, 5000) and u.min() > 0 and u.max() < 1
-    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.003
-    assert torch.equal(u[1:2], counter_uniform(seeds[1:2], step=0, size=5000))  # a row ignores the others
-    assert not torch.equal(u, counter_uniform(seeds, step=1, size=5000))
-    assert torch.corrcoef(u[:2])[0, 1].abs() < 0.05  # neighbouring seeds are unrelated
-
-
-def test_a_seeded_row_samples_the_same_whatever_its_batch():
-    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
-    alone, batched = SeededSampling([11], temperature=1.5), SeededSampling([11, 12, 13], temperature=1.5)
-    for _ in range(3):  # both advance one step per call
-        assert torch.equal(alone(None, logits[:1]).argmax(-1), batched(None, logits).argmax(-1)[:1])
-
-
-def test_seeded_sampling_follows_the_warped_softmax():
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
-    picks = SeededSampling(range(4000), temperature=2.0)(None, logits).argmax(-1)
-    frequencies = torch.bincount(picks, minlength=4) / 4000
-    assert torch.allclose(frequencies, torch.softmax(logits[0] / 2.0, -1), atol=0.03)
-    assert SeededSampling(range(100), top_k=1)(None, logits[:100]).argmax(-1).eq(0).all()
-
-
-def test_the_compiled_sampler_draws_exactly_what_the_eager_one_draws():
-    """The GPU path compiles `gumbel_choice`; here inductor's CPU backend stands in for it: the integer hash
-    must wrap and shift alike, whatever the batch size (one compile, dynamic in the batch)."""
-    logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(0))
-    for rows in (8, 5):
-        seeds = range(100, 100 + rows)
-        eager = SeededSampling(seeds, temperature=0.7, top_k=20, top_p=0.9)
-        compiled = SeededSampling(seeds, temperature=0.7, top_k=20, top_p=0.9, compile=True)
-        for _ in range(3):
-            assert torch.equal(compiled(None, logits[:rows]), eager(None, logits[:rows]))
-
-
-def test_seeded_generate_kwargs_replace_sampling_by_the_seeded_processor():
-    seeded = seeded_generate_kwargs(get_spec("sample_t15"), seeds=[1, 2, 3, 4], per_input=2)
-    assert seeded["temperature"] == 1.0 and seeded["top_k"] == 0  # the processor warps; generate does not
-    assert seeded["do_sample"] and seeded["num_return_sequences"] == 2
-    assert isinstance(seeded["logits_processor"][0], SeededSampling)
-    one = seeded_generate_kwargs(get_spec("sample_t15"), seeds=[1, 2])
-    assert not one["do_sample"] and "temperature" not in one  # generate takes the argmax: our sample
-    with pytest.raises(ValueError, match="only for sampling specs"):
-        seeded_generate_kwargs(get_spec("greedy"), seeds=[1])
-
-
-def test_a_tiny_model_samples_the_same_pt_alone_and_in_a_batch():
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = BartConfig(
-        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
-    )  # fmt: skip
-    model = BartForConditionalGeneration(config).eval()
-    spec = DecodingSpec("s", "sample", temperature=1.5, max_new_tokens=8)
-    inputs = torch.tensor([[0, 5, 6, 7, 2], [0, 8, 9, 10, 2]])
-    alone = model.generate(inputs[:1], **seeded_generate_kwargs(spec, seeds=[3]))
-    batched = model.generate(inputs, **seeded_generate_kwargs(spec, seeds=[3, 4]))
-    assert torch.equal(alone[0], batched[0, : alone.shape[1]])
-    assert not torch.equal(batched, model.generate(inputs, **seeded_generate_kwargs(spec, seeds=[5, 6])))
-
 
 # ---------------------------------------------------------------------------------------------
 # generate_pts
@@ -115,16 +37,17 @@ def teacher(arch, tokenizer_dir):
     return tm
 
 
-def _count_generate_calls(tm) -> list[int]:
-    calls = []
-    original = tm.model.generate
+def _spy_decoding(tm) -> list[tuple[int, int, bool]]:
+    """(inputs, source width, static cache) of every decoding of greedy or sampled PTs `tm` starts."""
+    seen = []
+    steps = tm.layout.steps
 
-    def counted(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        return original(*args, **kwargs)
+    def spied(model, batch, per_input, max_new_tokens, static, compile):
+        seen.append((batch["source_ids"].shape[0], batch["source_ids"].shape[1], static))
+        return steps(model, batch, per_input, max_new_tokens, static, compile)
 
-    tm.model.generate = counted
-    return calls
+    tm.layout.steps = spied  # this instance only
+    return seen
 
 
 def _contents(store, fp, spec, sources):
@@ -138,10 +61,10 @@ def _contents(store, fp, spec, sources):
 def test_generation_fills_the_store_once_and_only_tops_up(teacher, splits, tmp_path):
     sources = [e.source for e in splits["train"][:10]]
     store, fp = PTStore(tmp_path / "pts"), teacher_fingerprint(teacher, 256)
-    calls = _count_generate_calls(teacher)
+    calls = _spy_decoding(teacher)
     report = generate_pts(teacher, store, fp, SAMPLE2, sources + sources[:3], batch_size=4, shard_size=8)
     assert (report.requested, report.missing, report.generated, report.sequences) == (20, 20, 20, 20)
-    assert sum(calls) == 10  # repeated inputs are generated once; an input's 2 samples in one call
+    assert sum(inputs for inputs, _, _ in calls) == 10  # repeated inputs are generated once; 2 samples in one call
     pts = store.get(fp, SAMPLE2, sources)
     assert sorted(len(records) for records in pts.values()) == [2] * 10
     for records in pts.values():
@@ -154,7 +77,7 @@ def test_generation_fills_the_store_once_and_only_tops_up(teacher, splits, tmp_p
     assert calls == [] and (again.missing, again.generated) == (0, 0)
 
     more = generate_pts(teacher, store, fp, dataclasses.replace(SAMPLE2, num_samples=3), sources, batch_size=4)
-    assert sum(calls) == 10 and more.generated == 10  # only sample 2 of each input
+    assert sum(inputs for inputs, _, _ in calls) == 10 and more.generated == 10  # only sample 2 of each input
     assert _contents(store, fp, SAMPLE2, sources) == {
         k: v for k, v in _contents(store, fp, dataclasses.replace(SAMPLE2, num_samples=3), sources).items() if k[1] < 2
     }
@@ -369,23 +292,23 @@ def test_generate_config_errors_name_the_key(tmp_path, teacher_dir):
 def test_a_static_cache_pads_sources_to_buckets_and_gives_the_same_pts(teacher, splits, tmp_path, monkeypatch):
     sources = [e.source for e in splits["train"][:6]]
     fp = teacher_fingerprint(teacher, 256)
-    seen = []
-    real = type(teacher.layout).generate
-
-    def spy(layout, model, batch, prefix=None, **kwargs):
-        seen.append((batch["source_ids"].shape[1], kwargs.get("cache_implementation")))
-        return real(layout, model, batch, prefix, **kwargs)
-
-    monkeypatch.setattr(type(teacher.layout), "generate", spy)
+    seen = _spy_decoding(teacher)
     for spec in (GREEDY, SAMPLE2):
         dynamic, static = PTStore(tmp_path / f"{spec.name}-dynamic"), PTStore(tmp_path / f"{spec.name}-static")
         generate_pts(teacher, dynamic, fp, spec, sources, batch_size=4, progress=False)  # auto: off on CPU
-        assert all(cache is None for _, cache in seen) and any(width % 64 for width, _ in seen)
+        assert not any(cache for _, _, cache in seen) and any(width % 64 for _, width, _ in seen)
         seen.clear()
         generate_pts(teacher, static, fp, spec, sources, batch_size=4, static_cache="on", progress=False)
-        assert seen and all(width % 64 == 0 and cache == "static" for width, cache in seen)
+        assert seen and all(width % 64 == 0 and cache for _, width, cache in seen)
         seen.clear()
         assert _contents(dynamic, fp, spec, sources) == _contents(static, fp, spec, sources)
+    beams = []
+    real = type(teacher.layout).generate
+    monkeypatch.setattr(
+        type(teacher.layout),
+        "generate",
+        lambda layout, model, batch, **kw: beams.append(kw) or real(layout, model, batch, **kw),
+    )
     beam = DecodingSpec("beam2", "beam", num_beams=2, max_new_tokens=8)
     generate_pts(teacher, PTStore(tmp_path / "beam"), fp, beam, sources, static_cache="on", progress=False)
-    assert all(cache is None for _, cache in seen)  # beam search keeps the dynamic cache
+    assert beams and not seen and all("cache_implementation" not in kw for kw in beams)  # beams: `generate`'s own cache

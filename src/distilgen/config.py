@@ -315,8 +315,8 @@ class DecodingSpec:
         return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `transformers` `generate` (sampling from torch's global generator; see
-        `distilgen.pt_generation.seeded_generate_kwargs` for per-PT seeds)."""
+        """Keyword arguments of `transformers` `generate` (which samples from torch's global generator; PTs of
+        greedy and sampling specs come from `distilgen.decoding.decode`, with per-PT seeds)."""
         kwargs = self._decoding_config().generate_kwargs()
         if self.kind == "beam":
             kwargs["num_return_sequences"] = self.num_return
@@ -565,10 +565,10 @@ class GenerateConfig:
     shard_size: int = 2048
     """PTs per store shard: the most work a crash can lose."""
     static_cache: StaticCache = "auto"
-    """Decode with a static KV cache (greedy and sampling specs): on a GPU, transformers then compiles the
-    decoder step into CUDA graphs, about 2x faster per batch after a compile of ~10 s per source-length bucket
-    (sources are padded to multiples of 64 tokens), and the seeded sampler is compiled with it. auto: on when
-    the teacher is on a GPU; off suits short jobs."""
+    """Decode with a static KV cache (greedy and sampling specs): on a GPU the decoder step is then compiled
+    into CUDA graphs (transformers' compiled call), about 2x faster per batch after a compile of ~10 s per
+    source-length bucket (sources are padded to multiples of 64 tokens), and the seeded sampler is compiled
+    with it. auto: on when the teacher is on a GPU; off suits short jobs."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Teacher weights during generation; auto is bf16 on a GPU that supports it, fp32 elsewhere. Part of the
     teacher fingerprint (bf16 and fp32 PTs are stored apart)."""
@@ -654,15 +654,15 @@ class StudentPTConfig:
     max_new_tokens: int = 64
     """Longest student PT."""
     refresh_every: int = 1
-    """Staleness knob: sample the student PTs of this many student-PT steps at once, in one batched `generate`,
+    """Staleness knob: sample the student PTs of this many student-PT steps at once, in one batched `decode`,
     by the student of the first of them (1: fresh every step, as in the study). Larger values keep a GPU busier
     during generation; the PTs of a window's later steps are up to refresh_every - 1 student steps old. A
     window stops at the end of an epoch, and a resumed run starts a new one."""
     static_cache: StaticCache = "auto"
-    """Sample student PTs with a static KV cache, which on a GPU makes transformers compile the student's decoder
-    step (sources padded to multiples of 64 tokens; ~19 s of compile per source bucket, once per run) and
-    distilgen its seeded sampler: on an H100, Joint-Teaching trained 1.26x more samples/s with the compiled
-    step alone. auto: on a GPU."""
+    """Sample student PTs with a static KV cache, which on a GPU compiles the student's decoder step (sources
+    padded to multiples of 64 tokens; ~19 s of compile per source bucket, once per run) and the seeded
+    sampler: on an H100, Joint-Teaching trained 1.26x more samples/s with the compiled step alone (in
+    `generate`'s loop). auto: on a GPU."""
 
     def __post_init__(self):
         check(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")

@@ -316,7 +316,7 @@ def attention_kd_loss(ctx: Context) -> LossFn:
 @torch.no_grad()
 def sample_student_pts(ctx: Context, tm: TextModel, window: dict[int, list[Batch]]) -> dict[int, list[Batch]]:
     """Each step's micro-batches with fresh PTs of the current student `tm` as targets, sampled for all the
-    window's sources in one `generate` call (eval mode, KV cache, no grad; with `static_cache` the compiled
+    window's sources in one `decode` call (eval mode, KV cache, no grad; with `static_cache` the compiled
     decoder step follows the weights as they train, since the optimizer updates them in place).
 
     Row r of step s (counting across the step's micro-batches) is sampled with seed
@@ -324,7 +324,8 @@ def sample_student_pts(ctx: Context, tm: TextModel, window: dict[int, list[Batch
     not share noise): how steps are grouped into windows does not change a row's draw, and a resumed run draws
     the PTs the uninterrupted one would have, given the same weights.
     """
-    from distilgen.pt_generation import SOURCE_BUCKET, compiles_decoding, seeded_generate_kwargs, use_static_cache
+    from distilgen.decoding import decode
+    from distilgen.pt_generation import SOURCE_BUCKET, use_static_cache
 
     cfg = ctx.cfg.student_pts
     spec = DecodingSpec(
@@ -338,10 +339,6 @@ def sample_student_pts(ctx: Context, tm: TextModel, window: dict[int, list[Batch
     ]
     device = tm.device
     static = use_static_cache(cfg.static_cache, device)
-    kwargs = seeded_generate_kwargs(spec, seeds, compile=compiles_decoding(static, device))
-    kwargs.update(pad_token_id=tm.tokenizer.pad_token_id, eos_token_id=tm.tokenizer.eos_token_id)
-    if static:
-        kwargs["cache_implementation"] = "static"
     parts = [b for batches in window.values() for b in batches]
     keys, pad, left = ("source_ids", "source_mask"), tm.tokenizer.pad_token_id, tm.layout.pad_source_left
     sources = _stack_rows(parts, keys, pad, left, multiple=SOURCE_BUCKET if static else 1)
@@ -349,7 +346,7 @@ def sample_student_pts(ctx: Context, tm: TextModel, window: dict[int, list[Batch
     tm.model.eval()
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        generated = tm.layout.generate(tm.model, sources, **kwargs)
+        generated = decode(tm, sources, spec, seeds, static=static)
     tm.model.train(was_training)
     limit = ctx.cfg.data.max_target_length
     targets = iter([tm.target_ids(tokens)[:limit] for tokens in tm.output_tokens(generated)])

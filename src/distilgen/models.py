@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from distilgen.config import ConfigError, DecodingConfig, ModelConfig
+from distilgen.decoding import DecoderOnlySteps, EncoderDecoderSteps
 from distilgen.objectives import cross_entropy, masked_sum
 from distilgen.students import shrink_layers
 
@@ -168,6 +169,8 @@ class Layout(Protocol):
     """How one model family lays out a batch; `target_logits` returns (B, T, V) aligned with target_ids."""
 
     pad_source_left: bool
+    steps: type[EncoderDecoderSteps | DecoderOnlySteps]
+    """How `distilgen.decoding.decode` runs this family's decoder one step at a time."""
 
     def target_logits(self, model: PreTrainedModel, batch: Batch) -> torch.Tensor: ...
 
@@ -180,6 +183,7 @@ class Layout(Protocol):
 
 class EncoderDecoderLayout:
     pad_source_left = False
+    steps = EncoderDecoderSteps
 
     def target_logits(self, model: PreTrainedModel, batch: Batch) -> torch.Tensor:
         target = batch["target_ids"]  # (B, T), padded with pad_token_id
@@ -200,6 +204,7 @@ class EncoderDecoderLayout:
 
 class DecoderOnlyLayout:
     pad_source_left = True
+    steps = DecoderOnlySteps
 
     def target_logits(self, model: PreTrainedModel, batch: Batch) -> torch.Tensor:
         source_len = batch["source_ids"].shape[1]

@@ -83,7 +83,7 @@ def sample_seed(base_seed: int, key: str, sample_index: int) -> int:
 
     A hash of the three arguments only: not of the batch the sample is generated in, nor of what was generated
     before. A run killed at any point and resumed generates the missing PTs with the seeds the uninterrupted run
-    would have used, so (with per-row generators, `SeededSampling`) it ends with exactly the same PTs.
+    would have used, so (with per-row noise, `distilgen.decoding`) it ends with exactly the same PTs.
     """
     digest = hashlib.sha256(f"{base_seed}:{key}:{sample_index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1

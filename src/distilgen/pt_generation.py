@@ -12,7 +12,6 @@ shard; rerunning generates exactly those, with the same per-PT seeds, so it ends
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -26,139 +25,11 @@ from tqdm.auto import tqdm
 
 from distilgen.config import ConfigError, DecodingSpec, GenerateConfig, ModelConfig
 from distilgen.data import load_splits
+from distilgen.decoding import decode
 from distilgen.models import Encoded, TextModel, avoid_cudnn_attention, load_model
 from distilgen.pseudo_targets import MissingPT, PTRecord, PTStore, get_spec, sample_seed
 
 log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------
-# Per-PT sampling
-# ---------------------------------------------------------------------------------------------
-
-_MASK64 = (1 << 64) - 1
-
-
-def _signed(value: int) -> int:
-    """A 64-bit constant as the int64 torch stores."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX1, _MIX2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
-
-
-def _mix64(x: torch.Tensor) -> torch.Tensor:
-    """The splitmix64 finaliser on int64 tensors (products wrap mod 2**64; shifts made logical by masking)."""
-    x = x ^ ((x >> 30) & ((1 << 34) - 1))
-    x = x * _MIX1
-    x = x ^ ((x >> 27) & ((1 << 37) - 1))
-    x = x * _MIX2
-    return x ^ ((x >> 31) & ((1 << 33) - 1))
-
-
-def counter_uniform(seeds: torch.Tensor, step: int | torch.Tensor, size: int) -> torch.Tensor:
-    """(B, size) uniforms in (0, 1): a hash of (seed of the row, step, column), on the seeds' device.
-
-    A counter-based generator: no state, the same numbers on CPU and GPU (integer arithmetic is exact), and
-    one vectorised call per decoding step for the whole batch. `step` may be a 0-d int64 tensor (a compiled
-    caller then does not recompile for every step).
-    """
-    columns = torch.arange(size, device=seeds.device, dtype=torch.int64)
-    step = torch.as_tensor(step, dtype=torch.int64, device=seeds.device)
-    row_keys = _mix64(seeds.to(torch.int64) + step * _signed(_GOLDEN))  # (B,); int64 products wrap mod 2**64
-    bits = _mix64(row_keys[:, None] + columns[None, :])  # (B, size)
-    top24 = (bits >> 40) & ((1 << 24) - 1)
-    return (top24.to(torch.float32) + 0.5) / float(1 << 24)
-
-
-@functools.cache
-def _warpers(temperature: float, top_k: int, top_p: float) -> tuple:
-    """The warpers `generate` applies when sampling, in its order; one tuple per setting, so that a compiled
-    sampler sees the same objects on every call."""
-    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-    warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
-    warpers += [TopKLogitsWarper(top_k)] if top_k else []
-    warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
-    return tuple(warpers)
-
-
-def gumbel_choice(scores: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor, warpers: tuple) -> torch.Tensor:
-    """(B, V) scores with all the mass on one token per row: argmax(warped scores + Gumbel noise of the row's
-    seed at `step`), a sample of softmax(warped scores)."""
-    scores = scores.float()
-    for warper in warpers:
-        scores = warper(None, scores)
-    uniform = counter_uniform(seeds, step, scores.shape[1])
-    choice = (scores - torch.log(-torch.log(uniform))).argmax(-1, keepdim=True)  # (B, 1)
-    return torch.full_like(scores, float("-inf")).scatter_(-1, choice, 0.0)
-
-
-@functools.cache
-def _compiled_gumbel_choice():
-    """`gumbel_choice` as one compiled function (dynamic in batch and vocabulary): eager, it runs some 50 small
-    ops per decoding step (with top-p; `bench/decode_overhead.py`), each a kernel launch on a GPU, where they
-    cost more than a small model's compiled decoder step."""
-    return torch.compile(gumbel_choice, dynamic=True)
-
-
-class SeededSampling:
-    """A logits processor that samples each row from its own seed, by the Gumbel-max trick.
-
-    `generate` samples with one global generator, so a row's sample depends on the rows beside it. Here the
-    noise of row b at step t is `counter_uniform(seeds[b], t)`, and the row's token is argmax(warped logits +
-    Gumbel noise), a sample of softmax(warped logits); the processor returns scores with all the mass on that
-    token. Use through `seeded_generate_kwargs`; it must be the last processor. One instance serves one
-    `generate` call. `compile` runs `gumbel_choice` compiled (for decoding on a GPU with a compiled step).
-
-    Rows still depend on their batch through padding and float rounding of the logits; the sample only changes
-    when that rounding moves a token across an argmax tie, which is rare in fp32.
-    """
-
-    def __init__(
-        self, seeds: Sequence[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, compile: bool = False
-    ):
-        self.seeds = torch.tensor([_signed(s & _MASK64) for s in seeds], dtype=torch.int64)
-        self.step = torch.zeros((), dtype=torch.int64)
-        self.warpers = _warpers(temperature, top_k, top_p)
-        self.choose = _compiled_gumbel_choice() if compile else gumbel_choice
-
-    def __call__(self, input_ids, scores):  # (B, L), (B, V) -> (B, V)
-        if scores.shape[0] != len(self.seeds):
-            raise ValueError(f"{len(self.seeds)} seeds for a batch of {scores.shape[0]} rows")
-        if self.seeds.device != scores.device:
-            self.seeds, self.step = self.seeds.to(scores.device), self.step.to(scores.device)
-        out = self.choose(scores, self.seeds, self.step, self.warpers)
-        self.step += 1  # on the device: no copy from the host per step
-        return out
-
-
-def seeded_generate_kwargs(
-    spec: DecodingSpec, seeds: Sequence[int], per_input: int = 1, compile: bool = False
-) -> dict[str, Any]:
-    """`spec.generate_kwargs()` for a sampling spec, with `per_input` samples per input and sample b sampled
-    from `seeds[b]` (see `SeededSampling`; `compile`: its compiled form)."""
-    from transformers import LogitsProcessorList
-
-    if spec.kind != "sample":
-        raise ValueError(f"seeds are only for sampling specs; '{spec.name}' is {spec.kind}")
-    kwargs = spec.generate_kwargs()
-    for key in ("temperature", "top_p", "top_k"):
-        kwargs.pop(key, None)
-    sampler = SeededSampling(seeds, spec.temperature, spec.top_k, spec.top_p, compile=compile)
-    kwargs["logits_processor"] = LogitsProcessorList([sampler])
-    if per_input == 1:  # our sample is the argmax of the processed scores: no softmax and draw by `generate`
-        kwargs["do_sample"] = False
-    else:  # sampling mode returns several sequences per input, encoding the input once; each is our sample
-        kwargs.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=per_input)
-    return kwargs
-
-
-def compiles_decoding(static_cache: bool, device: torch.device) -> bool:
-    """Whether `generate` compiles its decoder step (transformers does with a static cache on a GPU); the
-    seeded sampler is compiled with it, as it would otherwise cost more per token than the compiled step."""
-    return static_cache and device.type == "cuda"
-
 
 # ---------------------------------------------------------------------------------------------
 # The teacher's identity
@@ -352,24 +223,23 @@ def _generate_batch(
 ) -> list[PTRecord]:
     """Decode one batch of rows and turn the outputs into PT records (with top-k log-probs when asked).
 
-    With `static_cache` the sources are padded to a multiple of `SOURCE_BUCKET` tokens, so that the compiled
-    decoder step (one per cross-attention length) is reused across batches.
+    Greedy and sampled PTs come from `distilgen.decoding.decode`, beams from `generate`. With `static_cache`
+    the sources are padded to a multiple of `SOURCE_BUCKET` tokens, so that the compiled decoder step (one per
+    cross-attention length) is reused across batches.
     """
     items = [Encoded("", r.source, []) for r in rows]
     collated = tm.collate(items, source_multiple=SOURCE_BUCKET if static_cache else 1)
     batch = {k: v.to(tm.device) for k, v in collated.items()}
     seeds = None
-    if spec.kind == "sample":
-        seeds = [sample_seed(spec.seed, r.input_key, i) for r in rows for i in r.sample_indices]
-        per_input = len(rows[0].sample_indices)  # the same for every row of a batch
-        kwargs = seeded_generate_kwargs(spec, seeds, per_input, compiles_decoding(static_cache, tm.device))
+    if spec.kind == "beam":
+        kwargs = {"pad_token_id": tm.tokenizer.pad_token_id, "eos_token_id": tm.tokenizer.eos_token_id}
+        generated = tm.layout.generate(tm.model, batch, **spec.generate_kwargs(), **kwargs)
+        per_row = spec.num_return
     else:
-        kwargs = spec.generate_kwargs()
-    per_row = kwargs.get("num_return_sequences", 1)
-    kwargs.update(pad_token_id=tm.tokenizer.pad_token_id, eos_token_id=tm.tokenizer.eos_token_id)
-    if static_cache:
-        kwargs["cache_implementation"] = "static"
-    generated = tm.layout.generate(tm.model, batch, **kwargs)  # (B * per_row, N), row b's outputs together
+        if spec.kind == "sample":
+            seeds = [sample_seed(spec.seed, r.input_key, i) for r in rows for i in r.sample_indices]
+        generated = decode(tm, batch, spec, seeds, static=static_cache)
+        per_row = len(rows[0].sample_indices) if seeds is not None else 1  # the same for every row of a batch
     contents = tm.output_tokens(generated)
     targets = [tm.target_ids(ids) for ids in contents]
     top_ids = top_logprobs = None

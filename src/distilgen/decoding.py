@@ -1,0 +1,306 @@
+"""Decoding PTs: greedy and per-row seeded sampling, in a loop of our own around the model's decoder step.
+
+    new_ids = decode(tm, batch, spec, seeds, static=True)   # (B * samples per input, N)
+
+`generate` runs some 60 small ops per token around the model (input preparation, logits processors,
+stopping criteria) and waits for the device every token to learn whether all rows have finished. A small
+model's decoder step, compiled into a CUDA graph, costs less than those launches. This loop keeps per token
+the step, the choice of the next tokens and three bookkeeping ops, and on a GPU learns that every row has
+finished one step late, without waiting for the step it has just queued.
+
+Tokens are those `generate` gives for the same greedy or sampling settings (tested against it). What a
+model's own generation config adds (a minimum length, forced tokens, ...) is not applied: a PT is what its
+`DecodingSpec` says. Beam search stays with `generate`.
+
+Sampling: row b's noise at step t is `counter_uniform(seeds[b], t)`, and its token is argmax(warped scores +
+Gumbel noise), a sample of softmax(warped scores). `generate` samples with one global generator, so a row's
+sample there depends on the rows beside it; here it depends only on its seed (and on the float rounding of
+its logits in a padded batch, which moves a token across an argmax tie only rarely in fp32).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from distilgen.config import DecodingSpec
+
+if TYPE_CHECKING:
+    from distilgen.models import TextModel
+
+# ---------------------------------------------------------------------------------------------
+# The counter-based noise of a seeded sample
+# ---------------------------------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    """A 64-bit constant as the int64 torch stores."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finaliser on int64 tensors (products wrap mod 2**64; shifts made logical by masking)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _MIX1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _MIX2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def seed_tensor(seeds: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B,) int64 seeds (any Python ints, taken mod 2**64), as `counter_uniform` reads them."""
+    return torch.tensor([_signed(s & _MASK64) for s in seeds], dtype=torch.int64, device=device)
+
+
+def counter_uniform(seeds: torch.Tensor, step: int | torch.Tensor, size: int) -> torch.Tensor:
+    """(B, size) uniforms in (0, 1): a hash of (seed of the row, step, column), on the seeds' device.
+
+    A counter-based generator: no state, the same numbers on CPU and GPU (integer arithmetic is exact), and
+    one vectorised call per decoding step for the whole batch. `step` may be a 0-d int64 tensor (a compiled
+    caller then does not recompile for every step).
+    """
+    columns = torch.arange(size, device=seeds.device, dtype=torch.int64)
+    step = torch.as_tensor(step, dtype=torch.int64, device=seeds.device)
+    row_keys = _mix64(seeds.to(torch.int64) + step * _signed(_GOLDEN))  # (B,); int64 products wrap mod 2**64
+    bits = _mix64(row_keys[:, None] + columns[None, :])  # (B, size)
+    top24 = (bits >> 40) & ((1 << 24) - 1)
+    return (top24.to(torch.float32) + 0.5) / float(1 << 24)
+
+
+@functools.cache
+def warpers(temperature: float, top_k: int, top_p: float) -> tuple:
+    """The warpers `generate` applies when sampling, in its order; one tuple per setting, so that a compiled
+    sampler sees the same objects on every call."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    chosen = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+    chosen += [TopKLogitsWarper(top_k)] if top_k else []
+    chosen += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+    return tuple(chosen)
+
+
+def gumbel_tokens(scores: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor, warpers: tuple) -> torch.Tensor:
+    """(B,) tokens: argmax(warped scores + Gumbel noise of the row's seed at `step`), a sample of
+    softmax(warped (B, V) scores)."""
+    scores = scores.float()
+    for warper in warpers:
+        scores = warper(None, scores)
+    uniform = counter_uniform(seeds, step, scores.shape[1])
+    return (scores - torch.log(-torch.log(uniform))).argmax(-1)
+
+
+@functools.cache
+def _compiled_gumbel_tokens():
+    """`gumbel_tokens` as one compiled function (dynamic in batch and vocabulary): eager it runs some 50 small
+    ops per token with top-p (`bench/decode_overhead.py`), each a kernel launch on a GPU."""
+    return torch.compile(gumbel_tokens, dynamic=True)
+
+
+def compiles_decoding(static_cache: bool, device: torch.device) -> bool:
+    """Whether the decoder step is compiled (into CUDA graphs): with a static cache on a GPU. The sampler is
+    compiled with it."""
+    return static_cache and device.type == "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's side: a cache and one decoder step at a time
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _forward_parameters(model_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def _cache_kwargs(model, static: bool, length: int, cross_length: int | None = None) -> dict[str, Any]:
+    """A fresh KV cache for `length` positions (`cross_length` encoder positions too: an encoder-decoder), under
+    the name the model's `forward` takes it by (`cache` in recent transformers, `past_key_values` before)."""
+    from transformers import DynamicCache, EncoderDecoderCache, StaticCache
+
+    config = model.config.get_text_config(decoder=True)
+
+    def one(size: int):
+        return StaticCache(config=config, max_cache_len=size) if static else DynamicCache(config=config)
+
+    cache = one(length) if cross_length is None else EncoderDecoderCache(one(length), one(cross_length))
+    name = "cache" if "cache" in _forward_parameters(type(model)) else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
+def _step_call(model, compile: bool) -> Callable:
+    """The model call for decoding steps after the first: the compiled one `generate` uses with a static cache
+    (`reduce-overhead`: CUDA graphs on a GPU), or the model itself."""
+    return model.get_compiled_call(None) if compile else model
+
+
+def _last_logits(output) -> torch.Tensor:
+    """(B, V) fp32 copy of the last position's logits, so that nothing holds the model's output (a compiled
+    step's CUDA graph overwrites it on its next run)."""
+    return output.logits[:, -1].to(dtype=torch.float32, copy=True)
+
+
+class EncoderDecoderSteps:
+    """The decoder fed one token at a time from `decoder_start_token_id`, over the encoder's output, computed
+    once per input and repeated for its `per_input` rows."""
+
+    def __init__(
+        self, model, batch: dict[str, torch.Tensor], per_input: int, max_new_tokens: int, static: bool, compile: bool
+    ):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        mask = batch["source_mask"]
+        hidden = model.get_encoder()(input_ids=batch["source_ids"], attention_mask=mask, return_dict=True)[0]
+        rows = hidden.shape[0] * per_input
+        self.model, self.step = model, _step_call(model, compile)
+        self.inputs = {
+            "encoder_outputs": BaseModelOutput(last_hidden_state=hidden.repeat_interleave(per_input, dim=0)),
+            "attention_mask": mask.repeat_interleave(per_input, dim=0),
+            **_cache_kwargs(model, static, max_new_tokens + 1, hidden.shape[1]),
+        }
+        self.prefix = torch.full((rows, 1), model.config.decoder_start_token_id, dtype=torch.long, device=mask.device)
+        """The tokens before the first new one (what a no-repeat-n-gram rule sees)."""
+
+    def first(self) -> torch.Tensor:
+        return _last_logits(self.model(decoder_input_ids=self.prefix, **self.inputs, return_dict=True))
+
+    def next(self, tokens: torch.Tensor) -> torch.Tensor:
+        return _last_logits(self.step(decoder_input_ids=tokens[:, None], **self.inputs, return_dict=True))
+
+
+class DecoderOnlySteps:
+    """The left-padded prompt, then one token at a time. The attention mask covers the new positions from the
+    start (causality hides those not yet written), so it keeps one shape under a static cache."""
+
+    def __init__(
+        self, model, batch: dict[str, torch.Tensor], per_input: int, max_new_tokens: int, static: bool, compile: bool
+    ):
+        ids = batch["source_ids"].repeat_interleave(per_input, dim=0)
+        mask = batch["source_mask"].repeat_interleave(per_input, dim=0)
+        self.model, self.step, self.static = model, _step_call(model, compile), static
+        self.width, self.fed = ids.shape[1], 0
+        self.mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens)], dim=1)
+        self.positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as `DecoderOnlyLayout.target_logits` numbers them
+        self.inputs = _cache_kwargs(model, static, self.width + max_new_tokens)
+        if "logits_to_keep" in _forward_parameters(type(model)):
+            self.inputs["logits_to_keep"] = 1  # the prompt's other positions need no (B, S, V) logits
+        self.prefix = ids
+
+    def _mask(self) -> torch.Tensor:
+        return self.mask if self.static else self.mask[:, : self.width + self.fed]
+
+    def first(self) -> torch.Tensor:
+        out = self.model(input_ids=self.prefix, attention_mask=self._mask(), position_ids=self.positions, **self.inputs)
+        return _last_logits(out)
+
+    def next(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.fed += 1
+        position = self.positions[:, -1:] + self.fed
+        return _last_logits(
+            self.step(input_ids=tokens[:, None], attention_mask=self._mask(), position_ids=position, **self.inputs)
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+class _AllFinished:
+    """Whether every row has emitted EOS. On a GPU the answer read is the previous step's, copied to the host
+    without blocking, so the host never waits for the step it has just queued (the loop may run one step
+    more than needed; its tokens are padding)."""
+
+    def __init__(self, device: torch.device):
+        self.lagged = device.type == "cuda"
+        if self.lagged:
+            self.flag = torch.zeros((), dtype=torch.bool, pin_memory=True)
+            self.copied = torch.cuda.Event()
+            self.pending = False
+
+    def __call__(self, finished: torch.Tensor) -> bool:
+        if not self.lagged:
+            return bool(finished.all())
+        answer = False
+        if self.pending:
+            self.copied.synchronize()
+            answer = bool(self.flag)
+        self.flag.copy_(finished.all(), non_blocking=True)
+        self.copied.record()
+        self.pending = True
+        return answer
+
+
+@torch.no_grad()
+def decode(
+    tm: TextModel,
+    batch: dict[str, torch.Tensor],
+    spec: DecodingSpec,
+    seeds: Sequence[int] | None = None,
+    static: bool = False,
+    compile: bool | None = None,
+) -> torch.Tensor:
+    """(B * per_input, N) new token ids of a greedy or sampling `spec`: input b's rows together, padding after
+    EOS, N the longest output (at most `spec.max_new_tokens`).
+
+    Args:
+        seeds: sampling: one seed per output row, `per_input` = len(seeds) / B rows per input; greedy: None.
+        static: a static KV cache (fixed shapes), as `generate`'s `cache_implementation="static"`.
+        compile: compile the decoder step and the sampler (default: with a static cache on a GPU).
+    """
+    if spec.kind not in ("greedy", "sample"):
+        raise ValueError(f"decode takes greedy and sampling specs; '{spec.name}' is {spec.kind}")
+    if (spec.kind == "sample") != (seeds is not None):
+        raise ValueError(f"spec '{spec.name}' ({spec.kind}) needs seeds exactly when it samples")
+    device, inputs = batch["source_ids"].device, batch["source_ids"].shape[0]
+    per_input = 1 if seeds is None else len(seeds) // inputs
+    if seeds is not None and len(seeds) != per_input * inputs:
+        raise ValueError(f"{len(seeds)} seeds for {inputs} inputs: give the same number of rows to each")
+    compile = compiles_decoding(static, device) if compile is None else compile
+    state = tm.layout.steps(tm.model, batch, per_input, spec.max_new_tokens, static, compile)
+    pad_id, eos_id = tm.tokenizer.pad_token_id, tm.tokenizer.eos_token_id
+    choose = _chooser(spec, seeds, device, compile)
+    no_repeat = None
+    if spec.no_repeat_ngram_size:
+        from transformers import NoRepeatNGramLogitsProcessor
+
+        no_repeat = NoRepeatNGramLogitsProcessor(spec.no_repeat_ngram_size)
+    rows, width = inputs * per_input, spec.max_new_tokens
+    out = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    all_finished = _AllFinished(device)
+    step = torch.zeros((), dtype=torch.int64, device=device)
+    scores = state.first()
+    for t in range(width):
+        if no_repeat is not None:
+            scores = no_repeat(torch.cat([state.prefix, out[:, :t]], dim=1), scores)
+        tokens = choose(scores, step).masked_fill_(finished, pad_id)  # finished rows write padding
+        out[:, t] = tokens
+        finished |= tokens == eos_id
+        step += 1
+        if t + 1 == width or all_finished(finished):
+            break
+        scores = state.next(tokens)
+    ends = out == eos_id
+    lengths = torch.where(ends.any(1), ends.int().argmax(1) + 1, width)  # up to and with each row's EOS
+    return out[:, : int(lengths.max())]
+
+
+def _chooser(
+    spec: DecodingSpec, seeds: Sequence[int] | None, device: torch.device, compile: bool
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(scores (B, V), step) -> (B,) tokens: the argmax, or the seeded sample."""
+    if seeds is None:
+        return lambda scores, step: scores.argmax(-1)
+    seeded, warp = seed_tensor(seeds, device), warpers(spec.temperature, spec.top_k, spec.top_p)
+    sample = _compiled_gumbel_tokens() if compile else gumbel_tokens
+    return lambda scores, step: sample(scores, seeded, step, warp)

@@ -1,0 +1,193 @@
+"""Decoding PTs: the seeded sampler, and our loop against `generate` (the same tokens for every layout, cache
+and setting)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distilgen.config import DecodingSpec
+from distilgen.decoding import counter_uniform, decode, gumbel_tokens, seed_tensor, warpers
+from distilgen.models import Encoded, load_model
+from tests.conftest import tiny_model_config
+
+# ---------------------------------------------------------------------------------------------
+# The seeded sampler
+# ---------------------------------------------------------------------------------------------
+
+
+def test_counter_uniforms_are_a_function_of_seed_step_and_column():
+    seeds = torch.tensor([1, 2, 2**62 + 3])
+    u = counter_uniform(seeds, step=0, size=5000)
+    assert u.shape == (3, 5000) and u.min() > 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.003
+    assert torch.equal(u[1:2], counter_uniform(seeds[1:2], step=0, size=5000))  # a row ignores the others
+    assert not torch.equal(u, counter_uniform(seeds, step=1, size=5000))
+    assert torch.equal(u, counter_uniform(seeds, step=torch.tensor(0), size=5000))
+    assert torch.corrcoef(u[:2])[0, 1].abs() < 0.05  # neighbouring seeds are unrelated
+
+
+def _sample(logits, seeds, step=0, temperature=1.0, top_k=0, top_p=1.0):
+    return gumbel_tokens(logits, seed_tensor(seeds), torch.tensor(step), warpers(temperature, top_k, top_p))
+
+
+def test_a_seeded_row_samples_the_same_whatever_its_batch():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    for step in range(3):
+        alone, batched = _sample(logits[:1], [11], step, 1.5), _sample(logits, [11, 12, 13], step, 1.5)
+        assert alone[0] == batched[0]
+
+
+def test_seeded_sampling_follows_the_warped_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    frequencies = torch.bincount(_sample(logits, range(4000), temperature=2.0), minlength=4) / 4000
+    assert torch.allclose(frequencies, torch.softmax(logits[0] / 2.0, -1), atol=0.03)
+    assert _sample(logits[:100], range(100), top_k=1).eq(0).all()
+    assert _sample(logits[:100], range(100), top_p=0.5).eq(0).all()  # the first token holds 64% of the mass
+
+
+def test_the_compiled_sampler_draws_exactly_what_the_eager_one_draws():
+    """The GPU path compiles `gumbel_tokens`; here inductor's CPU backend stands in for it: the integer hash
+    must wrap and shift alike, whatever the batch size (one compile, dynamic in the batch)."""
+    from distilgen.decoding import _compiled_gumbel_tokens
+
+    logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(0))
+    warp = warpers(0.7, 20, 0.9)
+    for rows in (8, 5):
+        seeds = seed_tensor(range(100, 100 + rows))
+        for step in range(3):
+            step = torch.tensor(step)
+            compiled = _compiled_gumbel_tokens()(logits[:rows], seeds, step, warp)
+            assert torch.equal(compiled, gumbel_tokens(logits[:rows], seeds, step, warp))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop against `generate`
+# ---------------------------------------------------------------------------------------------
+
+
+class _SeededChoice:
+    """The reference: `generate` with a processor putting all the mass on the seeded sample (and greedy
+    decoding taking it), so that only the loop around it differs."""
+
+    def __init__(self, seeds, spec):
+        self.seeds, self.warp, self.step = seed_tensor(seeds), warpers(spec.temperature, spec.top_k, spec.top_p), 0
+
+    def __call__(self, input_ids, scores):
+        tokens = gumbel_tokens(scores, self.seeds, torch.tensor(self.step), self.warp)
+        self.step += 1
+        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens[:, None], 0.0)
+
+
+class _RisingEos:
+    """A forward hook raising the EOS logit of odd rows a little more at every call, so that they end at various
+    steps and even rows run to the limit (a random model rarely writes EOS). `reset` before each decoding,
+    which calls the model once per step."""
+
+    def __init__(self, eos: int):
+        self.eos, self.rise, self.calls = eos, 0.3, 0
+
+    def reset(self):
+        self.calls = 0
+
+    def __call__(self, module, args, out):
+        self.calls += 1
+        rows = torch.arange(out.shape[0]) % 2
+        return out.index_add(
+            -1, torch.tensor([self.eos]), (self.calls * self.rise * rows)[:, None, None].expand(-1, out.shape[1], 1)
+        )
+
+
+@pytest.fixture
+def model_with_eos(arch, tokenizer_dir):
+    torch.manual_seed(0)
+    tm = load_model(tiny_model_config(arch, tokenizer_dir))
+    tm.model.eval()
+    tm.rising_eos = _RisingEos(tm.tokenizer.eos_token_id)
+    tm.model.get_output_embeddings().register_forward_hook(tm.rising_eos)
+    return tm
+
+
+def _batch(tm, sources):
+    items = [Encoded("", tm.source_ids(tm.tokenizer(s, add_special_tokens=False)["input_ids"]), []) for s in sources]
+    return tm.collate(items)
+
+
+SOURCES = ["Rukni County beat Vurt 2-1", "a draw", "the home side won 3-0 after a goal in the 62nd minute", "x"]
+
+
+def _reference(tm, batch, spec, seeds, static):
+    from transformers import LogitsProcessorList
+
+    kwargs = {
+        "max_new_tokens": spec.max_new_tokens,
+        "pad_token_id": tm.tokenizer.pad_token_id,
+        "eos_token_id": tm.tokenizer.eos_token_id,
+        "no_repeat_ngram_size": spec.no_repeat_ngram_size,
+        "do_sample": False,
+    }
+    if seeds is not None:
+        per_input = len(seeds) // batch["source_ids"].shape[0]
+        kwargs.update(logits_processor=LogitsProcessorList([_SeededChoice(seeds, spec)]))
+        if per_input > 1:  # several return sequences need sampling mode; the one-hot scores make it our draw
+            kwargs.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=per_input)
+    if static:
+        kwargs["cache_implementation"] = "static"
+    return tm.layout.generate(tm.model, batch, **kwargs)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        DecodingSpec("greedy", max_new_tokens=14),
+        DecodingSpec("sample", "sample", num_samples=3, temperature=1.3, top_k=50, top_p=0.9, max_new_tokens=14),
+    ],
+    ids=["greedy", "sample"],
+)
+def test_decode_gives_the_tokens_generate_gives(model_with_eos, spec, static):
+    tm = model_with_eos
+    batch = _batch(tm, SOURCES)
+    seeds = list(range(40, 40 + 3 * len(SOURCES))) if spec.kind == "sample" else None
+    tm.rising_eos.reset()
+    ours = decode(tm, batch, spec, seeds, static=static)
+    tm.rising_eos.reset()
+    theirs = _reference(tm, batch, spec, seeds, static)
+    assert torch.equal(ours, theirs)
+    ended = (ours == tm.tokenizer.eos_token_id).any(1)
+    assert 0 < ended.sum() < len(ours)  # some rows end early, some run to the limit: both paths are checked
+
+
+@pytest.mark.parametrize("arch", ["bart"])
+def test_decode_forbids_repeated_ngrams_as_generate_does(model_with_eos):
+    tm = model_with_eos
+    tm.rising_eos.rise = 0.0  # no early EOS: long outputs, where repeats happen
+    batch = _batch(tm, SOURCES)
+    spec = DecodingSpec("greedy", max_new_tokens=30, no_repeat_ngram_size=2)
+    ours = decode(tm, batch, spec)
+    assert torch.equal(ours, _reference(tm, batch, spec, None, False))
+    assert not torch.equal(ours, decode(tm, batch, DecodingSpec("greedy", max_new_tokens=30)))
+
+
+@pytest.mark.parametrize("arch", ["bart"])
+def test_decode_rejects_what_it_does_not_do(model_with_eos):
+    batch = _batch(model_with_eos, SOURCES[:2])
+    with pytest.raises(ValueError, match="beam"):
+        decode(model_with_eos, batch, DecodingSpec("b", "beam", num_beams=2))
+    with pytest.raises(ValueError, match="seeds"):
+        decode(model_with_eos, batch, DecodingSpec("s", "sample"))
+    with pytest.raises(ValueError, match="3 seeds for 2 inputs"):
+        decode(model_with_eos, batch, DecodingSpec("s", "sample", num_samples=2), seeds=[1, 2, 3])
+
+
+@pytest.mark.parametrize("arch", ["bart", "gpt2"])
+def test_a_seeded_pt_is_the_same_alone_and_in_a_padded_batch(model_with_eos):
+    tm = model_with_eos
+    spec = DecodingSpec("s", "sample", num_samples=2, temperature=1.5, max_new_tokens=10)
+    tm.rising_eos.reset()
+    batched = decode(tm, _batch(tm, SOURCES), spec, seeds=list(range(8)))
+    tm.rising_eos.reset()
+    alone = decode(tm, _batch(tm, SOURCES[2:3]), spec, seeds=[4, 5])  # the longest source: no padding
+    assert torch.equal(alone, batched[4:6, : alone.shape[1]])
+    tm.rising_eos.reset()
+    assert not torch.equal(batched, decode(tm, _batch(tm, SOURCES), spec, seeds=list(range(10, 18))))

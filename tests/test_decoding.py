@@ -108,9 +108,9 @@ def model_with_eos(arch, tokenizer_dir):
     return tm
 
 
-def _batch(tm, sources):
+def _batch(tm, sources, source_multiple=1):
     items = [Encoded("", tm.source_ids(tm.tokenizer(s, add_special_tokens=False)["input_ids"]), []) for s in sources]
-    return tm.collate(items)
+    return tm.collate(items, source_multiple)
 
 
 SOURCES = ["Rukni County beat Vurt 2-1", "a draw", "the home side won 3-0 after a goal in the 62nd minute", "x"]
@@ -191,3 +191,20 @@ def test_a_seeded_pt_is_the_same_alone_and_in_a_padded_batch(model_with_eos):
     assert torch.equal(alone, batched[4:6, : alone.shape[1]])
     tm.rising_eos.reset()
     assert not torch.equal(batched, decode(tm, _batch(tm, SOURCES), spec, seeds=list(range(10, 18))))
+
+
+@pytest.mark.parametrize("arch", ["bart"])
+def test_the_compiled_step_decodes_as_the_eager_one_with_one_graph_for_all_steps(model_with_eos):
+    """The GPU path compiles the decoder step (transformers' compiled call); inductor's CPU backend stands in
+    for it: the same tokens, and one graph serves every step (nothing in the inputs changes per step but
+    their values)."""
+    from torch._dynamo.utils import counters
+
+    tm = model_with_eos
+    tm.model.get_output_embeddings()._forward_hooks.clear()  # the hook's Python counter would be a guard
+    batch = _batch(tm, SOURCES, source_multiple=64)
+    spec = DecodingSpec("greedy", max_new_tokens=10)
+    counters.clear()
+    compiled = decode(tm, batch, spec, static=True, compile=True)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    assert compiled.shape[1] == 10 and torch.equal(compiled, decode(tm, batch, spec, static=True))

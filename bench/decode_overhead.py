@@ -26,9 +26,9 @@ from torch.profiler import ProfilerActivity
 
 from distilgen.config import DecodingSpec, ModelConfig
 from distilgen.data import Example
-from distilgen.decoding import decode
+from distilgen.decoding import SOURCE_BUCKET, decode
 from distilgen.models import Encoded
-from distilgen.pt_generation import SOURCE_BUCKET, load_teacher
+from distilgen.pt_generation import load_teacher
 
 
 def top_level_ops(profile, outside: str) -> int:

@@ -106,6 +106,21 @@ def _compiled_gumbel_tokens():
     return torch.compile(gumbel_tokens, dynamic=True)
 
 
+SOURCE_BUCKET = 64
+"""Source widths under a static cache are multiples of this: few compiled shapes, little padding."""
+
+
+def use_static_cache(setting: str, device: torch.device) -> bool:
+    """Whether a `static_cache` setting ("on", "off", "auto": on a GPU) decodes with a static KV cache."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def source_multiple(static_cache: bool) -> int:
+    """What source widths are padded to a multiple of: `SOURCE_BUCKET` under a static cache, where each width is
+    a compiled shape (the cross-attention or prompt length), else 1."""
+    return SOURCE_BUCKET if static_cache else 1
+
+
 def compiles_decoding(static_cache: bool, device: torch.device) -> bool:
     """Whether the decoder step is compiled (into CUDA graphs): with a static cache on a GPU. The sampler is
     compiled with it."""

@@ -39,6 +39,7 @@ from accelerate.utils import set_seed
 
 from distilgen.config import ConfigError, DecodingSpec, DistillConfig, ModelConfig
 from distilgen.data import Example, load_splits
+from distilgen.decoding import decode, source_multiple, use_static_cache
 from distilgen.models import Batch, Encoded, TextModel, load_model, round_up
 from distilgen.objectives import (
     attention_relation_kd,
@@ -324,9 +325,6 @@ def sample_student_pts(ctx: Context, tm: TextModel, window: dict[int, list[Batch
     not share noise): how steps are grouped into windows does not change a row's draw, and a resumed run draws
     the PTs the uninterrupted one would have, given the same weights.
     """
-    from distilgen.decoding import decode
-    from distilgen.pt_generation import SOURCE_BUCKET, use_static_cache
-
     cfg = ctx.cfg.student_pts
     spec = DecodingSpec(
         "student", "sample", temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens
@@ -341,7 +339,7 @@ def sample_student_pts(ctx: Context, tm: TextModel, window: dict[int, list[Batch
     static = use_static_cache(cfg.static_cache, device)
     parts = [b for batches in window.values() for b in batches]
     keys, pad, left = ("source_ids", "source_mask"), tm.tokenizer.pad_token_id, tm.layout.pad_source_left
-    sources = _stack_rows(parts, keys, pad, left, multiple=SOURCE_BUCKET if static else 1)
+    sources = _stack_rows(parts, keys, pad, left, multiple=source_multiple(static))
     was_training = tm.model.training
     tm.model.eval()
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()

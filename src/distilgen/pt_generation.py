@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from distilgen.config import ConfigError, DecodingSpec, GenerateConfig, ModelConfig
 from distilgen.data import load_splits
-from distilgen.decoding import decode
+from distilgen.decoding import decode, source_multiple, use_static_cache
 from distilgen.models import Encoded, TextModel, avoid_cudnn_attention, load_model
 from distilgen.pseudo_targets import MissingPT, PTRecord, PTStore, get_spec, sample_seed
 
@@ -128,15 +128,6 @@ def plan_batches(rows: Sequence[Row], spec: DecodingSpec, batch_size: int) -> li
     return batches
 
 
-SOURCE_BUCKET = 64
-"""Source widths under a static cache are multiples of this: few compiled shapes, little padding."""
-
-
-def use_static_cache(setting: str, device: torch.device) -> bool:
-    """Whether a `static_cache` setting ("on", "off", "auto": on a GPU) decodes with a static KV cache."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
-
-
 def _sequences(spec: DecodingSpec, row: Row) -> int:
     return {"greedy": 1, "beam": spec.num_beams, "sample": len(row.sample_indices)}[spec.kind]
 
@@ -224,11 +215,11 @@ def _generate_batch(
     """Decode one batch of rows and turn the outputs into PT records (with top-k log-probs when asked).
 
     Greedy and sampled PTs come from `distilgen.decoding.decode`, beams from `generate`. With `static_cache`
-    the sources are padded to a multiple of `SOURCE_BUCKET` tokens, so that the compiled decoder step (one per
+    the sources are padded to a multiple of `decoding.SOURCE_BUCKET` tokens, so that the compiled decoder step (one per
     cross-attention length) is reused across batches.
     """
     items = [Encoded("", r.source, []) for r in rows]
-    collated = tm.collate(items, source_multiple=SOURCE_BUCKET if static_cache else 1)
+    collated = tm.collate(items, source_multiple=source_multiple(static_cache))
     batch = {k: v.to(tm.device) for k, v in collated.items()}
     seeds = None
     if spec.kind == "beam":

@@ -3,6 +3,8 @@ and setting)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -208,3 +210,24 @@ def test_the_compiled_step_decodes_as_the_eager_one_with_one_graph_for_all_steps
     compiled = decode(tm, batch, spec, static=True, compile=True)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
     assert compiled.shape[1] == 10 and torch.equal(compiled, decode(tm, batch, spec, static=True))
+
+
+@pytest.mark.parametrize("triton", [True, False])
+def test_static_cache_auto_compiles_on_a_gpu_with_triton_and_else_stays_dynamic(triton, monkeypatch):
+    """Without Triton inductor cannot build GPU code: `auto` then keeps the dynamic cache (an eager static one
+    only costs), says so once, and `on` keeps its static cache but is not compiled."""
+    import torch.utils._triton
+
+    from distilgen import decoding
+
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: triton)
+    decoding._gpu_compiler_available.cache_clear()
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert decoding.use_static_cache("auto", gpu) is triton
+        assert decoding.compiles_decoding(True, gpu) is triton and decoding.use_static_cache("on", gpu)
+        assert not decoding.use_static_cache("auto", cpu) and not decoding.compiles_decoding(True, cpu)
+        assert not decoding.use_static_cache("off", gpu) and not decoding.compiles_decoding(False, gpu)
+    assert len([w for w in caught if "Triton" in str(w.message)]) == (0 if triton else 1)
+    decoding._gpu_compiler_available.cache_clear()

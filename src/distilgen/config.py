@@ -337,7 +337,8 @@ class DecodingSpec:
 
 Precision = Literal["auto", "no", "bf16", "fp16"]
 StaticCache = Literal["auto", "on", "off"]
-"""Decoding with a static KV cache (compiled decoder step on a GPU); auto: on when the model is on a GPU."""
+"""Decoding with a static KV cache (compiled decoder step on a GPU); auto: on when the model is on a GPU where
+the step compiles (Triton installed)."""
 
 
 @dataclass
@@ -568,7 +569,7 @@ class GenerateConfig:
     """Decode with a static KV cache (greedy and sampling specs): on a GPU the decoder step is then compiled
     into CUDA graphs (transformers' compiled call), about 2x faster per batch after a compile of ~10 s per
     source-length bucket (sources are padded to multiples of 64 tokens), and the seeded sampler is compiled
-    with it. auto: on when the teacher is on a GPU; off suits short jobs."""
+    with it. auto: on when the teacher is on a GPU with Triton; off suits short jobs."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Teacher weights during generation; auto is bf16 on a GPU that supports it, fp32 elsewhere. Part of the
     teacher fingerprint (bf16 and fp32 PTs are stored apart)."""
@@ -662,7 +663,7 @@ class StudentPTConfig:
     """Sample student PTs with a static KV cache, which on a GPU compiles the student's decoder step (sources
     padded to multiples of 64 tokens; ~19 s of compile per source bucket, once per run) and the seeded
     sampler: on an H100, Joint-Teaching trained 1.26x more samples/s with the compiled step alone (in
-    `generate`'s loop). auto: on a GPU."""
+    `generate`'s loop). auto: on a GPU with Triton."""
 
     def __post_init__(self):
         check(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -111,8 +112,9 @@ SOURCE_BUCKET = 64
 
 
 def use_static_cache(setting: str, device: torch.device) -> bool:
-    """Whether a `static_cache` setting ("on", "off", "auto": on a GPU) decodes with a static KV cache."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
+    """Whether a `static_cache` setting ("on", "off", "auto": where the decoder step compiles) decodes with a
+    static KV cache. Without the compile a static cache only costs (attention over every cached position)."""
+    return setting == "on" or (setting == "auto" and compiles_decoding(True, device))
 
 
 def source_multiple(static_cache: bool) -> int:
@@ -122,9 +124,25 @@ def source_multiple(static_cache: bool) -> int:
 
 
 def compiles_decoding(static_cache: bool, device: torch.device) -> bool:
-    """Whether the decoder step is compiled (into CUDA graphs): with a static cache on a GPU. The sampler is
-    compiled with it."""
-    return static_cache and device.type == "cuda"
+    """Whether the decoder step is compiled (into CUDA graphs): with a static cache on a GPU that inductor can
+    build code for (Triton installed, compute capability 7 or more). The sampler is compiled with it."""
+    return static_cache and device.type == "cuda" and _gpu_compiler_available()
+
+
+@functools.cache
+def _gpu_compiler_available() -> bool:
+    """Whether torch.compile can build GPU code here; says once why decoding stays eager when it cannot."""
+    from torch.utils._triton import has_triton
+
+    if not has_triton():
+        warnings.warn(
+            "Triton is not usable on this GPU (not installed, or compute capability below 7): the decoder step "
+            "is not compiled, and `static_cache: auto` decodes PTs with a dynamic KV cache (slower for small "
+            "models); `pip install triton` for the compiled step",
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -156,7 +156,8 @@ def generate_pts(
         teacher_fp: `teacher_fingerprint(tm, ...)`, the store's key of this teacher.
         topk: also store the teacher's top-k log-probs at every PT token (0: none).
         shard_size: PTs buffered before they are written as one shard.
-        static_cache: "on", "off" or "auto" (on when the teacher is on a GPU); see `GenerateConfig.static_cache`.
+        static_cache: "on", "off" or "auto" (on when the teacher is on a GPU with Triton); see
+            `GenerateConfig.static_cache`.
         process_index, num_processes: this process takes rows process_index, process_index + n, ... of the plan.
         barrier: called after every process has read the store and before any writes (`wait_for_everyone`), so
             that all processes plan the same rows.

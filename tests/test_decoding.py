@@ -195,11 +195,35 @@ def test_a_seeded_pt_is_the_same_alone_and_in_a_padded_batch(model_with_eos):
     assert not torch.equal(batched, decode(tm, _batch(tm, SOURCES), spec, seeds=list(range(10, 18))))
 
 
+@pytest.mark.parametrize("arch", ["bart", "gpt2"])
+def test_batches_of_one_shape_reuse_one_static_cache_and_decode_as_with_a_fresh_one(model_with_eos):
+    """A CUDA graph is recorded on the static cache's tensors: the next batch of the same shape decodes in the
+    same cache (zeroed, and for an encoder-decoder with the new sources' cross-attention), so that the graph
+    replays instead of being recorded again."""
+    from distilgen import decoding
+
+    tm, spec = model_with_eos, DecodingSpec("greedy", max_new_tokens=12)
+    first, second = _batch(tm, SOURCES, source_multiple=64), _batch(tm, SOURCES[::-1], source_multiple=64)
+    decode(tm, first, spec, static=True)
+    kept = decoding._static_caches[tm.model][1]
+    tm.rising_eos.reset()
+    reused = decode(tm, second, spec, static=True)
+    assert decoding._static_caches[tm.model][1] is kept
+    del decoding._static_caches[tm.model]
+    tm.rising_eos.reset()
+    assert torch.equal(reused, decode(tm, second, spec, static=True))  # a fresh cache
+    assert decoding._static_caches[tm.model][1] is not kept
+    tm.rising_eos.reset()
+    assert torch.equal(reused, _reference(tm, second, spec, None, static=False))
+    decode(tm, _batch(tm, SOURCES[:3], source_multiple=64), spec, static=True)  # other rows: another cache
+    assert decoding._static_caches[tm.model][0][0] == 3
+
+
 @pytest.mark.parametrize("arch", ["bart"])
 def test_the_compiled_step_decodes_as_the_eager_one_with_one_graph_for_all_steps(model_with_eos):
     """The GPU path compiles the decoder step (transformers' compiled call); inductor's CPU backend stands in
-    for it: the same tokens, and one graph serves every step (nothing in the inputs changes per step but
-    their values)."""
+    for it: the same tokens, and one graph serves every step and batch of a shape (nothing in the inputs
+    changes but their values)."""
     from torch._dynamo.utils import counters
 
     tm = model_with_eos
@@ -210,6 +234,10 @@ def test_the_compiled_step_decodes_as_the_eager_one_with_one_graph_for_all_steps
     compiled = decode(tm, batch, spec, static=True, compile=True)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
     assert compiled.shape[1] == 10 and torch.equal(compiled, decode(tm, batch, spec, static=True))
+    other = _batch(tm, SOURCES[::-1], source_multiple=64)  # the next batch: the same graph
+    compiled = decode(tm, other, spec, static=True, compile=True)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    assert torch.equal(compiled, decode(tm, other, spec, static=True))
 
 
 @pytest.mark.parametrize("triton", [True, False])

@@ -6,7 +6,9 @@
 stopping criteria) and waits for the device every token to learn whether all rows have finished. A small
 model's decoder step, compiled into a CUDA graph, costs less than those launches. This loop keeps per token
 the step, the choice of the next tokens and three bookkeeping ops, and on a GPU learns that every row has
-finished one step late, without waiting for the step it has just queued.
+finished one step late, without waiting for the step it has just queued. Under a static cache, batches of one
+shape decode in one cache, so the step's CUDA graph, recorded on its tensors, is replayed rather than recorded
+again for every batch (as it is when `generate` makes a new static cache per call).
 
 Tokens are those `generate` gives for the same greedy or sampling settings (tested against it). What a
 model's own generation config adds (a minimum length, forced tokens, ...) is not applied: a PT is what its
@@ -23,6 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -155,19 +158,35 @@ def _forward_parameters(model_class: type) -> frozenset[str]:
     return frozenset(inspect.signature(model_class.forward).parameters)
 
 
-def _cache_kwargs(model, static: bool, length: int, cross_length: int | None = None) -> dict[str, Any]:
-    """A fresh KV cache for `length` positions (`cross_length` encoder positions too: an encoder-decoder), under
+def _cache_kwargs(model, static: bool, rows: int, length: int, cross_length: int | None = None) -> dict[str, Any]:
+    """A KV cache for `rows` x `length` positions (`cross_length` encoder positions too: an encoder-decoder), under
     the name the model's `forward` takes it by (`cache` in recent transformers, `past_key_values` before)."""
     from transformers import DynamicCache, EncoderDecoderCache, StaticCache
 
     config = model.config.get_text_config(decoder=True)
+    device = model.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else model.dtype
+    shape = (rows, length, cross_length, dtype)
+    kept = _static_caches.get(model)
+    if static and kept is not None and kept[0] == shape:
+        cache = kept[1]
+        cache.reset()
+    else:
 
-    def one(size: int):
-        return StaticCache(config=config, max_cache_len=size) if static else DynamicCache(config=config)
+        def one(size: int):
+            return StaticCache(config=config, max_cache_len=size) if static else DynamicCache(config=config)
 
-    cache = one(length) if cross_length is None else EncoderDecoderCache(one(length), one(cross_length))
+        cache = one(length) if cross_length is None else EncoderDecoderCache(one(length), one(cross_length))
+        if static:
+            _static_caches[model] = (shape, cache)
     name = "cache" if "cache" in _forward_parameters(type(model)) else "past_key_values"
     return {name: cache, "use_cache": True}
+
+
+_static_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> (shape, its last static cache), reused (zeroed) while batches keep that shape. The compiled step's
+CUDA graph is recorded on the cache's tensors: a fresh cache each batch would record it again each batch (a
+device sync, and one more recorded graph that every later step is first checked against)."""
 
 
 def _step_call(model, compile: bool) -> Callable:
@@ -198,7 +217,7 @@ class EncoderDecoderSteps:
         self.inputs = {
             "encoder_outputs": BaseModelOutput(last_hidden_state=hidden.repeat_interleave(per_input, dim=0)),
             "attention_mask": mask.repeat_interleave(per_input, dim=0),
-            **_cache_kwargs(model, static, max_new_tokens + 1, hidden.shape[1]),
+            **_cache_kwargs(model, static, rows, max_new_tokens + 1, hidden.shape[1]),
         }
         self.prefix = torch.full((rows, 1), model.config.decoder_start_token_id, dtype=torch.long, device=mask.device)
         """The tokens before the first new one (what a no-repeat-n-gram rule sees)."""
@@ -223,7 +242,7 @@ class DecoderOnlySteps:
         self.width, self.fed = ids.shape[1], 0
         self.mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens)], dim=1)
         self.positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as `DecoderOnlyLayout.target_logits` numbers them
-        self.inputs = _cache_kwargs(model, static, self.width + max_new_tokens)
+        self.inputs = _cache_kwargs(model, static, ids.shape[0], self.width + max_new_tokens)
         if "logits_to_keep" in _forward_parameters(type(model)):
             self.inputs["logits_to_keep"] = 1  # the prompt's other positions need no (B, S, V) logits
         self.prefix = ids

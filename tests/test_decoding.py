@@ -259,3 +259,44 @@ def test_static_cache_auto_compiles_on_a_gpu_with_triton_and_else_stays_dynamic(
         assert not decoding.use_static_cache("off", gpu) and not decoding.compiles_decoding(False, gpu)
     assert len([w for w in caught if "Triton" in str(w.message)]) == (0 if triton else 1)
     decoding._gpu_compiler_available.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU (skipped elsewhere): the compiled path as PT generation and Joint-Teaching run it
+# ---------------------------------------------------------------------------------------------
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@needs_gpu
+def test_the_seeded_sampler_draws_the_same_on_the_gpu():
+    """Integer hashing is exact on both devices, so a PT sampled on a GPU is the one a CPU would sample."""
+    from distilgen.decoding import _compiled_gumbel_tokens
+
+    seeds, step = seed_tensor([1, 2**63 + 5, 7, 123456789]), torch.tensor(3)
+    assert torch.equal(counter_uniform(seeds, step, 1000), counter_uniform(seeds.cuda(), step.cuda(), 1000).cpu())
+    logits, warp = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)), warpers(1.3, 50, 0.9)
+    on_gpu = _compiled_gumbel_tokens()(logits.cuda(), seeds.cuda(), step.cuda(), warp)
+    assert torch.equal(on_gpu.cpu(), gumbel_tokens(logits, seeds, step, warp))
+
+
+@needs_gpu
+@pytest.mark.parametrize("arch", ["bart", "gpt2"])
+def test_on_a_gpu_the_compiled_step_is_one_cuda_graph_replayed_for_later_batches(model_with_eos):
+    """The default on a GPU: static cache, decoder step in CUDA graphs, compiled sampler. The tokens are the
+    eager ones, nothing is skipped, and a batch of the same shape replays the recorded graph."""
+    from torch._dynamo.utils import counters
+
+    tm = model_with_eos
+    tm.model.get_output_embeddings()._forward_hooks.clear()
+    tm.model.cuda()
+    spec, seeds = DecodingSpec("s", "sample", num_samples=2, top_p=0.9, max_new_tokens=12), list(range(8))
+    batches = [{k: v.cuda() for k, v in _batch(tm, s, source_multiple=64).items()} for s in (SOURCES, SOURCES[::-1])]
+    counters.clear()
+    first = decode(tm, batches[0], spec, seeds, static=True)
+    recorded = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
+    second = decode(tm, batches[1], spec, seeds, static=True)
+    assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] == recorded > 0
+    assert not counters["inductor"]["cudagraph_skips"] and not counters["recompiles"]
+    for batch, compiled in zip(batches, (first, second), strict=True):
+        assert torch.equal(compiled, decode(tm, batch, spec, seeds, static=True, compile=False))

@@ -12,7 +12,8 @@ of each and the cost ratio (logits_kd_pt samples/s over joint_teaching samples/s
 at the defaults (fresh student PTs every student step; on a GPU sampled with a compiled decoder step),
 without the compiled step (`student_pts.static_cache: off`), with `student_pts.refresh_every` (the PTs of
 that many student steps sampled in one call) and with batch mixing. --warmup-steps first runs each case
-untimed (compiles, kernel setup); --cases picks some.
+untimed (compiles, kernel setup); --cases picks some; --repeats N times the cases N times in turn and reports
+the median time of each (and each round's ratios), so that drift of the machine between cases shows.
 Without --teacher, a teacher and a student of the BENCHMARKS.md sizes are built at random (they generate
 to max_new_tokens, the slowest case for student PTs).
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -91,6 +93,7 @@ def main() -> None:
         "--warmup-steps", type=int, default=0, help="untimed steps of each case first (pays compiles and kernel setup)"
     )
     parser.add_argument("--cases", help=f"comma-separated subset of: {', '.join(CASES)} (default: all)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of all cases, in turn; medians reported")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="jt-bench-"))
@@ -130,17 +133,23 @@ def main() -> None:
     unknown = sorted(requested - set(CASES))
     if unknown or "logits_kd_pt" not in requested:
         parser.error(f"--cases: unknown {unknown}" if unknown else "--cases must include logits_kd_pt (the reference)")
-    for key in [k for k in CASES if k in requested]:  # the reference first
-        name = CASES[key].format(refresh_every=args.refresh_every)
-        method = "logits_kd_pt" if key == "logits_kd_pt" else "joint_teaching"
-        overrides = {"student_pts": student_pts[key]} if key in student_pts else {}
-        if args.warmup_steps:
-            run(method, base, overrides, args.warmup_steps)
-        timings[name] = run(method, base, overrides, args.steps)
-        print(f"{name}: {samples / timings[name]:.1f} samples/s", flush=True)
+    for round_ in range(args.repeats):
+        for key in [k for k in CASES if k in requested]:  # the reference first
+            name = CASES[key].format(refresh_every=args.refresh_every)
+            method = "logits_kd_pt" if key == "logits_kd_pt" else "joint_teaching"
+            overrides = {"student_pts": student_pts[key]} if key in student_pts else {}
+            if args.warmup_steps and round_ == 0:
+                run(method, base, overrides, args.warmup_steps)
+            timings.setdefault(name, []).append(run(method, base, overrides, args.steps))
+            print(f"round {round_ + 1}, {name}: {samples / timings[name][-1]:.1f} samples/s", flush=True)
     reference = timings[CASES["logits_kd_pt"]]
     rows = [
-        {"method": name, "samples_per_s": round(samples / s, 2), "cost_vs_logits_kd_pt": round(s / reference, 2)}
+        {
+            "method": name,
+            "samples_per_s": round(samples / statistics.median(s), 2),
+            "cost_vs_logits_kd_pt": round(statistics.median(s) / statistics.median(reference), 2),
+            "cost_per_round": [round(t / r, 2) for t, r in zip(s, reference, strict=True)],
+        }
         for name, s in timings.items()
     ]
     for row in rows[1:]:

@@ -135,21 +135,75 @@ def test_beam_pts_are_ranked_beams(teacher, splits, tmp_path):
         assert [r.sample_index for r in records] == [0, 1, 2] and len({r.text for r in records}) == 3
 
 
+def _eos_where_first_feature_is_high(tm) -> None:
+    """EOS becomes the most likely token wherever the last hidden state's first feature is positive: a rule of the
+    prefix alone (decoding and teacher forcing agree), so that some outputs end early and others run to the
+    limit."""
+    eos = tm.tokenizer.eos_token_id
+
+    def hook(module, args, logits):
+        high = (args[0][..., :2] > 0).all(-1, keepdim=True)
+        is_eos = torch.arange(logits.shape[-1], device=logits.device) == eos
+        return torch.where(high & is_eos, logits.amax(-1, keepdim=True) + 1.0, logits)
+
+    tm.model.get_output_embeddings().register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("spec", [DecodingSpec("greedy", max_new_tokens=12, no_repeat_ngram_size=1), SAMPLE2])
 @pytest.mark.parametrize("arch", ["bart", "t5", "gpt2"])
-def test_stored_topk_are_the_teachers_log_probs_at_each_pt_token(teacher, splits, tmp_path):
-    sources = [e.source for e in splits["train"][:5]]
+def test_stored_topk_are_the_teachers_log_probs_at_each_pt_token(teacher, splits, tmp_path, monkeypatch, spec):
+    """Taken from the decoding steps where a PT is exactly what was decoded (before any rule such as no repeated
+    n-grams), else from a teacher-forced pass: either way what the teacher gives at each token of the PT, fed
+    alone."""
+    from distilgen import pt_generation
+
+    _eos_where_first_feature_is_high(teacher)
+    forced = []
+    teacher_topk = pt_generation._teacher_topk
+
+    def spied(tm, sources, targets, k):
+        forced.append(len(targets))
+        return teacher_topk(tm, sources, targets, k)
+
+    monkeypatch.setattr(pt_generation, "_teacher_topk", spied)
+    sources = [e.source for e in splits["train"][:8]]
     store, fp = PTStore(tmp_path / "pts"), teacher_fingerprint(teacher, 256)
-    generate_pts(teacher, store, fp, GREEDY, sources, batch_size=3, topk=4)
+    generate_pts(teacher, store, fp, spec, sources, batch_size=4, topk=4, progress=False)
     assert store.stats()[0].topk == 4
+    pts = len(sources) * spec.num_per_input
+    assert sum(forced) < pts  # some from the decoding steps
     for source in sources:
-        (record,) = store.get(fp, GREEDY, [source])[input_key(source)]
-        (enc,), _ = teacher.encode([_Ex(source)], 256, targets=False)
-        batch = teacher.collate([Encoded("x", enc.source, record.token_ids)])
-        with torch.no_grad():
-            logprobs = torch.log_softmax(teacher.target_logits(batch)[0], -1)  # alone: no padding
-        values, ids = logprobs.topk(4, -1)
-        assert torch.allclose(torch.tensor(record.topk_logprobs), values, atol=1e-4)
-        assert torch.equal(torch.tensor(record.topk_ids)[:, 0], ids[:, 0])
+        for record in store.get(fp, spec, [source])[input_key(source)]:
+            (enc,), _ = teacher.encode([_Ex(source)], 256, targets=False)
+            batch = teacher.collate([Encoded("x", enc.source, record.token_ids)])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(teacher.target_logits(batch)[0], -1)  # alone: no padding
+            values, ids = logprobs.topk(4, -1)
+            assert torch.allclose(torch.tensor(record.topk_logprobs), values, atol=1e-4)
+            assert torch.equal(torch.tensor(record.topk_ids)[:, 0], ids[:, 0])
+
+
+def test_topk_come_from_the_steps_for_targets_decoded_as_stored_and_from_a_pass_for_the_others(monkeypatch):
+    from distilgen import pt_generation
+
+    eos = 2
+    generated = torch.tensor([[5, 6, eos, 0], [5, 6, 7, 8], [1, 5, eos, 0]])  # ended; cut at the limit; a special token
+    targets = [[5, 6, eos], [5, 6, 7, 8, eos], [5, eos]]  # as `target_ids` writes them back
+    steps = pt_generation.StepTopK(2)
+    for t in range(4):
+        steps(torch.log_softmax(torch.arange(10.0) * (t + 1), -1).expand(3, 10))
+    passes = []
+
+    def teacher_topk(tm, sources, targets, k):
+        passes.append(sources)
+        return [[[-1] * k] * len(t) for t in targets], [[[0.0] * k] * len(t) for t in targets]
+
+    monkeypatch.setattr(pt_generation, "_teacher_topk", teacher_topk)
+    ids, logprobs = pt_generation._pt_topk(None, ["a", "b", "c"], targets, generated, steps, 2)
+    assert passes == [["b", "c"]]
+    assert ids[0] == [[9, 8]] * 3 and [len(x) for x in ids] == [3, 5, 2] and ids[1][0] == [-1, -1]
+    assert logprobs[0][0][0] == pytest.approx(torch.log_softmax(torch.arange(10.0), -1)[9].item())
+    assert logprobs[0][2][0] > logprobs[0][0][0]  # step 3's distribution is sharper than step 1's
 
 
 @dataclasses.dataclass

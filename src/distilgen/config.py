@@ -562,7 +562,8 @@ class GenerateConfig:
     """Sequences generated together (a sampled input's K samples are K sequences)."""
     topk: int = 0
     """Also store the teacher's top-k token ids and log-probs at every PT token (for sparse Logits KD without
-    the teacher); 0 stores texts and tokens only."""
+    the teacher); 0 stores texts and tokens only. Taken from the decoding steps where a PT is what was decoded,
+    else from a teacher-forced pass (beams, outputs cut at max_new_tokens)."""
     shard_size: int = 2048
     """PTs per store shard: the most work a crash can lose."""
     static_cache: StaticCache = "auto"

@@ -300,6 +300,7 @@ def decode(
     seeds: Sequence[int] | None = None,
     static: bool = False,
     compile: bool | None = None,
+    on_scores: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """(B * per_input, N) new token ids of a greedy or sampling `spec`: input b's rows together, padding after
     EOS, N the longest output (at most `spec.max_new_tokens`).
@@ -308,6 +309,8 @@ def decode(
         seeds: sampling: one seed per output row, `per_input` = len(seeds) / B rows per input; greedy: None.
         static: a static KV cache (fixed shapes), as `generate`'s `cache_implementation="static"`.
         compile: compile the decoder step and the sampler (default: with a static cache on a GPU).
+        on_scores: called at each step, before the step's tokens are chosen, with the model's (B * per_input, V)
+            fp32 scores for them, before any rule or warper (step t's are the distribution of output column t).
     """
     if spec.kind not in ("greedy", "sample"):
         raise ValueError(f"decode takes greedy and sampling specs; '{spec.name}' is {spec.kind}")
@@ -333,6 +336,8 @@ def decode(
     step = torch.zeros((), dtype=torch.int64, device=device)
     scores = state.first()
     for t in range(width):
+        if on_scores is not None:
+            on_scores(scores)
         if no_repeat is not None:
             scores = no_repeat(torch.cat([state.prefix, out[:, :t]], dim=1), scores)
         tokens = choose(scores, step).masked_fill_(finished, pad_id)  # finished rows write padding

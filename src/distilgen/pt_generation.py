@@ -222,7 +222,7 @@ def _generate_batch(
     items = [Encoded("", r.source, []) for r in rows]
     collated = tm.collate(items, source_multiple=source_multiple(static_cache))
     batch = {k: v.to(tm.device) for k, v in collated.items()}
-    seeds = None
+    seeds = steps_topk = None
     if spec.kind == "beam":
         kwargs = {"pad_token_id": tm.tokenizer.pad_token_id, "eos_token_id": tm.tokenizer.eos_token_id}
         generated = tm.layout.generate(tm.model, batch, **spec.generate_kwargs(), **kwargs)
@@ -230,14 +230,15 @@ def _generate_batch(
     else:
         if spec.kind == "sample":
             seeds = [sample_seed(spec.seed, r.input_key, i) for r in rows for i in r.sample_indices]
-        generated = decode(tm, batch, spec, seeds, static=static_cache)
+        steps_topk = StepTopK(topk) if topk else None
+        generated = decode(tm, batch, spec, seeds, static=static_cache, on_scores=steps_topk)
         per_row = len(rows[0].sample_indices) if seeds is not None else 1  # the same for every row of a batch
     contents = tm.output_tokens(generated)
     targets = [tm.target_ids(ids) for ids in contents]
     top_ids = top_logprobs = None
     if topk:
         sources = [r.source for r in rows for _ in range(per_row)]
-        top_ids, top_logprobs = _teacher_topk(tm, sources, targets, topk)
+        top_ids, top_logprobs = _pt_topk(tm, sources, targets, generated, steps_topk, topk)
     records = []
     for b, row in enumerate(rows):
         for j, index in enumerate(row.sample_indices):
@@ -254,6 +255,52 @@ def _generate_batch(
                 )
             )
     return records
+
+
+class StepTopK:
+    """`decode`'s `on_scores`: the k most likely tokens and their log-probs at every decoding step, kept on the
+    device and fetched once."""
+
+    def __init__(self, k: int):
+        self.k, self.ids, self.logprobs = k, [], []
+
+    def __call__(self, scores: torch.Tensor) -> None:
+        logprobs, ids = torch.log_softmax(scores, dim=-1).topk(min(self.k, scores.shape[-1]), dim=-1)
+        self.ids.append(ids)
+        self.logprobs.append(logprobs)
+
+    def rows(self, width: int) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
+        """(B, width, k) ids and log-probs of the first `width` steps, as lists."""
+        ids, logprobs = torch.stack(self.ids[:width], dim=1), torch.stack(self.logprobs[:width], dim=1)
+        return ids.cpu().tolist(), logprobs.cpu().tolist()
+
+
+def _pt_topk(
+    tm: TextModel,
+    sources: list[list[int]],
+    targets: list[list[int]],
+    generated: torch.Tensor,
+    steps_topk: StepTopK | None,
+    k: int,
+) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
+    """The teacher's top-k at every token of each PT target. Where the target is exactly what was decoded (its
+    tokens open the decoded row), they are the decoding steps' own, at no extra cost; the other rows (beams; a
+    special token dropped from the text; EOS added to an output cut at max_new_tokens) take a teacher-forced
+    pass. Both are the teacher's distribution at each prefix of the target."""
+    ids: list = [None] * len(targets)
+    logprobs: list = [None] * len(targets)
+    if steps_topk is not None:
+        decoded = generated.tolist()
+        step_ids, step_logprobs = steps_topk.rows(generated.shape[1])
+        for b, target in enumerate(targets):
+            if decoded[b][: len(target)] == target:
+                ids[b], logprobs[b] = step_ids[b][: len(target)], step_logprobs[b][: len(target)]
+    redo = [b for b in range(len(targets)) if ids[b] is None]
+    if redo:
+        redo_ids, redo_logprobs = _teacher_topk(tm, [sources[b] for b in redo], [targets[b] for b in redo], k)
+        for b, row_ids, row_logprobs in zip(redo, redo_ids, redo_logprobs, strict=True):
+            ids[b], logprobs[b] = row_ids, row_logprobs
+    return ids, logprobs
 
 
 def _teacher_topk(

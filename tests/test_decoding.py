@@ -205,18 +205,42 @@ def test_batches_of_one_shape_reuse_one_static_cache_and_decode_as_with_a_fresh_
     tm, spec = model_with_eos, DecodingSpec("greedy", max_new_tokens=12)
     first, second = _batch(tm, SOURCES, source_multiple=64), _batch(tm, SOURCES[::-1], source_multiple=64)
     decode(tm, first, spec, static=True)
-    kept = decoding._static_caches[tm.model][1]
+    (kept,) = decoding._static_caches[tm.model].values()
     tm.rising_eos.reset()
     reused = decode(tm, second, spec, static=True)
-    assert decoding._static_caches[tm.model][1] is kept
+    assert list(decoding._static_caches[tm.model].values()) == [kept]
     del decoding._static_caches[tm.model]
     tm.rising_eos.reset()
     assert torch.equal(reused, decode(tm, second, spec, static=True))  # a fresh cache
-    assert decoding._static_caches[tm.model][1] is not kept
+    assert list(decoding._static_caches[tm.model].values()) != [kept]
     tm.rising_eos.reset()
     assert torch.equal(reused, _reference(tm, second, spec, None, static=False))
-    decode(tm, _batch(tm, SOURCES[:3], source_multiple=64), spec, static=True)  # other rows: another cache
-    assert decoding._static_caches[tm.model][0][0] == 3
+
+
+@pytest.mark.parametrize("arch", ["bart"])
+def test_static_caches_of_recent_shapes_are_kept_within_a_byte_budget(model_with_eos, monkeypatch):
+    """Batches that move between a few shapes keep one cache per shape (each shape's graph recorded once);
+    past the budget only the latest shape's cache stays."""
+    from distilgen import decoding
+
+    tm, spec = model_with_eos, DecodingSpec("greedy", max_new_tokens=6)
+    wide, narrow = _batch(tm, SOURCES, source_multiple=64), _batch(tm, SOURCES[:3], source_multiple=64)
+
+    def caches():
+        return list(decoding._static_caches[tm.model].values())
+
+    decode(tm, wide, spec, static=True)
+    decode(tm, narrow, spec, static=True)
+    wide_cache, narrow_cache = caches()
+    assert decoding._cache_bytes(wide_cache) > decoding._cache_bytes(narrow_cache) > 0
+    decode(tm, wide, spec, static=True)
+    assert caches() == [narrow_cache, wide_cache]  # the latest last
+    monkeypatch.setattr(decoding, "KEPT_CACHE_BYTES", decoding._cache_bytes(wide_cache))
+    decode(tm, _batch(tm, SOURCES[:2], source_multiple=64), spec, static=True)  # a third shape: the oldest goes
+    assert caches()[0] is wide_cache and len(caches()) == 2
+    monkeypatch.setattr(decoding, "KEPT_CACHE_BYTES", 0)
+    decode(tm, narrow, spec, static=True)
+    assert len(caches()) == 1 and caches()[0] is not narrow_cache
 
 
 @pytest.mark.parametrize("arch", ["bart"])

@@ -164,29 +164,62 @@ def _cache_kwargs(model, static: bool, rows: int, length: int, cross_length: int
     from transformers import DynamicCache, EncoderDecoderCache, StaticCache
 
     config = model.config.get_text_config(decoder=True)
-    device = model.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else model.dtype
-    shape = (rows, length, cross_length, dtype)
-    kept = _static_caches.get(model)
-    if static and kept is not None and kept[0] == shape:
-        cache = kept[1]
-        cache.reset()
+
+    def one(size: int):
+        return StaticCache(config=config, max_cache_len=size) if static else DynamicCache(config=config)
+
+    def fresh():
+        return one(length) if cross_length is None else EncoderDecoderCache(one(length), one(cross_length))
+
+    if static:
+        device = model.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else model.dtype
+        cache = _kept_static_cache(model, (rows, length, cross_length, dtype), fresh)
     else:
-
-        def one(size: int):
-            return StaticCache(config=config, max_cache_len=size) if static else DynamicCache(config=config)
-
-        cache = one(length) if cross_length is None else EncoderDecoderCache(one(length), one(cross_length))
-        if static:
-            _static_caches[model] = (shape, cache)
+        cache = fresh()
     name = "cache" if "cache" in _forward_parameters(type(model)) else "past_key_values"
     return {name: cache, "use_cache": True}
 
 
+KEPT_CACHE_BYTES = 256 * 2**20
+"""Static caches of shapes other than the latest are kept per model while they total at most this (a small
+model's caches for the few source buckets batches move between; a large model keeps only its latest)."""
+
 _static_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""model -> (shape, its last static cache), reused (zeroed) while batches keep that shape. The compiled step's
-CUDA graph is recorded on the cache's tensors: a fresh cache each batch would record it again each batch (a
-device sync, and one more recorded graph that every later step is first checked against)."""
+"""model -> {shape: static cache}, the latest last."""
+
+
+def _kept_static_cache(model, shape: tuple, fresh: Callable[[], Any]):
+    """The static cache of `shape` that the model decoded in before, zeroed, or a new one.
+
+    The compiled step's CUDA graph is recorded on the cache's tensors: a new cache for every batch would have it
+    recorded again every batch (a device sync each time, and each recording kept and checked at later steps).
+    So caches are kept per shape: the latest always, older ones within `KEPT_CACHE_BYTES`."""
+    kept = _static_caches.setdefault(model, {})
+    cache = kept.pop(shape, None)
+    if cache is not None:
+        cache.reset()
+    else:
+        cache = fresh()
+        room = KEPT_CACHE_BYTES
+        for old in reversed(list(kept)):  # the most recent first
+            size = _cache_bytes(kept[old])
+            if size > room:
+                del kept[old]
+            else:
+                room -= size
+    kept[shape] = cache
+    return cache
+
+
+def _cache_bytes(cache) -> int:
+    parts = (
+        [cache.self_attention_cache, cache.cross_attention_cache]
+        if hasattr(cache, "cross_attention_cache")
+        else [cache]
+    )
+    tensors = [getattr(layer, name, None) for part in parts for layer in part.layers for name in ("keys", "values")]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _step_call(model, compile: bool) -> Callable:

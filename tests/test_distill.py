@@ -308,6 +308,32 @@ def test_sigkill_during_joint_teaching_then_rerun_resumes_and_finishes(tmp_path,
     assert summary["distill"]["steps"] == 60
 
 
+@pytest.mark.parametrize("method", ["joint_teaching", "attention_kd"])
+def test_two_processes_under_accelerate_launch_train_on_the_single_process_schedule(tmp_path, teacher_dir, method):
+    """Under DDP the student is wrapped: the losses reach its config and attention layers through the wrapper,
+    each process samples its own student PTs, and the learning rate moves once per optimizer step (as with one
+    process), not once per process."""
+    from distilgen.config import to_dict
+
+    def run(name: str, launcher: list[str]) -> list[dict]:
+        cfg = _cfg(tmp_path, teacher_dir, method, output_dir=str(tmp_path / name))
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(to_dict(cfg)))
+        command = [*launcher, "-m", "distilgen.cli", "distill", str(path)]
+        result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads((tmp_path / name / "summary.json").read_text())["distill"]["steps"] == 12
+        lines = (tmp_path / name / "distill" / "metrics.jsonl").read_text().splitlines()
+        return [record for record in map(json.loads, lines) if "lr" in record]
+
+    single = run("single", [sys.executable])
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    double = run("double", launch)
+    assert [r["lr"] for r in double] == [r["lr"] for r in single] and len(double) == 12
+    assert double[-1]["loss"] < double[0]["loss"]
+
+
 def test_a_long_teacher_pt_is_cut_like_encode_does_with_its_topk(pt_context):
     from distilgen.distill import _Encoder
     from distilgen.pseudo_targets import PTRecord

@@ -40,7 +40,7 @@ from accelerate.utils import set_seed
 from distilgen.config import ConfigError, DecodingSpec, DistillConfig, ModelConfig
 from distilgen.data import Example, load_splits
 from distilgen.decoding import decode, source_multiple, use_static_cache
-from distilgen.models import Batch, Encoded, TextModel, load_model, round_up
+from distilgen.models import Batch, Encoded, TextModel, inner_model, load_model, round_up
 from distilgen.objectives import (
     attention_relation_kd,
     capture_qkv,
@@ -289,7 +289,7 @@ def attention_kd_loss(ctx: Context) -> LossFn:
     which = att.which if ctx.student.is_encoder_decoder else "decoder"
 
     def loss(tm: TextModel, batch: Batch) -> torch.Tensor:
-        with capture_qkv(tm.model, which) as s, capture_qkv(ctx.teacher.model, which) as t:
+        with capture_qkv(inner_model(tm.model), which) as s, capture_qkv(ctx.teacher.model, which) as t:
             student_logits = tm.target_logits(batch)
             per_token = kd_per_token(ctx, student_logits, {k: v for k, v in batch.items() if k != "topk_rows"})
         kd = _weighted_sum(per_token, batch)

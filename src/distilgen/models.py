@@ -165,6 +165,14 @@ def _pad_topk(items: Sequence[Encoded], width: int) -> Batch:
     return {"topk_ids": ids, "topk_logprobs": logprobs, "topk_rows": rows}
 
 
+def inner_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The `transformers` model inside the wrapper training may put around it (DDP under `accelerate launch`),
+    which holds its config and submodules; calls still go through the wrapper, which syncs gradients."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model)
+
+
 class Layout(Protocol):
     """How one model family lays out a batch; `target_logits` returns (B, T, V) aligned with target_ids."""
 
@@ -187,7 +195,7 @@ class EncoderDecoderLayout:
 
     def target_logits(self, model: PreTrainedModel, batch: Batch) -> torch.Tensor:
         target = batch["target_ids"]  # (B, T), padded with pad_token_id
-        start = torch.full_like(target[:, :1], model.config.decoder_start_token_id)
+        start = torch.full_like(target[:, :1], inner_model(model).config.decoder_start_token_id)
         decoder_input = torch.cat([start, target[:, :-1]], dim=1)
         out = model(input_ids=batch["source_ids"], attention_mask=batch["source_mask"], decoder_input_ids=decoder_input)
         return out.logits  # (B, T, V)

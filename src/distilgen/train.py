@@ -72,6 +72,9 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
         log_with=cfg.trackers or None,
         project_dir=str(output_dir),
         cpu=not torch.cuda.is_available(),  # lets processes launched on a CPU machine form one (gloo) group
+        # Our steps count optimizer steps over all processes: the schedule moves once per step, not once per
+        # process (accelerate's default, meant for per-process dataloader lengths, ended it halfway with 2).
+        step_scheduler_with_optimizer=False,
     )
 
 

@@ -311,8 +311,8 @@ def test_sigkill_during_joint_teaching_then_rerun_resumes_and_finishes(tmp_path,
 @pytest.mark.parametrize("method", ["joint_teaching", "attention_kd"])
 def test_two_processes_under_accelerate_launch_train_on_the_single_process_schedule(tmp_path, teacher_dir, method):
     """Under DDP the student is wrapped: the losses reach its config and attention layers through the wrapper,
-    each process samples its own student PTs, and the learning rate moves once per optimizer step (as with one
-    process), not once per process."""
+    each process samples its own student PTs, the learning rate moves once per optimizer step (as with one
+    process), not once per process, and the summary is printed once."""
     from distilgen.config import to_dict
 
     def run(name: str, launcher: list[str]) -> list[dict]:
@@ -322,6 +322,7 @@ def test_two_processes_under_accelerate_launch_train_on_the_single_process_sched
         command = [*launcher, "-m", "distilgen.cli", "distill", str(path)]
         result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count('"method":') == 1  # the summary, printed by the main process alone
         assert json.loads((tmp_path / name / "summary.json").read_text())["distill"]["steps"] == 12
         lines = (tmp_path / name / "distill" / "metrics.jsonl").read_text().splitlines()
         return [record for record in map(json.loads, lines) if "lr" in record]

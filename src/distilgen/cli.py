@@ -98,18 +98,26 @@ def config_keys(cls: type, prefix: str = "", defaults: object | None = None) -> 
 # ---------------------------------------------------------------------------------------------
 
 
+def _print_summary(summary: dict) -> None:
+    """A command's JSON summary, printed once however many processes `accelerate launch` started (the command
+    has set up accelerate's process state by then)."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(json.dumps(summary, indent=2))
+
+
 def run_finetune(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
     from distilgen.train import finetune
 
-    summary = finetune(cfg)
-    print(json.dumps(summary, indent=2))
+    _print_summary(finetune(cfg))
     return 0
 
 
 def run_distill(cfg: DistillConfig, args: argparse.Namespace) -> int:
     from distilgen.distill import distill
 
-    print(json.dumps(distill(cfg), indent=2))
+    _print_summary(distill(cfg))
     return 0
 
 
@@ -188,9 +196,7 @@ def run_inspect(cfg: InspectConfig, args: argparse.Namespace) -> int:
 def run_generate(cfg: GenerateConfig, args: argparse.Namespace) -> int:
     from distilgen.pt_generation import generate
 
-    summary = generate(cfg)
-    if summary.pop("is_main_process"):
-        print(json.dumps(summary, indent=2))
+    _print_summary(generate(cfg))
     return 0
 
 

@@ -380,5 +380,4 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         "sequences_per_s": round(report.sequences_per_s, 2),
         "tokens_per_s": round(report.tokens_per_s, 1),
         "stored_pts": stats.pts if stats else 0,
-        "is_main_process": state.is_main_process,
     }

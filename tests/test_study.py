@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
+import yaml
 
 from distilgen.config import ConfigError, DecodingConfig, DiagnoseConfig, ModelConfig, StudyConfig, from_dict
 from distilgen.data import load_splits
@@ -14,7 +17,7 @@ from distilgen.evaluate import generate
 from distilgen.metrics import compute_metrics
 from distilgen.models import load_model
 from distilgen.study import gap_closed, study
-from tests.conftest import TINY
+from tests.conftest import TINY, cli_env
 
 TASK = {"train_size": 16, "unlabeled_size": 8, "dev_size": 4, "test_size": 6}
 STUDENT = {"arch": "bart", **TINY, "hidden_size": 16, "encoder_layers": 1, "decoder_layers": 1}
@@ -95,6 +98,22 @@ def test_study_trains_every_run_shares_pts_and_reports_gap_cost_and_a_plot(tmp_p
     assert [row["train_seconds"] is None for row in report["runs"]] == [False, False, True]
     assert json.loads((out / "report.json").read_text())["runs"][2]["train_seconds"] is None
     assert (out / "report.md").read_text().splitlines()[-1].endswith("| - |")
+
+
+def test_a_study_under_accelerate_launch_trains_in_both_processes_and_reports_once(tmp_path, teacher_dir):
+    from distilgen.config import to_dict
+
+    cfg = _study_cfg(tmp_path, teacher_dir, seeds=[0])
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    command = [*launch, "-m", "distilgen.cli", "study", str(path)]
+    result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("[1/3] finetune, seed 0") == 1 and result.stdout.count("| teacher |") == 1
+    report = json.loads((tmp_path / "study" / "report.json").read_text())
+    assert [row["name"] for row in report["runs"]] == ["finetune", "logits_kd", "seq_kd_labeled"]
 
 
 # ---------------------------------------------------------------------------------------------

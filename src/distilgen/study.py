@@ -50,29 +50,45 @@ def _evaluate_cached(path: str, cache: Path, examples, cfg: StudyConfig, with_co
 
 
 def study(cfg: StudyConfig) -> dict[str, Any]:
-    """Train every run (resuming), evaluate every model, write report.json, report.md and study.png."""
+    """Train every run (resuming), evaluate every model, write report.json, report.md and study.png.
+
+    Under `accelerate launch` every process takes part in each run's training; the main process alone then
+    evaluates and writes the report, which every process returns."""
+    from accelerate import PartialState
+
     from distilgen.distill import distill
 
+    state = PartialState(cpu=not torch.cuda.is_available())  # cpu: processes on a CPU machine join up (gloo)
+    examples = load_splits(cfg.data, (cfg.split,)).get(cfg.split, [])
+    if not examples:
+        raise ValueError(f"no {cfg.split} examples: set data.{cfg.split} or data.task")
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "study.yaml")
     times_file = out / "train_seconds.json"
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "study.yaml")
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
     finals: dict[tuple[str, int], str] = {}
     runs = cfg.run_configs()
     for i, (name, seed, run_cfg) in enumerate(runs):
-        print(f"[{i + 1}/{len(runs)}] {name}, seed {seed}")
+        state.print(f"[{i + 1}/{len(runs)}] {name}, seed {seed}")
         key = f"{name}/seed{seed}"
         finished_before = (Path(run_cfg.output_dir) / "summary.json").exists()
         start = time.perf_counter()
         finals[(name, seed)] = distill(run_cfg)["model"]
-        if not finished_before:  # a resumed run records the time of its last part only
+        if not finished_before and state.is_main_process:  # a resumed run records the time of its last part only
             times[key] = round(time.perf_counter() - start, 1)
             times_file.write_text(json.dumps(times, indent=2))
 
-    examples = load_splits(cfg.data, (cfg.split,)).get(cfg.split, [])
-    if not examples:
-        raise ValueError(f"no {cfg.split} examples: set data.{cfg.split} or data.task")
+    if state.is_main_process:
+        _report(cfg, examples, finals, times)
+    state.wait_for_everyone()
+    return json.loads((out / "report.json").read_text())
+
+
+def _report(cfg: StudyConfig, examples: list, finals: dict[tuple[str, int], str], times: dict[str, float]) -> None:
+    """Evaluate the teacher and every final model on `examples`; write and print the report."""
+    out = Path(cfg.output_dir)
     print(f"evaluating {len(finals) + 1} models on {len(examples)} {cfg.split} examples")
     teacher = _evaluate_cached(cfg.teacher.path, out / "eval" / "teacher.json", examples, cfg, with_cost=True)
     results = {
@@ -88,7 +104,6 @@ def study(cfg: StudyConfig) -> dict[str, Any]:
     plot(report, cfg.metrics[0], out / "study.png")
     print(table)
     print(f"report: {out}/report.md, plot: {out}/study.png")
-    return report
 
 
 def summarize(

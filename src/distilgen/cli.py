@@ -380,6 +380,16 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _leave_process_group() -> None:
+    """Under `accelerate launch`, leave the process group together once the command is done: a gloo group left
+    to the interpreter's exit can abort a process ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from distilgen.data import DataError
@@ -389,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS[args.command]
     try:
         cfg = _load(command, args)
-        return command.run(cfg, args)
+        code = command.run(cfg, args)
+        _leave_process_group()
+        return code
     except (ConfigError, DataError) as err:
         print(f"distilgen {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -78,6 +80,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def cli_env() -> dict[str, str]:
     """Environment of a `python -m distilgen.cli` subprocess: this checkout, offline, one thread."""
     return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def launch_two_processes() -> list[str]:
+    """`accelerate launch` of 2 processes on this machine, on a free port (the default 29500 of a launch that
+    has just ended may still be held). Without a GPU, accelerate starts several processes only with
+    --multi_gpu (torchrun); they form a gloo group."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+            "--dynamo_backend", "no"]  # fmt: skip
 
 
 def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 240, log: Path | None = None) -> None:

@@ -27,7 +27,7 @@ from distilgen.distill import (
 )
 from distilgen.models import load_model
 from distilgen.pt_generation import load_teacher
-from tests.conftest import TINY, cli_env, kill_when
+from tests.conftest import TINY, cli_env, kill_when, launch_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = {"train_size": 24, "unlabeled_size": 8, "dev_size": 4, "test_size": 0}
@@ -328,9 +328,7 @@ def test_two_processes_under_accelerate_launch_train_on_the_single_process_sched
         return [record for record in map(json.loads, lines) if "lr" in record]
 
     single = run("single", [sys.executable])
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    double = run("double", launch)
+    double = run("double", launch_two_processes())
     assert [r["lr"] for r in double] == [r["lr"] for r in single] and len(double) == 12
     assert double[-1]["loss"] < double[0]["loss"]
 

@@ -18,7 +18,7 @@ from distilgen.config import DecodingSpec
 from distilgen.models import Encoded, load_model
 from distilgen.pseudo_targets import PTStore, input_key
 from distilgen.pt_generation import generate_pts, plan_batches, plan_rows, teacher_fingerprint
-from tests.conftest import cli_env, kill_when, tiny_model_config
+from tests.conftest import cli_env, kill_when, launch_two_processes, tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE2 = DecodingSpec("sample2", "sample", num_samples=2, max_new_tokens=12)
@@ -314,11 +314,8 @@ def test_two_processes_under_accelerate_launch_give_the_single_process_store(tmp
         [sys.executable, "-m", "distilgen.cli", "generate", str(single)], env=cli_env(), capture_output=True
     ).returncode == 0  # fmt: skip
     double = _generate_yaml(tmp_path, teacher_dir, tmp_path / "double")
-    # On a machine without GPU, accelerate starts several processes only with --multi_gpu (torchrun).
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
     result = subprocess.run(
-        [*launcher, "-m", "distilgen.cli", "generate", str(double)],
+        [*launch_two_processes(), "-m", "distilgen.cli", "generate", str(double)],
         env=cli_env(),
         capture_output=True,
         text=True,

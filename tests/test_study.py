@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from distilgen.evaluate import generate
 from distilgen.metrics import compute_metrics
 from distilgen.models import load_model
 from distilgen.study import gap_closed, study
-from tests.conftest import TINY, cli_env
+from tests.conftest import TINY, cli_env, launch_two_processes
 
 TASK = {"train_size": 16, "unlabeled_size": 8, "dev_size": 4, "test_size": 6}
 STUDENT = {"arch": "bart", **TINY, "hidden_size": 16, "encoder_layers": 1, "decoder_layers": 1}
@@ -106,9 +105,7 @@ def test_a_study_under_accelerate_launch_trains_in_both_processes_and_reports_on
     cfg = _study_cfg(tmp_path, teacher_dir, seeds=[0])
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg)))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    command = [*launch, "-m", "distilgen.cli", "study", str(path)]
+    command = [*launch_two_processes(), "-m", "distilgen.cli", "study", str(path)]
     result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("[1/3] finetune, seed 0") == 1 and result.stdout.count("| teacher |") == 1

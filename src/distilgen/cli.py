@@ -99,11 +99,10 @@ def config_keys(cls: type, prefix: str = "", defaults: object | None = None) -> 
 
 
 def _print_summary(summary: dict) -> None:
-    """A command's JSON summary, printed once however many processes `accelerate launch` started (the command
-    has set up accelerate's process state by then)."""
-    from accelerate import PartialState
+    """A command's JSON summary, printed once however many processes `accelerate launch` started."""
+    from distilgen.train import process_state
 
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         print(json.dumps(summary, indent=2))
 
 

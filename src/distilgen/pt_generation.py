@@ -337,9 +337,9 @@ def load_teacher(cfg: ModelConfig, precision: str, device: torch.device) -> Text
 
 def generate(cfg: GenerateConfig) -> dict[str, Any]:
     """`distilgen generate`: PTs for every input of `cfg.splits`, sharded across processes under accelerate."""
-    from accelerate import PartialState
+    from distilgen.train import process_state
 
-    state = PartialState(cpu=not torch.cuda.is_available())  # cpu: processes launched on a CPU machine join up
+    state = process_state()
     splits = load_splits(cfg.data, cfg.splits)
     for name in cfg.splits:
         if name not in splits:

@@ -54,11 +54,10 @@ def study(cfg: StudyConfig) -> dict[str, Any]:
 
     Under `accelerate launch` every process takes part in each run's training; the main process alone then
     evaluates and writes the report, which every process returns."""
-    from accelerate import PartialState
-
     from distilgen.distill import distill
+    from distilgen.train import process_state
 
-    state = PartialState(cpu=not torch.cuda.is_available())  # cpu: processes on a CPU machine join up (gloo)
+    state = process_state()
     examples = load_splits(cfg.data, (cfg.split,)).get(cfg.split, [])
     if not examples:
         raise ValueError(f"no {cfg.split} examples: set data.{cfg.split} or data.task")

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -60,6 +60,12 @@ class TrainState:
     evals_without_improvement: int = 0
     bad_steps_in_a_row: int = 0
     finished: bool = False
+
+
+def process_state() -> PartialState:
+    """This process's place among those `accelerate launch` started (one process otherwise). Processes launched
+    on a machine without a GPU form one gloo group (`cpu`), as `make_accelerator`'s do."""
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:

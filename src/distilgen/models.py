@@ -13,6 +13,7 @@ for every row and teacher/student logits line up for word-level KD.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,8 +276,10 @@ class TextModel:
     def is_encoder_decoder(self) -> bool:
         return isinstance(self.layout, EncoderDecoderLayout)
 
+    @functools.cached_property
     def _affixes(self) -> tuple[list[int], list[int]]:
-        """The special tokens this tokenizer puts around a text (BART: <s> ... </s>, T5: ... </s>)."""
+        """The special tokens this tokenizer puts around a text (BART: <s> ... </s>, T5: ... </s>); found once
+        (two tokenizer calls), not per PT."""
         plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
         full = self.tokenizer("x")["input_ids"]
         at = next((i for i in range(len(full)) if full[i : i + len(plain)] == plain), 0)
@@ -285,7 +288,7 @@ class TextModel:
     def _source_affixes(self) -> tuple[list[int], list[int]]:
         """Encoder-decoder: the tokenizer's own special tokens; decoder-only: prompt + SEP when there is one."""
         if self.is_encoder_decoder:
-            return self._affixes()
+            return self._affixes
         return [], [self.tokenizer.sep_token_id] if self.tokenizer.sep_token_id is not None else []
 
     def _target_affixes(self) -> tuple[list[int], list[int]]:
@@ -293,7 +296,7 @@ class TextModel:
         eos = [self.tokenizer.eos_token_id]
         if not self.is_encoder_decoder:
             return [], eos
-        prefix, suffix = self._affixes()
+        prefix, suffix = self._affixes
         return prefix, suffix if suffix[-1:] == eos else suffix + eos
 
     def source_ids(self, content: Sequence[int]) -> list[int]:

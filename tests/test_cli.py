@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from distilgen.cli import COMMANDS, main
-from tests.conftest import kill_when
+from tests.conftest import kill_when, launch_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,6 +109,19 @@ def test_data_command_exports_the_built_in_task_as_jsonl(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and all(isinstance(r["target"], list) and len(r["target"]) > 1 for r in rows)
+
+
+def test_a_one_process_command_under_a_two_process_launch_is_refused_before_it_starts(tmp_path):
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"task": {"train_size": 5, "unlabeled_size": 0, "dev_size": 2}}}))
+    command = [*launch_two_processes(), "-m", "distilgen.cli", "data", str(cfg), "--export", str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode != 0
+    refusal = "distilgen data: error: runs in one process, on one device, but `accelerate launch` started 2"
+    assert result.stderr.count(refusal) == 2, result.stderr[-3000:]  # each process says so, and stops
+    assert "finetune, distill, study, generate)" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_sigkill_during_finetune_then_rerun_resumes_and_finishes(tmp_path, tokenizer_dir):

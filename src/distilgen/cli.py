@@ -228,6 +228,9 @@ class Command:
     action: str | None = None
     """A word that must follow the command (`pts show`)."""
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    several_processes: bool = False
+    """Whether it runs under `accelerate launch` with several processes (sharding or data-parallel training);
+    the others use one device and are refused there, before they start."""
 
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -257,17 +260,22 @@ COMMANDS: dict[str, Command] = {
         config_optional=True,
     ),
     "finetune": Command(
-        "train a model on labeled data (a teacher, or the student baseline)", run_finetune, FinetuneConfig
+        "train a model on labeled data (a teacher, or the student baseline)",
+        run_finetune,
+        FinetuneConfig,
+        several_processes=True,
     ),
     "distill": Command(
         "train a student from a teacher with one of the study's methods (joint_teaching, logits_kd_pt, ...)",
         run_distill,
         DistillConfig,
+        several_processes=True,
     ),
     "study": Command(
         "run several methods (and seeds) on one task and report scores, gap closed, cost and a plot",
         run_study,
         StudyConfig,
+        several_processes=True,
     ),
     "diagnose": Command(
         "exposure bias: the student writes the first X percent of each output, the teacher the rest; score per X",
@@ -298,6 +306,7 @@ COMMANDS: dict[str, Command] = {
         "across processes under accelerate launch)",
         run_generate,
         GenerateConfig,
+        several_processes=True,
     ),
     "pts": Command(
         "show what a PT store holds: counts per split and spec, lengths, diversity, examples",
@@ -389,6 +398,11 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _launched_processes() -> int:
+    """How many processes `accelerate launch` (torchrun) started for this command: 1 when run directly."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from distilgen.data import DataError
@@ -396,6 +410,16 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet_libraries()
     command = COMMANDS[args.command]
+    processes = _launched_processes()
+    if processes > 1 and not command.several_processes:
+        several = ", ".join(name for name, c in COMMANDS.items() if c.several_processes)
+        print(
+            f"distilgen {args.command}: error: runs in one process, on one device, but `accelerate launch` started "
+            f"{processes}: run `distilgen {args.command}` without it (commands that use several processes: "
+            f"{several})",
+            file=sys.stderr,
+        )
+        return 2
     try:
         cfg = _load(command, args)
         code = command.run(cfg, args)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from distilgen.cli import COMMANDS, main
-from tests.conftest import kill_when, launch_two_processes
+from tests.conftest import cli_env, kill_when, launch_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,8 +115,7 @@ def test_a_one_process_command_under_a_two_process_launch_is_refused_before_it_s
     cfg = tmp_path / "data.yaml"
     cfg.write_text(yaml.safe_dump({"data": {"task": {"train_size": 5, "unlabeled_size": 0, "dev_size": 2}}}))
     command = [*launch_two_processes(), "-m", "distilgen.cli", "data", str(cfg), "--export", str(tmp_path / "out")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=cli_env(), timeout=300)
     assert result.returncode != 0
     refusal = "distilgen data: error: runs in one process, on one device, but `accelerate launch` started 2"
     assert result.stderr.count(refusal) == 2, result.stderr[-3000:]  # each process says so, and stops

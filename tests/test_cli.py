@@ -150,7 +150,7 @@ def test_rerunning_a_run_directory_with_another_model_is_refused(tmp_path, token
     config = _finetune_yaml(tmp_path, tokenizer_dir, max_steps=2, eval_every=2)
     assert _cli("finetune", str(config), cwd=tmp_path).returncode == 0
     result = _cli("finetune", str(config), "model.hidden_size=64", cwd=tmp_path)
-    assert result.returncode == 2 and "model: differs from the run already in" in result.stderr
+    assert result.returncode == 2 and "model.hidden_size: 64 differs from the run already trained in" in result.stderr
 
 
 def test_inspect_reports_cost_of_a_shrunk_copy_and_saves_it(tmp_path, tokenizer_dir):
@@ -175,4 +175,4 @@ def test_inspect_reports_cost_of_a_shrunk_copy_and_saves_it(tmp_path, tokenizer_
     saved = json.loads((tmp_path / "student" / "config.json").read_text())
     assert (saved["encoder_layers"], saved["decoder_layers"]) == (2, 2)
     bad = _cli("inspect", str(tmp_path / "teacher"), "shrink=2:5")
-    assert bad.returncode == 2 and "shrink" in bad.stderr
+    assert bad.returncode == 2 and "error: shrink: cannot keep 5 of 3 layers" in bad.stderr

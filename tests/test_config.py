@@ -47,6 +47,9 @@ def test_defaults_fill_what_the_yaml_leaves_out():
         ("train.metric=accuracy", "train.metric", "bleu"),
         ("decoding.top_p=1.5", "decoding.top_p", "(0, 1]"),
         ("model.num_heads=3", "model.num_heads", "divide hidden_size"),
+        ("train.lr=.inf", "train.lr", "finite"),
+        ("train.max_grad_norm=.inf", "train.max_grad_norm", "finite"),
+        ("decoding.temperature=.nan", "decoding.temperature", "finite"),
     ],
 )
 def test_a_bad_value_names_its_dotted_key_and_the_fix(override, key, words):
@@ -109,3 +112,10 @@ def test_the_quickstart_yaml_spells_out_the_quickstart_defaults(monkeypatch):
 
     monkeypatch.chdir(ROOT)
     assert load_config(QuickstartConfig, "configs/quickstart/default.yaml") == QuickstartConfig()
+
+
+def test_a_layer_count_is_a_shrink_spec():
+    from distilgen.config import InspectConfig, ModelConfig
+
+    assert from_dict(InspectConfig, {"model": "gpt2", "shrink": 4}).shrink == "4"
+    assert ModelConfig(path="gpt2", shrink=4).shrink == "4"

@@ -1,3 +1,4 @@
+import codecs
 import csv
 import hashlib
 import json
@@ -74,6 +75,17 @@ def test_dataset_dict_saved_to_disk_is_read_by_split(tmp_path):
         load(tmp_path / "ds")
 
 
+@pytest.mark.parametrize("spec", ["x.jsonl", "x.jsonl/", "plain", "plain@train"])
+def test_directory_that_is_not_a_saved_dataset_is_a_data_error(tmp_path, spec):
+    (tmp_path / "x.jsonl").mkdir()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "train.jsonl").write_text('{"source": "x", "target": "y"}\n')
+    with pytest.raises(
+        DataError, match="a directory, but not a dataset saved with `datasets.save_to_disk`; use .jsonl"
+    ):
+        load(f"{tmp_path}/{spec}")
+
+
 def test_single_dataset_saved_to_disk_loads_without_a_split(tmp_path):
     import datasets
 
@@ -97,6 +109,38 @@ def test_hub_spec_names_dataset_config_and_split(monkeypatch):
     assert calls == [("owner/news", "v2", "validation")]
     with pytest.raises(DataError, match="hub:owner/name@train"):
         load_split("hub:owner/news", cfg, labeled=True)
+
+
+def test_hub_dataset_that_cannot_be_loaded_offline_is_one_line_error(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # no local directory owner/absent shadows the hub name
+    spec = "hub:owner/absent@train"
+    with pytest.raises(DataError) as err:
+        load_split(spec, DataConfig(train=spec), labeled=True)
+    assert str(err.value).startswith(f"{spec}: the dataset could not be loaded (Couldn't reach 'owner/absent'")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["train.jsonl", "train.json", "train.csv"])
+def test_text_files_may_start_with_a_utf8_byte_order_mark(tmp_path, name):
+    content = {
+        "train.jsonl": '{"source": "x", "target": "y"}\n',
+        "train.json": '[{"source": "x", "target": "y"}]',
+        "train.csv": "source,target\nx,y\n",
+    }[name]
+    (tmp_path / name).write_text(content, encoding="utf-8-sig")
+    assert load(tmp_path / name) == load(write_lines(tmp_path / "plain.jsonl", '{"source": "x", "target": "y"}'))
+
+
+@pytest.mark.parametrize("end", ["\n", "\r\n", "\r"])
+def test_csv_lines_may_end_in_any_newline_and_quoted_cells_may_span_lines(tmp_path, end):
+    (tmp_path / "train.csv").write_bytes(f'source,target{end}"two{end}lines",y{end}x,'.encode())
+    with pytest.raises(DataError, match="train.csv line 4: empty target"):
+        load(tmp_path / "train.csv")
+    (tmp_path / "train.csv").write_bytes(f'source,target{end}"two{end}lines",y{end}'.encode())
+    assert load(tmp_path / "train.csv")[0].source == f"two{end}lines"
 
 
 def test_write_jsonl_round_trips_a_builtin_task(tmp_path):
@@ -137,6 +181,13 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path, bad_line, message):
     assert str(err.value).startswith(f"{path} line 2:")
 
 
+@pytest.mark.parametrize("field", ["source", "target"])
+def test_null_field_is_reported_as_null_not_missing(tmp_path, field):
+    path = write_lines(tmp_path / "train.jsonl", json.dumps({"source": "x", "target": "y", field: None}))
+    with pytest.raises(DataError, match=f"train.jsonl line 1: null {field} field '{field}'"):
+        load(path)
+
+
 def test_blank_lines_do_not_shift_line_numbers(tmp_path):
     path = write_lines(tmp_path / "train.jsonl", "", '{"source": "ok", "target": "ok"}', "", "{")
     with pytest.raises(DataError, match=r"train.jsonl line 4: malformed JSON"):
@@ -146,6 +197,13 @@ def test_blank_lines_do_not_shift_line_numbers(tmp_path):
 def test_csv_without_the_target_column_names_file_and_line(tmp_path):
     path = write_lines(tmp_path / "train.csv", "source,summary", "x,y")
     with pytest.raises(DataError, match=r"train.csv line 2: missing target field 'target' \(fields: source, summary\)"):
+        load(path)
+
+
+@pytest.mark.parametrize(("row", "count"), [("x,y,z", 3), ("x", 1)])
+def test_csv_row_with_a_field_count_unlike_the_header_names_the_line(tmp_path, row, count):
+    path = write_lines(tmp_path / "train.csv", "source,target", "a,b", row)
+    with pytest.raises(DataError, match=f"train.csv line 3: {count} fields while the header has 2"):
         load(path)
 
 
@@ -161,8 +219,14 @@ def test_parquet_null_target_names_file_and_row(tmp_path):
 
     path = tmp_path / "train.parquet"
     pq.write_table(pa.table({"source": ["a", "b"], "target": ["x", None]}), path)
-    with pytest.raises(DataError, match=r"train.parquet row 1: missing target field"):
+    with pytest.raises(DataError, match=r"train.parquet row 2: null target field"):
         load(path)
+
+
+def test_rows_of_a_json_list_count_from_one(tmp_path):
+    (tmp_path / "train.json").write_text(json.dumps([{"source": "x"}, {"source": "y", "target": "z"}]))
+    with pytest.raises(DataError, match=r"train.json row 1: missing target field"):
+        load(tmp_path / "train.json")
 
 
 def test_malformed_json_file_names_file_and_line(tmp_path):
@@ -184,10 +248,17 @@ def test_unknown_extension_lists_the_supported_formats(tmp_path):
         load(tmp_path / "train.txt")
 
 
-@pytest.mark.parametrize("name", ["train.jsonl", "train.json", "train.csv"])
-def test_file_that_is_not_utf8_is_a_data_error(tmp_path, name):
-    (tmp_path / name).write_bytes(b'[{"source": "\xff", "target": "y"}]\n')
-    with pytest.raises(DataError, match=f"{name}: not UTF-8"):
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("train.jsonl", b'{"source": "a", "target": "b"}\n\n{"source": "\xff", "target": "y"}\n'),
+        ("train.csv", b'source,target\n"a\n\xff",c\n'),  # the bad line, not the record's first
+        ("train.json", codecs.BOM_UTF8 + b'[{"source": "a", "target": "b"},\n\n{"source": "\xff", "target": "y"}]'),
+    ],
+)
+def test_bytes_that_are_not_utf8_are_reported_at_their_line(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=f"{name} line 3: not UTF-8 text .*; re-save the file as UTF-8"):
         load(tmp_path / name)
 
 

@@ -18,6 +18,7 @@ from distilgen.data import load_splits
 from distilgen.distill import (
     METHODS,
     Context,
+    _weighted_sum,
     distill,
     is_student_step,
     prepare_pts,
@@ -198,12 +199,22 @@ def test_refresh_every_samples_a_window_of_student_steps_in_one_call_with_the_sa
 def test_within_batch_mixing_trains_on_both_kinds_weighted_by_alpha(pt_context, monkeypatch):
     ctx = pt_context
     monkeypatch.setattr(ctx.cfg.student_pts, "mixing", "batch")
-    batch = ctx.student.collate(teacher_pt_items(ctx)(0)[:4])
-    (mixed,) = student_pt_prepare(ctx, alpha=0.75)(ctx.student, 0, [batch], _nothing_ahead)
-    assert mixed["target_ids"].shape[0] == 8
-    assert mixed["row_weight"].tolist() == [1.5] * 4 + [0.5] * 4
-    assert torch.equal(mixed["source_ids"][:4, : batch["source_ids"].shape[1]], batch["source_ids"])
-    assert student_pt_prepare(ctx, alpha=1.0)(ctx.student, 0, [batch], _nothing_ahead) == [batch]
+    items = teacher_pt_items(ctx)(0)
+    step = [ctx.student.collate(items[:4]), ctx.student.collate(items[4:7])]  # two micro-batches
+    mixed = student_pt_prepare(ctx, alpha=0.75)(ctx.student, 0, step, _nothing_ahead)
+    assert [b["target_ids"].shape[0] for b in mixed] == [8, 6]
+    assert torch.equal(mixed[0]["source_ids"][:4, : step[0]["source_ids"].shape[1]], step[0]["source_ids"])
+    # Whatever the two halves' lengths, the step's loss is 0.75 x (teacher half's mean) + 0.25 x (student half's):
+    # a loss of 1 per teacher-half token and 2 per student-half token gives 0.75 + 0.5 = 1.25.
+    total = tokens = 0.0
+    for b, rows in zip(mixed, (4, 3), strict=True):
+        per_token = torch.where(torch.arange(2 * rows)[:, None] < rows, 1.0, 2.0).expand(b["target_mask"].shape)
+        total += _weighted_sum(per_token, b).item()
+        tokens += b["target_mask"].sum().item()
+    teacher_tokens = sum(b["target_mask"][:rows].sum().item() for b, rows in zip(mixed, (4, 3), strict=True))
+    assert teacher_tokens != tokens - teacher_tokens  # the halves differ in length, or the test shows nothing
+    assert total / tokens == pytest.approx(1.25)
+    assert student_pt_prepare(ctx, alpha=1.0)(ctx.student, 0, step, _nothing_ahead) == step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,3 +357,84 @@ def test_a_long_teacher_pt_is_cut_like_encode_does_with_its_topk(pt_context):
     item = encoder.pt(example.id, record)
     assert item.target == [*tokens[:47], tokens[-1]]
     assert [ids[0] for ids in item.topk_ids] == item.target and len(item.topk_logprobs) == 48
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses normalised over the optimizer step
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["encoder", "decoder"])
+def test_attention_kd_loss_does_not_depend_on_the_micro_batch_split(pt_context, monkeypatch, which):
+    """1 micro-batch of 8 or 2 of 4: the relation term is a sum over the step's positions divided by their count,
+    like the logits term (it was a mean per micro-batch, weighted by target tokens: 2.107 against 1.833)."""
+    from distilgen.distill import attention_kd_plan, gold_items
+
+    ctx = pt_context
+    monkeypatch.setattr(ctx.cfg.attention, "which", which)
+    monkeypatch.setattr(ctx.cfg.attention, "weight", 5.0)  # the relation term matters
+    ctx.student.model.eval()
+    items = sorted(gold_items(ctx)[:8], key=lambda it: len(it.source))  # halves of different source lengths
+    plan = attention_kd_plan(ctx)
+
+    def step_loss(micro_batches: list) -> float:
+        batches = plan.prepare(ctx.student, 0, micro_batches, _nothing_ahead)
+        tokens = sum(b["target_mask"].sum() for b in batches)
+        with torch.no_grad():
+            return sum(plan.loss(ctx.student, b) for b in batches).item() / tokens.item()
+
+    whole = step_loss([ctx.student.collate(items)])
+    halves = step_loss([ctx.student.collate(items[:4]), ctx.student.collate(items[4:])])
+    assert whole == pytest.approx(halves, rel=1e-5)
+
+
+def _with_stored_topk(ctx, batch, k: int = 5):
+    """`batch` with the teacher's own top-k at every target position stored, as PTs with top-k carry it."""
+    with torch.no_grad():
+        logprobs = torch.log_softmax(ctx.teacher.target_logits(batch).float(), dim=-1)
+    values, ids = logprobs.topk(k, dim=-1)
+    return {**batch, "topk_ids": ids, "topk_logprobs": values, "topk_rows": torch.ones(len(ids), dtype=torch.long)}
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "total_variation"])
+def test_stored_topk_is_compared_with_the_configured_divergence(pt_context, monkeypatch, divergence):
+    from distilgen.distill import gold_items, kd_per_token
+    from distilgen.objectives import sparse_logits_kd
+
+    ctx = pt_context
+    monkeypatch.setattr(ctx.cfg.kd, "divergence", divergence)
+    monkeypatch.setattr(ctx.cfg.kd, "beta", 0.3)
+    batch = _with_stored_topk(ctx, ctx.student.collate(gold_items(ctx)[:4]))
+    with torch.no_grad():
+        student_logits = ctx.student.target_logits(batch)
+        got = kd_per_token(ctx, student_logits, batch)
+        args = (student_logits, batch["topk_ids"], batch["topk_logprobs"], batch["target_mask"])
+        want = sparse_logits_kd(*args, divergence=divergence, beta=0.3)
+        forward = sparse_logits_kd(*args)
+    assert torch.allclose(got, want) and not torch.allclose(got, forward)
+
+
+def test_kd_beta_and_alpha_are_config_keys_that_reach_the_loss(pt_context, monkeypatch):
+    from distilgen.distill import gold_items, kd_per_token
+    from distilgen.objectives import logits_kd
+
+    ctx = pt_context
+    batch = ctx.student.collate(gold_items(ctx)[:4])
+    with torch.no_grad():
+        student_logits, teacher_logits = ctx.student.target_logits(batch), ctx.teacher.target_logits(batch)
+        for divergence, key, value in (("jsd", "beta", 0.2), ("skew_reverse_kl", "alpha", 0.4)):
+            monkeypatch.setattr(ctx.cfg.kd, "divergence", divergence)
+            monkeypatch.setattr(ctx.cfg.kd, key, value)
+            got = kd_per_token(ctx, student_logits, batch)
+            want = logits_kd(student_logits, teacher_logits, batch["target_mask"], divergence, **{key: value})
+            default = logits_kd(student_logits, teacher_logits, batch["target_mask"], divergence)
+            assert torch.allclose(got, want) and not torch.allclose(got, default)
+
+
+def test_a_temperature_with_stored_topk_is_refused_when_the_config_loads(tmp_path, teacher_dir):
+    from distilgen.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"kd.temperature: .*use_stored_topk=false"):
+        _cfg(tmp_path, teacher_dir, "logits_kd_pt", **{"kd.temperature": 2.0})
+    _cfg(tmp_path, teacher_dir, "logits_kd_pt", **{"kd.temperature": 2.0, "kd.use_stored_topk": False})
+    _cfg(tmp_path, teacher_dir, "logits_kd", **{"kd.temperature": 2.0})  # no teacher PTs: the teacher runs live

@@ -141,6 +141,32 @@ def test_skew_kl_matches_its_mixture_formula(pair, mask):
     torch.testing.assert_close(logits_kd(student, teacher, mask, "skew_kl", alpha=0.1), expected)
 
 
+def test_skew_kl_matches_a_hand_computed_value():
+    student, teacher = probs_logits([0.5, 0.3, 0.2]), probs_logits([0.1, 0.6, 0.3])
+    # mixture 0.2 * p_T + 0.8 * p_S = (0.02 + 0.40, 0.12 + 0.24, 0.06 + 0.16), in probability space
+    expected = 0.1 * math.log(0.1 / 0.42) + 0.6 * math.log(0.6 / 0.36) + 0.3 * math.log(0.3 / 0.22)
+    per_token = logits_kd(student, teacher, torch.ones(1, 1), "skew_kl", alpha=0.2)
+    torch.testing.assert_close(per_token, torch.tensor([[expected]], dtype=torch.float64))
+
+
+def test_skew_reverse_kl_matches_a_hand_computed_value():
+    student, teacher = probs_logits([0.5, 0.3, 0.2]), probs_logits([0.1, 0.6, 0.3])
+    # mixture 0.2 * p_S + 0.8 * p_T = (0.10 + 0.08, 0.06 + 0.48, 0.04 + 0.24), in probability space
+    expected = 0.5 * math.log(0.5 / 0.18) + 0.3 * math.log(0.3 / 0.54) + 0.2 * math.log(0.2 / 0.28)
+    per_token = logits_kd(student, teacher, torch.ones(1, 1), "skew_reverse_kl", alpha=0.2)
+    torch.testing.assert_close(per_token, torch.tensor([[expected]], dtype=torch.float64))
+
+
+def test_jsd_weights_each_kl_by_the_other_distributions_share_of_the_mixture():
+    student, teacher = probs_logits([0.5, 0.3, 0.2]), probs_logits([0.1, 0.6, 0.3])
+    # m = 0.3 * p_T + 0.7 * p_S = (0.03 + 0.35, 0.18 + 0.21, 0.09 + 0.14)
+    kl_teacher = 0.1 * math.log(0.1 / 0.38) + 0.6 * math.log(0.6 / 0.39) + 0.3 * math.log(0.3 / 0.23)
+    kl_student = 0.5 * math.log(0.5 / 0.38) + 0.3 * math.log(0.3 / 0.39) + 0.2 * math.log(0.2 / 0.23)
+    expected = 0.7 * kl_teacher + 0.3 * kl_student  # 0.152; TRL's 0.3 * kl_teacher + 0.7 * kl_student is 0.083
+    per_token = logits_kd(student, teacher, torch.ones(1, 1), "jsd", beta=0.3)
+    torch.testing.assert_close(per_token, torch.tensor([[expected]], dtype=torch.float64))
+
+
 def test_total_variation_matches_a_hand_computed_value():
     student, teacher = probs_logits([0.5, 0.3, 0.2]), probs_logits([0.2, 0.3, 0.5])
     per_token = logits_kd(student, teacher, torch.ones(1, 1), "total_variation")
@@ -223,6 +249,33 @@ def test_bf16_logits_are_computed_in_fp32(pair, mask):
     assert student.grad.dtype == torch.bfloat16 and torch.isfinite(student.grad).all()
 
 
+def fp16_scaled_gradient(student: torch.Tensor, teacher: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The student's gradient of the mean per-token forward KL times 65536, GradScaler's initial scale."""
+    s = student.to(dtype).clone().requires_grad_(True)
+    mask = torch.ones(student.shape[:2])
+    (masked_sum(logits_kd(s, teacher.to(dtype), mask), mask) / mask.sum() * 65536).backward()
+    return s.grad
+
+
+def test_fp16_gradients_are_scaled_before_being_rounded_to_fp16():
+    # fp16-representable logits, so the fp64 reference sees exactly what the fp16 student sees
+    student, teacher = ((4 * logits(2, 4, 1000, seed=seed)).half() for seed in (11, 12))
+    fp16 = fp16_scaled_gradient(student, teacher, torch.float16)
+    reference = fp16_scaled_gradient(student, teacher, torch.float64).half()
+    assert fp16.dtype == torch.float16
+    assert (fp16 == 0).sum() == (reference == 0).sum()  # rounding before scaling flushed 413 entries to 0
+    torch.testing.assert_close(fp16.double(), reference.double(), rtol=1e-2, atol=1e-7)
+
+
+def test_fp16_gradients_stay_finite_when_the_scaled_upstream_gradient_exceeds_fp16_range():
+    # one token: the per-token upstream gradient is 65536, beyond fp16's largest value 65504
+    student, teacher = ((2 * logits(1, 1, 50, seed=seed)).half() for seed in (13, 14))
+    fp16 = fp16_scaled_gradient(student, teacher, torch.float16)
+    reference = fp16_scaled_gradient(student, teacher, torch.float64).half()
+    assert torch.isfinite(reference).all()
+    torch.testing.assert_close(fp16.double(), reference.double(), rtol=1e-2, atol=1e-7)
+
+
 @pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
 def test_logits_kd_gradient_passes_gradcheck(divergence):
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
@@ -263,14 +316,17 @@ def test_a_batch_split_in_two_gives_the_same_step_loss_and_gradient():
 # --- sparse (top-k) logits KD -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
-def test_sparse_kd_over_the_full_vocabulary_equals_dense_forward_kl(tail, pair, mask):
+@pytest.mark.parametrize(
+    ("tail", "divergence"), [("renormalize", "forward_kl")] + [("bucket", name) for name in sorted(DIVERGENCES)]
+)
+def test_sparse_kd_over_the_full_vocabulary_equals_dense_kd_with_the_same_divergence(tail, divergence, pair, mask):
     student, teacher = pair
     ids = logits(B, T, V, seed=6).argsort(-1)  # every id, in a shuffled order
     logprobs = F.log_softmax(teacher, -1).gather(-1, ids)
+    settings = {"divergence": divergence, "beta": 0.3, "alpha": 0.2}
     torch.testing.assert_close(
-        sparse_logits_kd(student, ids, logprobs, mask, tail=tail),
-        logits_kd(student, teacher, mask),
+        sparse_logits_kd(student, ids, logprobs, mask, tail=tail, **settings),
+        logits_kd(student, teacher, mask, **settings),
         atol=1e-8,
         rtol=1e-8,
     )
@@ -282,6 +338,15 @@ def test_sparse_bucket_matches_a_hand_computed_example():
     # top-k terms, then the tail: teacher 1 - 0.9 = 0.1 against student 0.2 outside ids {0, 1}
     expected = 0.6 * math.log(0.6 / 0.5) + 0.3 * math.log(0.3 / 0.3) + 0.1 * math.log(0.1 / 0.2)
     per_token = sparse_logits_kd(student, ids, logprobs, torch.ones(1, 1), tail="bucket")
+    torch.testing.assert_close(per_token, torch.tensor([[expected]], dtype=torch.float64))
+
+
+def test_sparse_bucket_reverse_kl_matches_a_hand_computed_example():
+    student = probs_logits([0.5, 0.3, 0.2])
+    ids, logprobs = torch.tensor([[[0, 1]]]), torch.tensor([[[0.6, 0.3]]], dtype=torch.float64).log()
+    # coarsened to (id 0, id 1, the rest): student (0.5, 0.3, 0.2) against teacher (0.6, 0.3, 0.1)
+    expected = 0.5 * math.log(0.5 / 0.6) + 0.3 * math.log(0.3 / 0.3) + 0.2 * math.log(0.2 / 0.1)
+    per_token = sparse_logits_kd(student, ids, logprobs, torch.ones(1, 1), tail="bucket", divergence="reverse_kl")
     torch.testing.assert_close(per_token, torch.tensor([[expected]], dtype=torch.float64))
 
 
@@ -302,18 +367,28 @@ def test_sparse_bucket_penalises_student_mass_outside_the_teachers_top_k():
     assert sparse_logits_kd(spread, ids, logprobs, one).item() > 0.1
 
 
-@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
-def test_sparse_kd_gradient_passes_gradcheck(tail):
+@pytest.mark.parametrize(
+    ("tail", "divergence"), [("bucket", "forward_kl"), ("bucket", "jsd"), ("renormalize", "forward_kl")]
+)
+def test_sparse_kd_gradient_passes_gradcheck(tail, divergence):
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     student = logits(2, 3, 6, seed=7).requires_grad_(True)
     ids = logits(2, 3, 6, seed=8).topk(3, -1).indices
     logprobs = F.log_softmax(logits(2, 3, 6, seed=9), -1).gather(-1, ids)
     temperature = 1.0 if tail == "bucket" else 2.0
     assert torch.autograd.gradcheck(
-        lambda s: sparse_logits_kd(s, ids, logprobs, mask, tail=tail, temperature=temperature, chunk_size=2),
+        lambda s: sparse_logits_kd(
+            s, ids, logprobs, mask, tail=tail, divergence=divergence, temperature=temperature, beta=0.3, chunk_size=2
+        ),
         (student,),
         fast_mode=True,
     )
+
+
+def test_sparse_renormalize_refuses_divergences_other_than_forward_kl(pair, mask):
+    ids = torch.zeros(B, T, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="tail='renormalize' supports only divergence 'forward_kl', got 'jsd'"):
+        sparse_logits_kd(pair[0], ids, torch.zeros(B, T, 2), mask, tail="renormalize", divergence="jsd")
 
 
 def test_sparse_bucket_refuses_a_temperature_it_cannot_apply(pair, mask):
@@ -439,6 +514,41 @@ def test_causal_relations_ignore_later_positions():
     torch.testing.assert_close(after[0, :3], before[0, :3])
 
 
+def naive_relation_kd(student: list, teacher: list, mask: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
+    """MiniLMv2 written out: per query position, relation and head, KL(teacher || student) of
+    softmax(x_i . y_j / sqrt(d_head)) over the visible keys j; the mean over relations and heads."""
+    student, teacher = dict(zip("qkv", student, strict=True)), dict(zip("qkv", teacher, strict=True))
+    batch, length = mask.shape
+    out = torch.zeros(batch, length, dtype=torch.float64)
+    for b in range(batch):
+        for i in range(length):
+            if not mask[b, i]:
+                continue  # padded queries: loss 0
+            keys = [j for j in range(length) if mask[b, j] and (j <= i or not causal)]
+            kls = []
+            for x, y in ("qq", "kk", "vv"):
+                for a in range(heads):
+                    rows = []
+                    for side in (teacher, student):
+                        d = side[x].shape[-1] // heads  # head dim, not hidden size
+                        head = slice(a * d, (a + 1) * d)
+                        scores = [side[x][b, i, head] @ side[y][b, j, head] / math.sqrt(d) for j in keys]
+                        rows.append(torch.stack(scores).softmax(0))
+                    p_teacher, p_student = rows
+                    kls.append((p_teacher * (p_teacher / p_student).log()).sum())
+            out[b, i] = sum(kls) / len(kls)
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_relation_kd_matches_a_naive_loop_over_positions_relations_and_heads(causal):
+    student, teacher = qkv(2, 6, 16, seed=110), qkv(2, 6, 48, seed=120)  # head dims 4 and 12
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    expected = naive_relation_kd(student, teacher, mask, heads=4, causal=causal)
+    got = attention_relation_kd(*student, *teacher, mask, relation_heads=4, causal=causal)
+    torch.testing.assert_close(got, expected)
+
+
 def test_hidden_size_not_divisible_by_relation_heads_is_an_error():
     q, k, v = qkv(1, 4, 10, seed=100)
     with pytest.raises(ValueError, match="hidden size 10 is not divisible by relation_heads=4"):
@@ -462,24 +572,58 @@ def tiny(arch: str, hidden: int = 16) -> torch.nn.Module:
             decoder_ffn_dim=32,
             max_position_embeddings=32,
             decoder_start_token_id=1,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
             **common,
         )
         return BartForConditionalGeneration(config).eval()
     if arch == "t5":
         config = T5Config(
-            d_model=hidden, d_kv=8, d_ff=32, num_layers=2, num_heads=2, decoder_start_token_id=0, **common
+            d_model=hidden,
+            d_kv=8,
+            d_ff=32,
+            num_layers=2,
+            num_heads=2,
+            dropout_rate=0.0,
+            decoder_start_token_id=0,
+            **common,
         )
         return T5ForConditionalGeneration(config).eval()
-    config = GPT2Config(n_embd=hidden, n_layer=2, n_head=2, n_positions=32, **common)
+    config = GPT2Config(
+        n_embd=hidden, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common
+    )
     return GPT2LMHeadModel(config).eval()
 
 
-def run(model: torch.nn.Module) -> None:
+def run(model: torch.nn.Module, which: str = "decoder") -> tuple[torch.Tensor, ...]:
+    """Run `model` on a fixed batch; return the hidden states of its `which` stack (the inputs to each layer,
+    then the stack's output)."""
     ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
     if model.config.is_encoder_decoder:
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=ids[:, :5])
-    else:
-        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        out = model(
+            input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=ids[:, :5], output_hidden_states=True
+        )
+        return out.encoder_hidden_states if which == "encoder" else out.decoder_hidden_states
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states
+
+
+def last_layer_qkv_by_hand(model: torch.nn.Module, which: str, hidden_states: tuple) -> list[torch.Tensor]:
+    """q, k, v of the last self-attention layer from that layer's input, hidden_states[-2]: its pre-attention
+    norm written out (GPT-2 LayerNorm, T5 RMSNorm; BART is post-LN, so none), then its projection weights."""
+    x = hidden_states[-2]  # (B, S, H)
+    if model.config.model_type == "gpt2":
+        block = model.transformer.h[-1]
+        mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + block.ln_1.eps) * block.ln_1.weight + block.ln_1.bias
+        return list((x @ block.attn.c_attn.weight + block.attn.c_attn.bias).split(x.shape[-1], dim=-1))  # Conv1D
+    if model.config.model_type == "t5":
+        layer = getattr(model, which).block[-1].layer[0]
+        norm, attention = layer.layer_norm, layer.SelfAttention
+        x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight  # no mean, no bias
+        return [x @ p.weight.T for p in (attention.q, attention.k, attention.v)]
+    attention = getattr(model.model, which).layers[-1].self_attn
+    return [x @ p.weight.T + p.bias for p in (attention.q_proj, attention.k_proj, attention.v_proj)]
 
 
 @pytest.mark.parametrize(
@@ -494,13 +638,13 @@ def run(model: torch.nn.Module) -> None:
 )
 def test_capture_qkv_returns_the_last_layers_projections(arch, which, length):
     model = tiny(arch)
-    with capture_qkv(model, which) as captured:
-        run(model)
+    with torch.no_grad(), capture_qkv(model, which) as captured:
+        hidden_states = run(model, which)
     assert set(captured) == {"q", "k", "v"}
     assert all(x.shape == (2, length, 16) for x in captured.values())
-    assert not torch.equal(captured["q"], captured["k"])
-    q, k, v = captured["q"], captured["k"], captured["v"]
-    assert attention_relation_kd(q, k, v, q, k, v, torch.ones(2, length), relation_heads=4).abs().max() < 1e-6
+    expected = last_layer_qkv_by_hand(model, which, hidden_states)
+    for name, by_hand in zip("qkv", expected, strict=True):
+        torch.testing.assert_close(captured[name], by_hand, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_capture_qkv_removes_its_hooks_on_exit():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import multiprocessing
@@ -13,8 +14,10 @@ from distilgen.config import ConfigError
 from distilgen.data import Example
 from distilgen.pseudo_targets import (
     DecodingSpec,
+    MissingPT,
     PTRecord,
     PTStore,
+    PTStoreError,
     distinct_n,
     get_spec,
     input_key,
@@ -165,19 +168,38 @@ def test_a_reopened_store_sees_the_same_pts(store):
     assert PTStore(store.root).get(TEACHER, SAMPLE2, ["a", "b"]) == before
 
 
-def test_an_orphan_shard_is_ignored_and_removed(store, caplog):
+def _tree(root) -> dict[str, bytes]:
+    """Every file under `root` with its bytes: what a read-only command must leave as it was."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_complete_shard_missing_from_the_manifest_is_adopted_not_deleted(store, caplog):
     fill(store, ["a"])
-    orphan = store.root / "shards" / "orphan.parquet"
-    orphan.write_bytes((next((store.root / "shards").iterdir())).read_bytes())
+    fill(store, ["b"])
+    manifest = json.loads((store.root / "manifest.json").read_text())
+    manifest["shards"].pop()  # as if the writer of "b" was killed before its commit
+    (store.root / "manifest.json").write_text(json.dumps(manifest))
     with caplog.at_level(logging.WARNING):
         reopened = PTStore(store.root)
     assert "not in the manifest" in caplog.text
-    assert not orphan.exists()
-    assert reopened.stats()[0].pts == 2
+    assert reopened.missing(TEACHER, SAMPLE2, ["a", "b"]) == []
+    assert len(json.loads((store.root / "manifest.json").read_text())["shards"]) == 2
+
+
+def test_a_lost_manifest_is_rebuilt_from_the_shards_with_their_specs(store):
+    fill(store, ["a", "b"], topk=True)
+    fill(store, ["c"], spec=get_spec("greedy"))
+    before = {s.spec_fp: s for s in store.stats()}
+    (store.root / "manifest.json").unlink()
+    rebuilt = PTStore(store.root)
+    assert {s.spec_fp: s for s in rebuilt.stats()} == before  # names, counts, tokens, bytes and top-k
+    assert rebuilt.get(TEACHER, SAMPLE2, ["a", "b"]) == store.get(TEACHER, SAMPLE2, ["a", "b"])
+    assert rebuilt.spec(SAMPLE2.fingerprint()) == SAMPLE2
+    assert (store.root / "manifest.json").exists()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte"])
-def test_a_corrupted_shard_is_dropped_and_its_pts_are_missing_again(store, caplog, damage):
+def test_a_corrupted_shard_is_set_aside_and_its_pts_are_missing_again(store, caplog, damage):
     fill(store, ["a"])
     fill(store, ["b"])
     manifest = json.loads((store.root / "manifest.json").read_text())
@@ -186,17 +208,83 @@ def test_a_corrupted_shard_is_dropped_and_its_pts_are_missing_again(store, caplo
     shard.write_bytes(
         data[: len(data) // 2] if damage == "truncate" else data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
     )
+    damaged = shard.read_bytes()
     with caplog.at_level(logging.WARNING):
         missing = PTStore(store.root).missing(TEACHER, SAMPLE2, ["a", "b"])
     assert "unreadable PT shard" in caplog.text
     assert [(m.source, m.sample_index) for m in missing] == [("b", 0), ("b", 1)]
     assert len(json.loads((store.root / "manifest.json").read_text())["shards"]) == 1
-    assert not shard.exists()
+    assert not shard.exists() and (store.root / "quarantine" / shard.name).read_bytes() == damaged  # kept
 
 
-def test_a_crash_between_shard_and_manifest_leaves_the_store_as_before(store, monkeypatch):
+def test_an_incomplete_shard_write_is_set_aside(store):
     fill(store, ["a"])
-    before = store.get(TEACHER, SAMPLE2, ["a", "b"])
+    partial = store.root / "shards" / "0123.parquet.tmp"
+    partial.write_bytes(b"PAR1 half a shard")
+    reopened = PTStore(store.root)
+    assert reopened.stats()[0].pts == 2
+    assert not partial.exists() and (store.root / "quarantine" / partial.name).exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"[]", b"{}", b"", b'{"format": 1, "specs": {}, "sha', b"\xff\xfe not utf-8", b'{"format": 1, "specs": {}}'],
+    ids=["list", "empty_object", "empty_file", "truncated", "not_utf8", "no_shards"],
+)
+@pytest.mark.parametrize("readonly", [False, True])
+def test_an_unreadable_manifest_is_one_error_naming_it_and_nothing_is_touched(store, content, readonly):
+    fill(store, ["a"])
+    (store.root / "manifest.json").write_bytes(content)
+    before = _tree(store.root)
+    with pytest.raises(PTStoreError, match=r"manifest\.json: .*manifest.*move it aside") as error:
+        PTStore(store.root, readonly=readonly)
+    assert "\n" not in str(error.value)
+    assert _tree(store.root) == before
+
+
+def test_a_readonly_store_recovers_in_memory_and_writes_nothing(store):
+    fill(store, ["a"])
+    fill(store, ["b"])
+    manifest = json.loads((store.root / "manifest.json").read_text())
+    bad = store.root / manifest["shards"][0]["file"]
+    bad.write_bytes(bad.read_bytes()[:50])  # "a" unreadable
+    (store.root / "manifest.json").unlink()  # and the manifest lost
+    (store.root / "shards" / "x.parquet.tmp").write_bytes(b"partial")
+    before = _tree(store.root)
+    readonly = PTStore(store.root, readonly=True)
+    assert [(s.spec_name, s.pts) for s in readonly.stats()] == [("sample2", 2)]
+    assert list(readonly.get(TEACHER, SAMPLE2, ["a", "b"])) == [input_key("b")]
+    assert _tree(store.root) == before
+    with pytest.raises(RuntimeError, match="read-only"):
+        readonly.add(TEACHER, SAMPLE2, fake_pts(readonly.missing(TEACHER, SAMPLE2, ["a"])))
+
+
+def test_a_store_path_that_is_a_file_is_a_store_error(tmp_path):
+    (tmp_path / "pts").write_text("not a directory")
+    with pytest.raises(PTStoreError, match="must be a directory"):
+        PTStore(tmp_path / "pts")
+
+
+def test_a_full_disk_leaves_no_partial_shard_and_names_the_path(store, monkeypatch):
+    fill(store, ["a"])
+    before = _tree(store.root)
+    real_open = open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        if "w" in mode and str(path).endswith(".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.raises(OSError, match="No space left on device") as error:
+        fill(store, ["b"])
+    monkeypatch.undo()
+    assert error.value.errno == errno.ENOSPC and error.value.filename.startswith(str(store.root / "shards"))
+    assert _tree(store.root) == before
+
+
+def test_a_crash_between_shard_and_manifest_loses_no_pts(store, monkeypatch):
+    fill(store, ["a"])
 
     def killed(self, manifest):
         raise RuntimeError("killed before the manifest was written")
@@ -204,12 +292,12 @@ def test_a_crash_between_shard_and_manifest_leaves_the_store_as_before(store, mo
     monkeypatch.setattr(PTStore, "_write_manifest", killed)
     with pytest.raises(RuntimeError, match="killed"):
         fill(store, ["b"])
-    assert len(list((store.root / "shards").iterdir())) == 2  # the new shard is on disk, but does not count
+    assert len(json.loads((store.root / "manifest.json").read_text())["shards"]) == 1  # the commit never happened
     monkeypatch.undo()
     reopened = PTStore(store.root)
-    assert reopened.get(TEACHER, SAMPLE2, ["a", "b"]) == before
-    assert len(reopened.missing(TEACHER, SAMPLE2, ["a", "b"])) == 2
-    assert len(list((store.root / "shards").iterdir())) == 1
+    assert reopened.missing(TEACHER, SAMPLE2, ["a", "b"]) == []  # the complete shard of "b" is adopted
+    expected = fake_pts([MissingPT(input_key("b"), i, "b") for i in range(2)])
+    assert reopened.get(TEACHER, SAMPLE2, ["b"]) == {input_key("b"): expected}
 
 
 def _add_in_turns(root: str, prefix: str) -> None:

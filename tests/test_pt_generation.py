@@ -339,6 +339,33 @@ def test_generate_config_errors_name_the_key(tmp_path, teacher_dir):
     assert result.returncode == 2
 
 
+def test_a_lost_manifest_costs_no_teacher_call_and_a_broken_one_stops_both_commands_untouched(
+    tmp_path, teacher_dir, capsys
+):
+    from distilgen.cli import main
+
+    cfg = str(_generate_yaml(tmp_path, teacher_dir, tmp_path / "pts", limit=8))
+
+    def run(*args) -> tuple[int, dict | str]:
+        code = main([*args, cfg])
+        out, err = capsys.readouterr()
+        return code, json.loads(out) if code == 0 and args == ("generate",) else err
+
+    assert run("generate")[1]["generated_here"] == 32  # 16 inputs x 2 samples
+    rows = _store_rows(tmp_path / "pts")
+    (tmp_path / "pts" / "manifest.json").unlink()
+    code, summary = run("generate")
+    assert code == 0 and summary["generated_here"] == 0 and summary["already_stored"] == 32  # rebuilt, not redone
+    assert _store_rows(tmp_path / "pts") == rows
+
+    (tmp_path / "pts" / "manifest.json").write_text("{}")
+    before = {p: p.read_bytes() for p in (tmp_path / "pts").rglob("*") if p.is_file()}
+    for command in (("pts", "show"), ("generate",)):
+        code, err = run(*command)
+        assert code == 2 and err.count("\n") == 1 and "manifest.json: not a PT store manifest" in err
+        assert {p: p.read_bytes() for p in (tmp_path / "pts").rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize("arch", ["bart", "gpt2"])
 def test_a_static_cache_pads_sources_to_buckets_and_gives_the_same_pts(teacher, splits, tmp_path, monkeypatch):
     sources = [e.source for e in splits["train"][:6]]

@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +193,102 @@ def test_denoising_pretraining_learns_to_rebuild_text_and_fine_tunes_after(token
         )  # fmt: skip
     )
     assert tuned["steps"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directories that say what they hold
+# ---------------------------------------------------------------------------------------------
+
+
+def _finetune_cfg(tokenizer_dir, out, **train):
+    from distilgen.config import BuiltinTaskConfig, DataConfig, FinetuneConfig
+
+    data = DataConfig(task=BuiltinTaskConfig(train_size=16, unlabeled_size=0, dev_size=0, test_size=0))
+    model = tiny_model_config("bart", tokenizer_dir, dropout=0.0)
+    cfg = TrainConfig(**{"max_steps": 4, "batch_size": 8, "eval_every": 0, "log_every": 1, **train})
+    return FinetuneConfig(str(out), data, model, cfg)
+
+
+def _steps(out) -> list[int]:
+    return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_a_run_that_fails_its_pre_flight_checks_does_not_lock_its_directory(tokenizer_dir, teacher_dir, tmp_path):
+    from distilgen.config import ConfigError, ModelConfig
+    from distilgen.train import finetune
+
+    bad = dataclasses.replace(
+        _finetune_cfg(tokenizer_dir, tmp_path / "run"), model=ModelConfig(path=str(teacher_dir), shrink="2:5")
+    )
+    with pytest.raises(ConfigError, match="model.shrink: cannot keep 5 of 2 layers"):  # found when the model loads
+        finetune(bad)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    finetune(dataclasses.replace(_finetune_cfg(tokenizer_dir, tmp_path / "run"), seed=1))  # the corrected command
+    assert "seed: 1" in (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="seed: 2 differs from the run already trained"):
+        finetune(dataclasses.replace(_finetune_cfg(tokenizer_dir, tmp_path / "run"), seed=2))
+
+
+@pytest.mark.parametrize("change", [{"max_steps": 6}, {"lr": 1e-3}])
+def test_rerunning_with_other_training_settings_is_refused_and_config_yaml_stays_true(tokenizer_dir, tmp_path, change):
+    from distilgen.config import ConfigError
+    from distilgen.train import finetune
+
+    finetune(_finetune_cfg(tokenizer_dir, tmp_path / "run"))
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    (key,) = change
+    with pytest.raises(ConfigError, match=f"train.{key}: .* differs from the run already trained .*new output_dir"):
+        finetune(_finetune_cfg(tokenizer_dir, tmp_path / "run", **change))
+    assert (tmp_path / "run" / "config.yaml").read_text() == before
+    assert finetune(_finetune_cfg(tokenizer_dir, tmp_path / "run", log_every=2))["steps"] == 4  # logging may change
+
+
+def test_a_resumed_run_writes_each_step_of_its_log_once(tokenizer_dir, splits, tmp_path):
+    def crash(state):
+        if state.step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tokenizer_dir, splits, tmp_path, max_steps=8, checkpoint_every=3, on_step=crash)
+    assert _steps(tmp_path) == [1, 2, 3, 4, 5]  # the checkpoint is at step 3
+    _run(tokenizer_dir, splits, tmp_path, max_steps=8, checkpoint_every=3)
+    assert _steps(tmp_path) == list(range(1, 9))
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint_and_names_the_path(
+    tokenizer_dir, splits, tmp_path, monkeypatch
+):
+    """torch's writer says only 'iostream error' on a full disk: the error names the place and the cause, the
+    half-written checkpoint.tmp/ is removed and checkpoint/ stays the last good one."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from accelerate import Accelerator
+
+    real_save = Accelerator.save_state
+
+    def save_state(self, output_dir, **kwargs):
+        if (tmp_path / "checkpoint").exists():  # the second checkpoint, at step 4
+            (Path(output_dir) / "model.safetensors").parent.mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+            monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("Usage", "total used free")(1, 1, 0))
+            raise RuntimeError("basic_ios::clear: iostream error")
+        return real_save(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    with pytest.raises(OSError, match="No space left on device") as error:
+        _run(tokenizer_dir, splits, tmp_path, max_steps=6, checkpoint_every=2)
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(tmp_path / "checkpoint.tmp")
+    assert not (tmp_path / "checkpoint.tmp").exists()
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+
+
+@pytest.mark.parametrize("place", ["file", "inside_a_file"])
+def test_an_output_dir_that_cannot_hold_a_run_is_a_config_error(tmp_path, place):
+    from distilgen.config import ConfigError, writable_dir
+
+    (tmp_path / "taken").write_text("a file")
+    path = tmp_path / "taken" if place == "file" else tmp_path / "taken" / "run"
+    with pytest.raises(ConfigError, match="output_dir: .*(is a file|cannot write)"):
+        writable_dir(path)

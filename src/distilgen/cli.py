@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import errno
 import inspect
 import json
 import logging
@@ -45,6 +46,10 @@ from distilgen.config import (
     load_config,
 )
 from distilgen.quickstart import QuickstartConfig
+
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG)
+"""Writes refused by the machine (a full disk, a read-only or forbidden place): one line with the path, exit 1;
+what was written before (the last checkpoint, every stored PT) is left as it was."""
 
 
 @dataclass
@@ -165,7 +170,7 @@ def run_inspect(cfg: InspectConfig, args: argparse.Namespace) -> int:
     from distilgen.cost import cost_report
     from distilgen.models import load_model
 
-    tm = load_model(ModelConfig(path=cfg.model, shrink=cfg.shrink))
+    tm = load_model(ModelConfig(path=cfg.model, shrink=cfg.shrink), key="")
     tm.model.to("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.save:
         tm.save(cfg.save)
@@ -203,10 +208,11 @@ def run_pts(cfg: GenerateConfig, args: argparse.Namespace) -> int:
     from distilgen.data import load_splits
     from distilgen.pseudo_targets import PTStore, describe_store
 
-    if not (Path(cfg.store) / "manifest.json").exists():
+    store = PTStore(cfg.store, readonly=True)  # showing changes nothing on disk, even in a damaged store
+    if not store.stats() and not (store.root / "manifest.json").exists():
         raise ConfigError("store", f"no PT store at {cfg.store}; run `distilgen generate` with this config first")
     splits = {name: examples[: cfg.limit] for name, examples in load_splits(cfg.data, cfg.splits).items()}
-    print("\n".join(describe_store(PTStore(cfg.store), splits, args.examples)))
+    print("\n".join(describe_store(store, splits, args.examples)))
     return 0
 
 
@@ -406,6 +412,7 @@ def _launched_processes() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from distilgen.data import DataError
+    from distilgen.pseudo_targets import PTStoreError
     from distilgen.train import TrainingError
 
     _quiet_libraries()
@@ -425,9 +432,15 @@ def main(argv: list[str] | None = None) -> int:
         code = command.run(cfg, args)
         _leave_process_group()
         return code
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, PTStoreError) as err:
         print(f"distilgen {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in STORAGE_ERRORS:
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        print(f"distilgen {args.command}: error: {err.strerror.lower()}{where}", file=sys.stderr)
+        return 1
     except TrainingError as err:
         print(f"distilgen {args.command}: training stopped: {err}", file=sys.stderr)
         return 1

@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +41,20 @@ def check(condition: bool, key: str, message: str) -> None:
     """Raise a `ConfigError` for `key` unless `condition` holds (used in `__post_init__`)."""
     if not condition:
         raise ConfigError(key, message)
+
+
+def writable_dir(path: str | os.PathLike, key: str = "output_dir") -> Path:
+    """Create directory `path` (parents too) and check that files can be written in it, before any work starts:
+    a `ConfigError` naming `key` when it is a file, or the place is read-only."""
+    path = Path(path)
+    check(not path.exists() or path.is_dir(), key, f"{path} is a file; name a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ConfigError(key, f"cannot write in {path} ({err.strerror.lower()})") from None
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +172,7 @@ class ModelConfig:
     """Dropout rate of a model built from scratch."""
     max_positions: int = 512
     """Longest source + target the model can see (learned position tables)."""
-    shrink: str | None = None
+    shrink: str | int | None = None
     """Keep only some layers of the model at `path`: `E:D` counts (6:2 keeps encoder 0-5, decoder 0 and 5),
     explicit lists (0,2,4:0,5), or `D` for decoder-only; first and last layers kept, the rest spread evenly."""
     tokenizer: str | None = None
@@ -172,6 +188,7 @@ class ModelConfig:
         )
         check(self.path is None or self.arch is None, "arch", "set either `path` or `arch`, not both")
         check(self.shrink is None or self.path is not None, "shrink", "shrinking needs a teacher to copy: set `path`")
+        self.shrink = None if self.shrink is None else str(self.shrink)  # `shrink=4` (a count) reads as an integer
         if self.path is not None and _looks_local(self.path):
             check(os.path.isdir(self.path), "path", f"directory not found: {self.path}")
         for key in ("hidden_size", "decoder_layers", "num_heads", "ffn_size", "max_positions"):
@@ -412,8 +429,8 @@ class InspectConfig:
 
     model: str
     """Model directory or hub id."""
-    shrink: str | None = None
-    """Report on a copy keeping these layers (E:D, see model.shrink) instead of the model itself."""
+    shrink: str | int | None = None
+    """Report on a copy keeping these layers (E:D or D, see model.shrink) instead of the model itself."""
     save: str | None = None
     """Write the (shrunk) model and its tokenizer to this directory."""
     input_length: int = 128
@@ -428,6 +445,7 @@ class InspectConfig:
     """Seed of the random inputs."""
 
     def __post_init__(self):
+        self.shrink = None if self.shrink is None else str(self.shrink)
         for key in ("input_length", "output_length", "batch_size", "latency_runs"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
 
@@ -597,16 +615,24 @@ class KDConfig:
     divergence: str = "forward_kl"
     """forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl or total_variation (see distilgen.objectives)."""
     temperature: float = 1.0
-    """Softens both distributions; losses are scaled by temperature^2."""
+    """Softens both distributions; losses are scaled by temperature^2. Stored top-k holds the teacher at
+    temperature 1 only: another temperature needs use_stored_topk false on PT methods."""
+    beta: float = 0.5
+    """jsd: m = beta p_T + (1 - beta) p_S, loss (1 - beta) KL(p_T||m) + beta KL(p_S||m); 0 is forward KL, 1 reverse
+    KL. TRL's generalized_jsd_loss weights the two KLs the other way round: the same at 0, 0.5 and 1 only."""
+    alpha: float = 0.1
+    """skew_kl / skew_reverse_kl: share of the first distribution mixed into the second; 0 is the plain KL."""
     use_stored_topk: bool = True
-    """On teacher PTs whose top-k log-probs are stored, use them (sparse KD, no teacher pass) instead of the
-    live teacher. Student PTs always need the live teacher."""
+    """On teacher PTs whose top-k log-probs are stored, use them (sparse KD over the top-k plus a tail bucket,
+    with `divergence`; no teacher pass) instead of the live teacher. Student PTs always need the live teacher."""
 
     def __post_init__(self):
         from distilgen.objectives import DIVERGENCES
 
         check(self.divergence in DIVERGENCES, "divergence", f"choose one of: {', '.join(DIVERGENCES)}")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(0 <= self.beta <= 1, "beta", f"must be in [0, 1], got {self.beta}")
+        check(0 <= self.alpha <= 1, "alpha", f"must be in [0, 1], got {self.alpha}")
 
 
 @dataclass
@@ -636,6 +662,17 @@ class PTConfig:
 
             check(self.spec in SPECS, "spec", f"unknown spec '{self.spec}'; built-in: {', '.join(SPECS)}, or a mapping")
         check(self.k is None or self.k >= 1, "k", f"must be >= 1, got {self.k}")
+        if self.k is not None:
+            from distilgen.pseudo_targets import get_spec
+
+            spec = get_spec(self.spec) if isinstance(self.spec, str) else self.spec
+            field = "num_samples" if spec.kind == "sample" else "num_return"
+            check(
+                self.k <= spec.num_per_input,
+                "k",
+                f"the spec makes {spec.num_per_input} PTs per input, fewer than k={self.k}; raise its {field} or "
+                "lower k",
+            )
         check(self.topk >= 0, "topk", f"must be >= 0, got {self.topk}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
 
@@ -746,6 +783,13 @@ class DistillConfig:
 
         check(self.method in METHODS, "method", f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
         check(self.teacher.path is not None, "teacher.path", "distillation needs a trained teacher: set its directory")
+        method = METHODS[self.method]
+        check(
+            not (method.teacher_pts and method.word_level and self.kd.use_stored_topk and self.kd.temperature != 1),
+            "kd.temperature",
+            f"{self.kd.temperature} with stored teacher top-k, which holds the teacher at temperature 1 only (its "
+            "tail mass at another temperature is unknown): set kd.use_stored_topk=false to run the teacher live",
+        )
         check(self.final_finetune_epochs >= 0, "final_finetune_epochs", "must be >= 0")
 
 
@@ -913,6 +957,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float:
         check(isinstance(value, int | float) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        check(math.isfinite(value), key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         check(isinstance(value, str), key, f"expected a string, got {value!r}")
@@ -1023,4 +1068,7 @@ def load_config(cls: type, path: str | os.PathLike | None, overrides: list[str] 
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write `cfg` as YAML, atomically (a crash leaves the old file or the new one)."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

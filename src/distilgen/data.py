@@ -3,14 +3,16 @@
 A split is a `.jsonl`, `.json`, `.csv` or `.parquet` file, a directory written by
 `datasets.save_to_disk` (`dir`, or `dir@split` for a DatasetDict), a hub dataset
 `hub:owner/name@split`, or comes from a built-in task (`data.task`). A bad record is a `DataError`
-naming the file and the place: the 1-based line of a `.jsonl` or `.csv` file, or the 0-based row of
-a `.json` list, a parquet file or a dataset (the index `ds[i]` shows it).
+naming the file and the place: the line of a `.jsonl` or `.csv` record (and of bad bytes or malformed
+JSON in a `.json` file), or the row of a `.json` list, a parquet file or a dataset. Both count from 1:
+row 1 is `ds[0]`. Text files are UTF-8, with or without a byte-order mark.
 
     splits = load_splits(cfg.data)  # {"train": [Example, ...], "dev": [...], ...}
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -73,7 +75,7 @@ def load_split(spec: str, cfg: DataConfig, labeled: bool) -> list[Example]:
     examples = []
     seen_ids: dict[str, str] = {}  # id -> where it first appeared
     seen_sources: dict[str, int] = {}  # source -> times seen so far
-    for where, record in _decoded(name, records):
+    for where, record in records:
         where = f"{name} {where}"
         source, references = _fields(record, where, cfg, labeled)
         if cfg.id_field is not None:
@@ -104,7 +106,7 @@ def _fields(record: Any, where: str, cfg: DataConfig, labeled: bool) -> tuple[st
     source = record.get(cfg.source_field)
     if source is None:
         raise DataError(
-            f"{where}: missing source field '{cfg.source_field}' (fields: {fields}); "
+            f"{where}: {_absent(record, cfg.source_field)} source field '{cfg.source_field}' (fields: {fields}); "
             "set data.source_field to the input column"
         )
     if not isinstance(source, str):
@@ -116,8 +118,8 @@ def _fields(record: Any, where: str, cfg: DataConfig, labeled: bool) -> tuple[st
     target = record.get(cfg.target_field)
     if target is None:
         raise DataError(
-            f"{where}: missing target field '{cfg.target_field}' (fields: {fields}); set data.target_field, "
-            "or use the file as `unlabeled`"
+            f"{where}: {_absent(record, cfg.target_field)} target field '{cfg.target_field}' (fields: {fields}); "
+            "set data.target_field, or use the file as `unlabeled`"
         )
     references = [target] if isinstance(target, str) else target
     if not isinstance(references, list | tuple) or not all(isinstance(r, str) for r in references):
@@ -128,6 +130,11 @@ def _fields(record: Any, where: str, cfg: DataConfig, labeled: bool) -> tuple[st
     if not references or not all(references):
         raise DataError(f"{where}: empty target '{cfg.target_field}'; every labeled record needs a reference")
     return source.strip(), references
+
+
+def _absent(record: dict, field: str) -> str:
+    """How a field that reads as None is absent: a null value (JSON null, an empty parquet cell) or no such field."""
+    return "null" if field in record else "missing"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +149,15 @@ def _read(spec: str, hub_config: str | None) -> tuple[str, Iterable[tuple[str, A
             raise DataError(f"{spec}: name the dataset and its split, e.g. hub:owner/name@train")
         import datasets  # imported here: slow to import, and only hub and save_to_disk data need it
 
-        return spec, _rows(datasets.load_dataset(name, hub_config, split=split))
+        try:
+            data = datasets.load_dataset(name, hub_config, split=split)
+        except OSError as err:
+            # Offline or unreachable: ConnectionError; no such dataset, or a gated or private one:
+            # DatasetNotFoundError (a FileNotFoundError); other HTTP failures: HfHubHTTPError. All are OSErrors.
+            raise DataError(
+                f"{spec}: the dataset could not be loaded ({err}); check the name, your access and the network"
+            ) from None
+        return spec, _rows(data)
     # Like `DataConfig`: a path that exists wins, so only a missing one is read as `dir@split`.
     path, split = (spec, None) if os.path.exists(spec) else (spec.partition("@")[0], spec.partition("@")[2] or None)
     if not os.path.exists(path):
@@ -159,22 +174,20 @@ def _read(spec: str, hub_config: str | None) -> tuple[str, Iterable[tuple[str, A
 
 
 def _read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {number}", json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {number}: malformed JSON ({err.msg} at column {err.colno})") from None
+    for number, line in enumerate(_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"line {number}", json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {number}: malformed JSON ({err.msg} at column {err.colno})") from None
 
 
 def _read_json(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {err.lineno}: malformed JSON ({err.msg})") from None
+    try:
+        data = json.loads(_utf8(Path(path).read_bytes(), path))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} line {err.lineno}: malformed JSON ({err.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -183,13 +196,40 @@ def _read_json(path: str) -> Iterator[tuple[str, Any]]:
 
 
 def _read_csv(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        try:
-            for record in reader:
-                yield f"line {reader.line_num}", record
-        except csv.Error as err:
-            raise DataError(f"{path} line {reader.line_num}: malformed CSV ({err})") from None
+    # Lines keep their line ends, as csv wants (a quoted field may span lines); `line_num` is the record's last line.
+    reader = csv.reader(_lines(path))
+    try:
+        header = next(reader, [])
+        for row in filter(None, reader):  # blank lines hold no record
+            if len(row) != len(header):
+                raise DataError(
+                    f"{path} line {reader.line_num}: {len(row)} fields while the header has {len(header)}; "
+                    "give one value per column, and quote values that contain a comma"
+                )
+            yield f"line {reader.line_num}", dict(zip(header, row, strict=True))
+    except csv.Error as err:
+        raise DataError(f"{path} line {reader.line_num}: malformed CSV ({err})") from None
+
+
+def _lines(path: str) -> Iterator[str]:
+    """The lines of a UTF-8 file, read lazily and decoded one at a time so that bad bytes are reported at their line."""
+    with open(path, "rb") as f:
+        # A binary file splits only at \n: split at \r too, as text mode does (old Mac files end lines with \r alone).
+        lines = (line for chunk in f for line in chunk.splitlines(keepends=True))
+        for number, line in enumerate(lines, start=1):
+            yield _utf8(line, path, number)
+
+
+def _utf8(raw: bytes, path: str, first_line: int = 1) -> str:
+    """Bytes of `path` that start at line `first_line`, as text. A byte-order mark opening the file is dropped
+    (Windows editors write one); bad bytes are a `DataError` at their line."""
+    if first_line == 1:
+        raw = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + raw.count(b"\n", 0, err.start)
+        raise DataError(f"{path} line {line}: not UTF-8 text ({err.reason}); re-save the file as UTF-8") from None
 
 
 def _read_parquet(path: str) -> Iterator[tuple[str, Any]]:
@@ -206,7 +246,12 @@ def _read_parquet(path: str) -> Iterator[tuple[str, Any]]:
 def _load_from_disk(path: str, split: str | None) -> Iterable[dict]:
     import datasets
 
-    data = datasets.load_from_disk(path)
+    try:
+        data = datasets.load_from_disk(path)
+    except FileNotFoundError:  # the directory exists: it lacks the files save_to_disk writes
+        raise DataError(
+            f"{path}: a directory, but not a dataset saved with `datasets.save_to_disk`; use {FORMATS}"
+        ) from None
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise DataError(f"{path}: choose a split with {path}@SPLIT, one of: {', '.join(data)}")
@@ -217,15 +262,7 @@ def _load_from_disk(path: str, split: str | None) -> Iterable[dict]:
 
 
 def _rows(records: Iterable[Any]) -> Iterator[tuple[str, Any]]:
-    return ((f"row {index}", record) for index, record in enumerate(records))
-
-
-def _decoded(name: str, records: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
-    """`records`, with a file that is not UTF-8 reported as a user error (text files are read lazily)."""
-    try:
-        yield from records
-    except UnicodeDecodeError as err:
-        raise DataError(f"{name}: not UTF-8 text ({err.reason}); re-save the file as UTF-8") from None
+    return ((f"row {number}", record) for number, record in enumerate(records, start=1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from distilgen.config import DiagnoseConfig, ModelConfig, save_config
+from distilgen.config import DiagnoseConfig, ModelConfig, save_config, writable_dir
 from distilgen.data import Example, load_splits
 from distilgen.metrics import compute_metrics
 from distilgen.models import TextModel, load_model
@@ -77,8 +77,7 @@ def prefix_scores(
 
 def diagnose(cfg: DiagnoseConfig) -> dict[str, Any]:
     """`distilgen diagnose`: the score per student-written share, for each student; table, JSON and plot."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(cfg.output_dir)
     save_config(cfg, out / "config.yaml")
     examples = load_splits(cfg.data, (cfg.split,)).get(cfg.split, [])[: cfg.limit]
     if not examples:

@@ -24,6 +24,7 @@ on the labeled data.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from distilgen.config import ConfigError, DecodingSpec, DistillConfig, ModelConfig
+from distilgen.config import DecodingSpec, DistillConfig, ModelConfig, save_config, writable_dir
 from distilgen.data import Example, load_splits
 from distilgen.decoding import decode, source_multiple, use_static_cache
 from distilgen.models import Batch, Encoded, TextModel, inner_model, load_model, round_up
@@ -84,6 +85,8 @@ class Context:
     teacher_fp: str | None = None
     process_index: int = 0
     """This process under `accelerate launch`: processes sample their student PTs from different seeds."""
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda counts: counts  # noqa: E731
+    """Sum of a tensor over the processes (`accelerator.reduce`): step-wide counts for losses normalised per step."""
 
 
 @dataclass
@@ -243,15 +246,16 @@ def kd_per_token(ctx: Context, student_logits: torch.Tensor, batch: Batch) -> to
     if stored.any():
         sparse = sparse_logits_kd(
             student_logits[stored], batch["topk_ids"][stored], batch["topk_logprobs"][stored], mask[stored],
-            temperature=kd.temperature,
+            temperature=kd.temperature, divergence=kd.divergence, beta=kd.beta, alpha=kd.alpha,
         )  # fmt: skip
         per_token = per_token.index_put((stored.nonzero()[:, 0],), sparse.float())
     live = ~stored
     if live.any():
         teacher_logits = _teacher_logits(ctx, _subset(batch, live) if not live.all() else batch)
         dense = logits_kd(
-            student_logits[live], teacher_logits.to(student_logits.device), mask[live], kd.divergence, kd.temperature
-        )
+            student_logits[live], teacher_logits.to(student_logits.device), mask[live], kd.divergence, kd.temperature,
+            beta=kd.beta, alpha=kd.alpha,
+        )  # fmt: skip
         per_token = per_token.index_put((live.nonzero()[:, 0],), dense.float())
     return per_token
 
@@ -283,30 +287,44 @@ def noisy_kd_loss(ctx: Context) -> LossFn:
     return loss
 
 
-def attention_kd_loss(ctx: Context) -> LossFn:
-    """Logits KD plus MiniLMv2 attention relations of the last self-attention layer (weighted per target token)."""
+def attention_kd_plan(ctx: Context) -> Plan:
+    """Logits KD plus MiniLMv2 attention relations of the last self-attention layer.
+
+    Both terms are sums over the optimizer step divided by the step's count (of target tokens; of the positions
+    the relations are taken at), so the loss does not depend on how the step is split into micro-batches or
+    processes: `prepare` counts the step's positions, and the loss scales its relation sum by target tokens /
+    relation positions, since the loop divides every loss by the step's target tokens."""
     att = ctx.cfg.attention
     which = att.which if ctx.student.is_encoder_decoder else "decoder"
+    scale: dict[str, torch.Tensor] = {}  # "relation": set by `prepare` for the step being trained
+
+    def positions(tm: TextModel, batch: Batch) -> torch.Tensor:  # (B, S') where the relations are taken
+        if which == "encoder":
+            return batch["source_mask"]
+        if tm.is_encoder_decoder:
+            return batch["target_mask"]
+        return torch.cat([batch["source_mask"], batch["target_mask"]], dim=1)[:, :-1]  # as `target_logits` feeds them
+
+    def prepare(tm: TextModel, step: int, batches: list[Batch], upcoming: Upcoming) -> list[Batch]:
+        counts = torch.stack(
+            [sum(b["target_mask"].sum() for b in batches), sum(positions(tm, b).sum() for b in batches)]
+        )
+        targets, relations = ctx.reduce(counts.float()).clamp_min(1)
+        scale["relation"] = targets / relations
+        return batches
 
     def loss(tm: TextModel, batch: Batch) -> torch.Tensor:
         with capture_qkv(inner_model(tm.model), which) as s, capture_qkv(ctx.teacher.model, which) as t:
             student_logits = tm.target_logits(batch)
             per_token = kd_per_token(ctx, student_logits, {k: v for k, v in batch.items() if k != "topk_rows"})
-        kd = _weighted_sum(per_token, batch)
-        if which == "encoder":
-            positions = batch["source_mask"]
-        elif tm.is_encoder_decoder:
-            positions = batch["target_mask"]
-        else:  # decoder-only: the prompt then the target, as `target_logits` feeds them
-            positions = torch.cat([batch["source_mask"], batch["target_mask"]], dim=1)[:, :-1]
+        at = positions(tm, batch)
         relations = attention_relation_kd(
             s["q"], s["k"], s["v"], t["q"].to(s["q"].dtype), t["k"].to(s["q"].dtype), t["v"].to(s["q"].dtype),
-            positions, att.relation_heads, causal=which == "decoder",
+            at, att.relation_heads, causal=which == "decoder",
         )  # fmt: skip
-        mean_relation = masked_sum(relations, positions) / positions.sum().clamp_min(1)
-        return kd + att.weight * mean_relation * batch["target_mask"].sum()
+        return _weighted_sum(per_token, batch) + att.weight * masked_sum(relations, at) * scale["relation"]
 
-    return loss
+    return Plan(gold_items(ctx), loss, prepare)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,14 +437,21 @@ def student_pt_prepare(ctx: Context, alpha: float) -> Prepare:
         fresh = ahead.pop(step)
         if by_step:
             return fresh
+        # Each half's loss is its mean over the step's tokens of that half, mixed alpha : 1 - alpha whatever the
+        # lengths: rows are weighted alpha * N / N_teacher and (1 - alpha) * N / N_student, as the loop divides
+        # by the step's N = N_teacher + N_student tokens.
+        counts = torch.stack([sum(b["target_mask"].sum() for b in half) for half in (batches, fresh)]).float()
+        teacher_tokens, student_tokens = ctx.reduce(counts).clamp_min(1)
+        tokens = teacher_tokens + student_tokens
+        weights = (alpha * tokens / teacher_tokens, (1 - alpha) * tokens / student_tokens)
         mixed = []
         keys = ("source_ids", "source_mask", "target_ids", "target_mask")
         pad, left = tm.tokenizer.pad_token_id, tm.layout.pad_source_left
         for teacher_half, student_half in zip(batches, fresh, strict=True):
-            rows, device = teacher_half["source_ids"].shape[0], teacher_half["source_ids"].device
+            rows = teacher_half["source_ids"].shape[0]
             teacher_half = {k: v for k, v in teacher_half.items() if not k.startswith("topk")}
-            teacher_half["row_weight"] = torch.full((rows,), 2 * alpha, device=device)
-            student_half = {**student_half, "row_weight": torch.full((rows,), 2 * (1 - alpha), device=device)}
+            teacher_half["row_weight"] = weights[0].expand(rows)
+            student_half = {**student_half, "row_weight": weights[1].expand(rows)}
             mixed.append(_stack_rows([teacher_half, student_half], keys, pad, left))
         return mixed
 
@@ -455,7 +480,7 @@ def _noisy_kd(ctx: Context) -> Plan:
 
 @register_method("attention_kd")
 def _attention_kd(ctx: Context) -> Plan:
-    return Plan(gold_items(ctx), attention_kd_loss(ctx))
+    return attention_kd_plan(ctx)
 
 
 @register_method("seq_kd", teacher_pts=True, word_level=False)
@@ -490,7 +515,7 @@ def _load_student(cfg: DistillConfig, splits: dict[str, list[Example]]) -> TextM
     model_cfg = cfg.student
     if model_cfg.path is None and model_cfg.tokenizer is None:
         model_cfg = dataclasses.replace(model_cfg, tokenizer=cfg.teacher.tokenizer or cfg.teacher.path)
-    return load_model(model_cfg, texts=lambda: training_text(splits))
+    return load_model(model_cfg, texts=lambda: training_text(splits), key="student")
 
 
 def prepare_pts(ctx: Context, state: Accelerator) -> None:
@@ -501,9 +526,6 @@ def prepare_pts(ctx: Context, state: Accelerator) -> None:
     ctx.store = PTStore(cfg.pts.store or Path(cfg.output_dir) / "pts")
     ctx.teacher_fp = teacher_fingerprint(ctx.teacher, cfg.data.max_source_length, cfg.data.template)
     spec = _spec(ctx)
-    if cfg.pts.k is not None and cfg.pts.k > spec.num_per_input:
-        field = "num_samples" if spec.kind == "sample" else "num_return"
-        raise ConfigError("pts.k", f"the spec makes {spec.num_per_input} PTs per input; raise its {field} or lower k")
     report = generate_pts(
         ctx.teacher, ctx.store, ctx.teacher_fp, spec, [e.source for e in _pt_examples(ctx)],
         batch_size=cfg.pts.batch_size, max_source_length=cfg.data.max_source_length, topk=cfg.pts.topk,
@@ -525,9 +547,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     """`distilgen distill`: the method's stage, then `final_finetune_epochs` of fine-tuning; resumable."""
     from distilgen.pt_generation import load_teacher
 
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    check_same_run(cfg, output_dir, ("method", "data", "teacher", "student", "seed"))
+    output_dir = writable_dir(cfg.output_dir)
+    check_same_run(cfg, output_dir)
     set_seed(cfg.seed)
     method = METHODS[cfg.method]
     accelerator = make_accelerator(cfg.train, output_dir)
@@ -538,7 +559,10 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     student = _load_student(cfg, splits)
     if method.word_level:
         require_same_vocab(student.tokenizer, teacher.tokenizer, cfg.method)
-    ctx = Context(cfg, teacher, student, splits, process_index=accelerator.process_index)
+    if accelerator.is_main_process:  # the checks passed: the directory now holds this run
+        save_config(cfg, output_dir / "config.yaml")
+    reduce = functools.partial(accelerator.reduce, reduction="sum")
+    ctx = Context(cfg, teacher, student, splits, process_index=accelerator.process_index, reduce=reduce)
     if method.teacher_pts:
         prepare_pts(ctx, accelerator)
     evaluate = dev_evaluator(splits.get("dev", []), cfg.train, cfg.decoding, cfg.data)

@@ -18,7 +18,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from distilgen.config import CostConfig, DataConfig, DecodingConfig, EvaluateConfig, ModelConfig, save_config
+from distilgen.config import (
+    CostConfig,
+    DataConfig,
+    DecodingConfig,
+    EvaluateConfig,
+    ModelConfig,
+    save_config,
+    writable_dir,
+)
 from distilgen.cost import count_parameters, measure_latency, measure_throughput, peak_memory, size_on_disk
 from distilgen.data import Example, load_splits
 from distilgen.metrics import compute_metrics, perplexity
@@ -170,8 +178,7 @@ def write_report(results: list[dict[str, Any]], output_dir: Path, meta: dict[str
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """`distilgen evaluate`: score every model in `cfg.models` on one split and compare them."""
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = writable_dir(cfg.output_dir)
     save_config(cfg, output_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
     examples = load_splits(cfg.data, (cfg.split,)).get(cfg.split, [])[: cfg.limit]

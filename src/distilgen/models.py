@@ -419,17 +419,21 @@ def avoid_cudnn_attention() -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def load_model(cfg: ModelConfig, texts: Callable[[], Iterable[str]] | None = None) -> TextModel:
+def load_model(cfg: ModelConfig, texts: Callable[[], Iterable[str]] | None = None, key: str = "model") -> TextModel:
     """Load `cfg.path` (hub id or directory) or build `cfg.arch` at random.
 
-    A model built from scratch gets `cfg.tokenizer` if set, else a tokenizer trained on `texts()`.
+    A model built from scratch gets `cfg.tokenizer` if set, else a tokenizer trained on `texts()`. `key` is where
+    `cfg` sits in the command's config (model, student, teacher; "" at the top), for errors naming its keys.
     """
     if cfg.path is not None:
         config = AutoConfig.from_pretrained(cfg.path)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         model = auto.from_pretrained(cfg.path)
         if cfg.shrink is not None:
-            model = shrink_layers(model, cfg.shrink)
+            try:
+                model = shrink_layers(model, cfg.shrink)
+            except ConfigError as err:
+                raise (err.under(key) if key else err) from None
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
     else:
         if cfg.tokenizer is not None:
@@ -437,7 +441,7 @@ def load_model(cfg: ModelConfig, texts: Callable[[], Iterable[str]] | None = Non
         elif texts is not None:
             tokenizer = train_tokenizer(texts(), cfg.vocab_size)
         else:
-            raise ConfigError("model.tokenizer", "a model built from `arch` needs a tokenizer path or task text")
+            raise ConfigError("tokenizer", "a model built from `arch` needs a tokenizer path or task text").under(key)
         model = build_model(cfg, tokenizer)
     if tokenizer.pad_token_id is None:  # GPT-2 style tokenizers have none
         tokenizer.pad_token = tokenizer.eos_token

@@ -7,8 +7,8 @@ accumulation and data parallelism give exactly the loss of one big batch:
     per_token = logits_kd(student_logits, teacher_logits, mask, divergence="jsd", beta=0.5)  # (B, T)
     loss = masked_sum(per_token, mask) / step_tokens
 
-Methods select objectives by name (`get_objective("logits_kd")`); `logits_kd` selects its divergence
-by name from `DIVERGENCES`.
+Methods select objectives by name (`get_objective("logits_kd")`); `logits_kd` and `sparse_logits_kd`
+select their divergence by name from `DIVERGENCES`.
 
 [fp32 upcast note] Logits may arrive in bf16 under mixed precision; softmaxes and losses are
 computed in fp32, because bf16 log-probabilities lose the small differences the losses are made of.
@@ -19,12 +19,20 @@ and a naive KL keeps several alive until backward (both log-softmaxes, the eleme
 gradients). `logits_kd` and `sparse_logits_kd` instead visit only the valid (mask 1) positions,
 `chunk_size` at a time, inside one autograd Function: each chunk's loss *and* its gradient with
 respect to the student logits are computed in forward (a small autograd graph per chunk, freed at
-once), and only the gradient is kept, in one (B, T, V) buffer of the student's dtype that backward
-scales by the incoming per-token gradient. The student logits are not saved for backward. So the
-extra memory is that one buffer plus a few (chunk_size, V) fp32 ones (backward's scaled copy is the
-student's gradient, which any implementation returns), padding costs nothing, and the divergences
-stay plain functions of log-probabilities with no hand-written gradients. Teacher inputs are
-constants: no gradient flows to them. The per-token result is exactly 0 at masked positions.
+once), and only the gradient is kept, in one (B, T, V) buffer of the student's dtype (fp32 for an
+fp16 student, see [fp16 gradient note]) that backward scales by the incoming per-token gradient.
+The student logits are not saved for backward. So the extra memory is that one buffer plus a few
+(chunk_size, V) fp32 ones (backward's scaled copy is the student's gradient, which any
+implementation returns), padding costs nothing, and the divergences stay plain functions of
+log-probabilities with no hand-written gradients. Teacher inputs are constants: no gradient flows
+to them. The per-token result is exactly 0 at masked positions.
+
+[fp16 gradient note] Under fp16 mixed precision the loss is multiplied by a large scale (GradScaler)
+so that small gradients survive fp16; the scale arrives with backward's incoming gradient. The
+buffer above is computed in forward, before the scale, so in fp16 its small entries (1e-8 is common
+for improbable tokens) would underflow to 0 and stay 0 once scaled. For an fp16 student it is
+therefore computed and kept in fp32, and cast to fp16 only after scaling, as plain autograd does.
+bf16 has fp32's exponent range and keeps the student's dtype.
 """
 
 from __future__ import annotations
@@ -153,6 +161,16 @@ DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+def _divergence(name: str, beta: float, alpha: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`DIVERGENCES[name]` with its setting bound (beta for `jsd`, alpha for the skew KLs), as
+    `(student_logp, teacher_logp) -> (N,)`; an unknown name lists the valid ones."""
+    fn = lookup(DIVERGENCES, name, "divergence")
+    if not 0 <= beta <= 1 or not 0 <= alpha <= 1:
+        raise ValueError(f"need beta and alpha in [0, 1], got {beta}, {alpha}")
+    settings = {"jsd": {"beta": beta}, "skew_kl": {"alpha": alpha}, "skew_reverse_kl": {"alpha": alpha}}
+    return functools.partial(fn, **settings.get(name, {}))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Word-level KD over the vocabulary, chunked. See [chunked KD note].
 
@@ -166,16 +184,18 @@ class _ChunkedPerToken(torch.autograd.Function):
         needs_grad = grad_enabled and ctx.needs_input_grad[4]
         positions = mask.nonzero()  # (N, 2) valid (b, t); one host sync, so padding is never computed
         per_token = student_logits.new_zeros(mask.shape, dtype=_compute_dtype(student_logits))  # (B, T)
-        grad = torch.zeros_like(student_logits) if needs_grad else None  # (B, T, V)
+        grad_dtype = torch.float32 if student_logits.dtype == torch.float16 else student_logits.dtype
+        grad = torch.zeros_like(student_logits, dtype=grad_dtype) if needs_grad else None  # (B, T, V)
         for chunk in positions.split(chunk_size or max(len(positions), 1)):  # (c, 2) each
             b, t = chunk.unbind(1)  # (c,), (c,)
-            student = student_logits[b, t].requires_grad_(needs_grad)  # (c, V)
+            student = student_logits[b, t].to(grad_dtype).requires_grad_(needs_grad)  # (c, V); [fp16 gradient note]
             with torch.set_grad_enabled(needs_grad):
                 loss = loss_fn(student, *(x[b, t] for x in teacher))  # (c,)
                 if needs_grad:
                     grad[b, t] = torch.autograd.grad(loss.sum(), student)[0]  # rows are independent
             per_token[b, t] = loss.detach()
         ctx.num_teacher = len(teacher)
+        ctx.student_dtype = student_logits.dtype
         ctx.save_for_backward(grad)
         return per_token
 
@@ -183,7 +203,8 @@ class _ChunkedPerToken(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_per_token):  # (B, T)
         (grad,) = ctx.saved_tensors  # (B, T, V); not scaled in place, so retain_graph / gradcheck work
-        return None, None, None, None, grad * grad_per_token.unsqueeze(-1).to(grad.dtype), *([None] * ctx.num_teacher)
+        grad_student = (grad * grad_per_token.unsqueeze(-1).to(grad.dtype)).to(ctx.student_dtype)  # (B, T, V)
+        return None, None, None, None, grad_student, *([None] * ctx.num_teacher)
 
 
 def _check_positions(student_logits: torch.Tensor, mask: torch.Tensor, chunk_size: int | None) -> None:
@@ -233,7 +254,7 @@ def logits_kd(
     Returns:
         (B, T) loss per token (fp32, or float64 for float64 inputs), 0 at masked positions.
     """
-    fn = lookup(DIVERGENCES, divergence, "divergence")
+    fn = _divergence(divergence, beta, alpha)
     _check_positions(student_logits, mask, chunk_size)
     vocab, teacher_vocab = student_logits.shape[-1], teacher_logits.shape[-1]
     if teacher_logits.shape[:2] != student_logits.shape[:2] or teacher_vocab < vocab:
@@ -242,10 +263,8 @@ def logits_kd(
             "positions must match and the teacher's vocabulary must be at least the student's (same tokenizer; "
             "for different tokenizers use sparse_logits_kd on aligned tokens)"
         )
-    if temperature <= 0 or not 0 <= beta <= 1 or not 0 <= alpha <= 1:
-        raise ValueError(f"need temperature > 0 and beta, alpha in [0, 1], got {temperature}, {beta}, {alpha}")
-    settings = {"jsd": {"beta": beta}, "skew_kl": {"alpha": alpha}, "skew_reverse_kl": {"alpha": alpha}}
-    fn = functools.partial(fn, **settings.get(divergence, {}))
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
 
     def per_token(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:  # (c, V), (c, V) -> (c,)
         return temperature**2 * fn(_log_softmax(student, temperature), _log_softmax(teacher, temperature))
@@ -267,26 +286,32 @@ def sparse_logits_kd(
     teacher_topk_logprobs: torch.Tensor,
     mask: torch.Tensor,
     tail: str = "bucket",
+    divergence: str = "forward_kl",
     temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
     chunk_size: int | None = 128,
 ) -> torch.Tensor:
     """Logits KD against a teacher known only by its top-k tokens (a top-k cache, or an API's logprobs).
 
     With p_T the teacher's top-k probabilities and p_S the student's (at `temperature`):
 
-    - "bucket" (default): the teacher mass outside the top-k, 1 - sum p_T, becomes a (k+1)-th "tail"
-      outcome matched against the student's mass outside those ids:
+    - "bucket" (default): the teacher mass outside the top-k, tail_T = 1 - sum p_T, becomes a (k+1)-th
+      outcome matched against the student's mass outside those ids, tail_S. The divergence D (one of
+      `DIVERGENCES`, as in `logits_kd`) is taken between the two distributions coarsened to these k + 1
+      outcomes, (p_T, tail_T) and (p_S, tail_S); forward KL, the default, is
           sum_i p_T,i log(p_T,i / p_S,i) + tail_T log(tail_T / tail_S).
-      This is the forward KL between the two distributions coarsened to k + 1 outcomes, so it stays a
-      proper divergence and penalises a student that puts more mass outside the teacher's top-k than
-      the teacher does. tail_S is summed over the non-top-k ids (no 1 - sum cancellation), plus
-      k * tiny so it stays finite when the top-k covers the whole vocabulary. Needs temperature 1:
-      the teacher's tail mass at another temperature cannot be known from its top-k.
+      So it stays a proper divergence and penalises a student that puts more mass outside the
+      teacher's top-k than the teacher does. tail_S is summed over the non-top-k ids (no 1 - sum
+      cancellation), plus k * tiny, and tail_T is at least tiny, so every divergence stays finite
+      when the top-k covers the whole vocabulary (both tails then 0 up to rounding). Needs
+      temperature 1: the teacher's tail mass at another temperature cannot be known from its top-k.
     - "renormalize": the teacher's top-k renormalised to sum to 1 (softmax of logprobs / temperature,
       exact for any temperature), against the student's log-probs gathered at those ids (not
       renormalised): sum_i q_i log(q_i / p_S,i) >= 0, which also pushes the student's other mass to 0.
+      Only forward KL: the student's gathered log-probs are not a distribution, so the others are undefined.
 
-    Both equal dense forward KL when k = V. Scaled by temperature^2 like `logits_kd`.
+    Both equal dense `logits_kd` with the same divergence when k = V. Scaled by temperature^2 like `logits_kd`.
 
     Args:
         student_logits: (B, T, V) student scores.
@@ -294,15 +319,21 @@ def sparse_logits_kd(
         teacher_topk_logprobs: (B, T, k) the teacher's log-probabilities of those ids over its full vocabulary.
         mask: (B, T) 1 at valid target positions.
         tail: "bucket" or "renormalize".
+        divergence: a name in `DIVERGENCES`; only "forward_kl" with tail="renormalize".
         temperature: > 0; only 1.0 with tail="bucket".
+        beta: `jsd` interpolation, 0 = forward KL, 1 = reverse KL.
+        alpha: skew of `skew_kl` / `skew_reverse_kl`, 0 = the plain KL.
         chunk_size: valid positions computed at once; see [chunked KD note].
 
     Returns:
         (B, T) loss per token, 0 at masked positions.
     """
+    fn = _divergence(divergence, beta, alpha)
     _check_positions(student_logits, mask, chunk_size)
     if tail not in ("bucket", "renormalize"):
         raise ValueError(f"unknown tail {tail!r}; valid: bucket, renormalize")
+    if tail == "renormalize" and divergence != "forward_kl":
+        raise ValueError(f"tail='renormalize' supports only divergence 'forward_kl', got {divergence!r}")
     if temperature <= 0 or (tail == "bucket" and temperature != 1.0):
         raise ValueError(f"temperature must be > 0, and 1.0 with tail='bucket' (got {temperature})")
     if teacher_topk_ids.shape != teacher_topk_logprobs.shape or teacher_topk_ids.shape[:2] != mask.shape:
@@ -317,11 +348,12 @@ def sparse_logits_kd(
         teacher_logp = teacher_logp.to(student_logp.dtype)  # (c, k)
         if tail == "renormalize":
             return temperature**2 * _kl(F.log_softmax(teacher_logp / temperature, dim=-1), student_top)
-        teacher_tail = _log1mexp(torch.logsumexp(teacher_logp, dim=-1).clamp_max(0))  # (c,) log(1 - sum p_T)
         floor = math.log(torch.finfo(student_logp.dtype).tiny)
+        teacher_tail = _log1mexp(torch.logsumexp(teacher_logp, dim=-1).clamp_max(0))  # (c,) log(1 - sum p_T)
         student_tail = torch.logsumexp(student_logp.scatter(-1, ids, floor), dim=-1)  # (c,) log mass outside ids
-        return _kl(
-            torch.cat([teacher_logp, teacher_tail[:, None]], -1), torch.cat([student_top, student_tail[:, None]], -1)
+        return fn(
+            torch.cat([student_top, student_tail[:, None]], -1),  # (c, k + 1)
+            torch.cat([teacher_logp, teacher_tail.clamp_min(floor)[:, None]], -1),  # (c, k + 1)
         )
 
     ids, logprobs = teacher_topk_ids.long(), teacher_topk_logprobs.detach()

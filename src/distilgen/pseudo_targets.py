@@ -16,11 +16,13 @@ On disk (see [store layout note]):
 
     root/manifest.json            the shards that count, each with rows, tokens, bytes and sha256
     root/shards/<uuid>.parquet    immutable; one per `add`
-    root/.lock                    file lock serialising writers (and the clean-up on open)
+    root/.lock                    file lock serialising writers (and the recovery on open)
+    root/quarantine/              shards set aside as unreadable (never deleted)
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from filelock import FileLock
 
@@ -188,32 +191,57 @@ class _PairIndex:
             self.where.setdefault(key, {}).setdefault(index, (file, row))
 
 
+class PTStoreError(ValueError):
+    """A store that cannot be used as it is (an unreadable manifest, a store path that is a file): one line
+    naming the file and how to recover; nothing on disk was changed."""
+
+
+_ENTRY_KEYS = {"file", "teacher_fp", "spec_fp", "rows", "tokens", "topk", "bytes", "sha256"}
+_SPEC_METADATA = b"distilgen.spec"
+"""Parquet metadata key under which a shard carries its spec, so a lost manifest can be rebuilt in full."""
+
+
 class PTStore:
     """PTs on disk: Parquet shards listed in a manifest, indexed in memory per (teacher, spec) on first use.
 
-    [store layout note] Shards are immutable; only the manifest says which count. `add` writes its shard to a
+    [store layout note] Shards are immutable; the manifest says which count. `add` writes its shard to a
     temporary name, fsyncs and renames it, then replaces the manifest (temp file + `os.replace`), all under
-    `root/.lock`: a crash at any point leaves the previous manifest, and the store as it was. A shard not in the
-    manifest (left by such a crash) is deleted when a store is opened; a shard whose sha256 or Parquet footer is
-    wrong is dropped from the manifest when first read, so its PTs are reported missing and generated again.
+    `root/.lock`: a crash at any point leaves the previous manifest. Nothing is ever deleted that may be the only
+    copy of paid-for PTs (an API teacher's): when a store is opened, a complete shard the manifest does not list
+    (a writer crashed before its commit, or the manifest was lost) is verified and adopted, its rows and spec read
+    from the shard itself; a shard that cannot be read, or whose sha256 disagrees with the manifest, is moved to
+    `root/quarantine/` and its PTs are reported missing. A manifest that cannot be read is a `PTStoreError`, with
+    nothing touched. A `readonly` store (`distilgen pts show`) does all this in memory and writes nothing.
     """
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, readonly: bool = False):
         self.root = Path(root)
-        (self.root / "shards").mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(self.root / ".lock")
+        self.readonly = readonly
+        if self.root.exists() and not self.root.is_dir():
+            raise PTStoreError(f"{self.root}: the PT store must be a directory, but this is a file")
+        if not readonly:
+            try:
+                (self.root / "shards").mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise PTStoreError(f"{self.root}: cannot create the PT store ({err.strerror})") from None
+        self._lock = contextlib.nullcontext() if readonly else FileLock(self.root / ".lock")
         self._manifest: dict[str, Any] = {}
         self._index: dict[tuple[str, str], _PairIndex] = {}
+        self._unlisted: list[dict] = []
+        """Readonly: shards adopted in memory only (and their specs, below)."""
+        self._unlisted_specs: dict[str, dict] = {}
+        self._skipped: set[str] = set()
+        """Readonly: unreadable shards left where they are and ignored."""
         with self._lock:
             self._reload()
-            self._remove_orphans()
+            self._adopt_unlisted()
 
     # Queries -------------------------------------------------------------------------------------
 
     def missing(self, teacher_fp: str, spec: DecodingSpec, sources: Sequence[str]) -> list[MissingPT]:
         """The PTs of `sources` (samples 0..spec.num_per_input-1) not stored yet, in input order; repeated
         sources count once."""
-        index = self._pair_index(teacher_fp, spec)
+        index = self._pair_index(teacher_fp, spec.fingerprint())
         todo = []
         for source, key in _unique_keys(sources).items():
             stored = index.where.get(key, {})
@@ -221,14 +249,15 @@ class PTStore:
         return todo
 
     def get(
-        self, teacher_fp: str, spec: DecodingSpec, sources: Sequence[str], every_index: bool = False
+        self, teacher_fp: str, spec: DecodingSpec | str, sources: Sequence[str], every_index: bool = False
     ) -> dict[str, list[PTRecord]]:
         """The stored PTs of `sources` with index < spec.num_per_input: {input_key: records by sample index}.
 
         Inputs with nothing stored are absent; see `missing` for what is left to generate. `every_index` returns
-        every stored PT of the inputs, however many (for inspection).
+        every stored PT of the inputs, however many (for inspection; `spec` may then be a spec fingerprint).
         """
-        index = self._pair_index(teacher_fp, spec)
+        spec_fp = spec if isinstance(spec, str) else spec.fingerprint()
+        index = self._pair_index(teacher_fp, spec_fp)
         rows_by_file: dict[str, list[int]] = {}
         for key in _unique_keys(sources).values():
             for sample_index, (file, row) in index.where.get(key, {}).items():
@@ -247,12 +276,12 @@ class PTStore:
         lines = []
         for (teacher_fp, spec_fp), entries in self._entries_by_pair().items():
             index = self._load_pair(teacher_fp, spec_fp)
-            entries = [e for e in entries if e["file"] in index.files]  # without shards dropped just now
+            entries = [e for e in entries if e["file"] in index.files]  # without shards set aside just now
             lines.append(
                 PTStats(
                     teacher_fp=teacher_fp,
                     spec_fp=spec_fp,
-                    spec_name=self._manifest["specs"][spec_fp]["name"],
+                    spec_name=self._manifest["specs"].get(spec_fp, {}).get("name", "unknown"),
                     inputs=len(index.where),
                     pts=sum(len(stored) for stored in index.where.values()),
                     tokens=sum(e["tokens"] for e in entries),
@@ -267,21 +296,25 @@ class PTStore:
         key = (teacher_fp, spec.fingerprint())
         return next((s for s in self.stats() if (s.teacher_fp, s.spec_fp) == key), None)
 
-    def spec(self, spec_fp: str) -> DecodingSpec:
-        """The spec stored under fingerprint `spec_fp` (as first added; counts may differ from later calls)."""
+    def spec(self, spec_fp: str) -> DecodingSpec | None:
+        """The spec stored under fingerprint `spec_fp` (as first added; counts may differ from later calls); None
+        for PTs adopted from shards written before shards carried their spec, until the spec is used again."""
         self._reload()
-        return DecodingSpec(**self._manifest["specs"][spec_fp])
+        fields = self._manifest["specs"].get(spec_fp)
+        return DecodingSpec(**fields) if fields is not None else None
 
     # Writing -------------------------------------------------------------------------------------
 
     def add(self, teacher_fp: str, spec: DecodingSpec, records: Sequence[PTRecord]) -> Path | None:
         """Store `records` as one new shard and return its path; PTs already stored (or repeated in `records`)
         are skipped, and None is returned when nothing was new. Safe against crashes and concurrent writers."""
+        if self.readonly:
+            raise RuntimeError(f"{self.root}: opened read-only")
         for record in records:
             record.check()
         spec_fp = spec.fingerprint()
         with self._lock:
-            index = self._pair_index(teacher_fp, spec)  # under the lock: includes every other writer's shards
+            index = self._pair_index(teacher_fp, spec_fp)  # under the lock: includes every other writer's shards
             new, seen = [], set()
             for r in records:
                 if (r.input_key, r.sample_index) not in seen and r.sample_index not in index.where.get(r.input_key, {}):
@@ -291,8 +324,9 @@ class PTStore:
                 return None
             columns = {name: [getattr(r, name) for r in new] for name in _RECORD_COLUMNS}
             columns.update(teacher_fp=[teacher_fp] * len(new), spec_fp=[spec_fp] * len(new))
+            schema = SCHEMA.with_metadata({_SPEC_METADATA: json.dumps(dataclasses.asdict(spec))})
             sink = pa.BufferOutputStream()
-            pq.write_table(pa.Table.from_pydict(columns, schema=SCHEMA), sink, compression="zstd")
+            pq.write_table(pa.Table.from_pydict(columns, schema=schema), sink, compression="zstd")
             data = sink.getvalue().to_pybytes()
             file = f"shards/{uuid.uuid4().hex}.parquet"
             _write_atomic(self.root / file, data)
@@ -311,7 +345,7 @@ class PTStore:
                 "specs": {spec_fp: dataclasses.asdict(spec), **self._manifest["specs"]},
                 "shards": [*self._manifest["shards"], entry],
             }
-            self._write_manifest(manifest)  # the commit point: before it, the shard is an orphan
+            self._write_manifest(manifest)  # the commit point: before it, the shard is not listed
             self._manifest = manifest
             index.add(file, [r.input_key for r in new], [r.sample_index for r in new])
         return self.root / file
@@ -321,14 +355,16 @@ class PTStore:
     def _reload(self) -> None:
         """Re-read the manifest (other processes may have added shards) and forget indexes it invalidates."""
         path = self.root / "manifest.json"
-        manifest = json.loads(path.read_text()) if path.exists() else {}
-        if manifest and manifest.get("format") != _MANIFEST_FORMAT:
-            raise ValueError(f"{path}: manifest format {manifest.get('format')}, expected {_MANIFEST_FORMAT}")
-        self._manifest = manifest or {"format": _MANIFEST_FORMAT, "specs": {}, "shards": []}
+        manifest = _read_manifest(path) if path.exists() else {"format": _MANIFEST_FORMAT, "specs": {}, "shards": []}
+        listed = {e["file"] for e in manifest["shards"]}
+        manifest["shards"] += [e for e in self._unlisted if e["file"] not in listed]
+        manifest["shards"] = [e for e in manifest["shards"] if e["file"] not in self._skipped]
+        manifest["specs"] = {**self._unlisted_specs, **manifest["specs"]}
+        self._manifest = manifest
         files = self._entries_by_pair()
         for pair, index in list(self._index.items()):
             current = [e["file"] for e in files.get(pair, [])]
-            if current[: len(index.files)] != index.files:  # a shard was dropped: rebuild on next use
+            if current[: len(index.files)] != index.files:  # a shard was set aside: rebuild on next use
                 del self._index[pair]
 
     def _entries_by_pair(self) -> dict[tuple[str, str], list[dict]]:
@@ -337,9 +373,9 @@ class PTStore:
             pairs.setdefault((entry["teacher_fp"], entry["spec_fp"]), []).append(entry)
         return pairs
 
-    def _pair_index(self, teacher_fp: str, spec: DecodingSpec) -> _PairIndex:
+    def _pair_index(self, teacher_fp: str, spec_fp: str) -> _PairIndex:
         self._reload()
-        return self._load_pair(teacher_fp, spec.fingerprint())
+        return self._load_pair(teacher_fp, spec_fp)
 
     def _load_pair(self, teacher_fp: str, spec_fp: str) -> _PairIndex:
         """The index of (teacher, spec), reading the key columns of shards it has not seen (checking each)."""
@@ -353,46 +389,143 @@ class PTStore:
                 if keys.num_rows != entry["rows"]:
                     raise ValueError(f"{keys.num_rows} rows, the manifest says {entry['rows']}")
             except (OSError, ValueError, pa.ArrowException) as err:
-                self._drop(entry, str(err))
+                self._set_aside(entry["file"], str(err), entry["rows"])
                 continue
             index.add(entry["file"], keys["input_key"].to_pylist(), keys["sample_index"].to_pylist())
         return index
 
-    def _drop(self, entry: dict, reason: str) -> None:
-        log.warning(
-            "%s: unreadable PT shard (%s); dropping it, its %d PTs will be generated again",
-            self.root / entry["file"],
-            reason,
-            entry["rows"],
-        )
-        with self._lock:
-            path = self.root / "manifest.json"
-            manifest = json.loads(path.read_text())
-            manifest["shards"] = [e for e in manifest["shards"] if e["file"] != entry["file"]]
-            self._write_manifest(manifest)
-            (self.root / entry["file"]).unlink(missing_ok=True)
-        self._manifest["shards"] = [e for e in self._manifest["shards"] if e["file"] != entry["file"]]
+    def _set_aside(self, file: str, reason: str, rows: int | None) -> None:
+        """Stop counting an unreadable shard: moved to quarantine/ and dropped from the manifest (readonly: skipped
+        in memory). Its PTs are reported missing, so `generate` makes them again."""
+        pts = f"its {rows} PTs" if rows is not None else "its PTs"
+        if self.readonly:
+            log.warning("%s: unreadable PT shard (%s); skipped (%s count as missing)", self.root / file, reason, pts)
+            self._skipped.add(file)
+        else:
+            with self._lock:
+                quarantine = self.root / "quarantine"
+                quarantine.mkdir(exist_ok=True)
+                if (self.root / file).exists():
+                    os.replace(self.root / file, quarantine / Path(file).name)
+                path = self.root / "manifest.json"
+                if path.exists():
+                    manifest = _read_manifest(path)
+                    manifest["shards"] = [e for e in manifest["shards"] if e["file"] != file]
+                    self._write_manifest(manifest)
+            log.warning(
+                "%s: unreadable PT shard (%s); moved to %s/, %s will be generated again",
+                self.root / file, reason, quarantine, pts,
+            )  # fmt: skip
+        self._manifest["shards"] = [e for e in self._manifest["shards"] if e["file"] != file]
 
-    def _remove_orphans(self) -> None:
-        """Delete shard files the manifest does not list (a writer crashed before its commit); under the lock."""
-        listed = {entry["file"] for entry in self._manifest["shards"]}
-        for path in sorted((self.root / "shards").iterdir()):
-            if f"shards/{path.name}" not in listed:
-                log.warning("%s: PT shard not in the manifest (left by an interrupted run); deleting it", path)
-                path.unlink()
+    def _adopt_unlisted(self) -> None:
+        """List the complete shards the manifest lacks (a writer crashed before its commit, or the manifest was
+        lost), reading their rows and spec from the shards themselves; set aside those that cannot be read."""
+        folder = self.root / "shards"
+        listed = {entry["file"] for entry in self._manifest["shards"]} | self._skipped
+        unlisted = [p for p in sorted(folder.iterdir()) if f"shards/{p.name}" not in listed] if folder.is_dir() else []
+        adopted, specs = [], {}
+        for path in unlisted:
+            try:
+                entry, spec = _entry_of_shard(path)
+            except (OSError, ValueError, pa.ArrowException) as err:
+                self._set_aside(f"shards/{path.name}", str(err), None)
+                continue
+            adopted.append(entry)
+            if spec is not None:
+                specs[entry["spec_fp"]] = spec
+        if not adopted:
+            return
+        log.warning(
+            "%s: %d PT shards (%d PTs) were not in the manifest (an interrupted run, or a lost manifest); %s",
+            self.root, len(adopted), sum(e["rows"] for e in adopted),
+            "using them without writing (read-only)" if self.readonly else "adding them to it",
+        )  # fmt: skip
+        if self.readonly:
+            self._unlisted, self._unlisted_specs = adopted, specs
+            self._reload()
+            return
+        manifest = {
+            **self._manifest,
+            "specs": {**specs, **self._manifest["specs"]},
+            "shards": [*self._manifest["shards"], *adopted],
+        }
+        self._write_manifest(manifest)
+        self._manifest = manifest
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         _write_atomic(self.root / "manifest.json", json.dumps(manifest, indent=1).encode())
 
 
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest at `path`, checked; a `PTStoreError` saying how to recover when it cannot be used."""
+    recover = (
+        "nothing was changed; to recover, move it aside (mv manifest.json manifest.json.bad) and rerun: the store "
+        "rebuilds its manifest from the shards"
+    )
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise PTStoreError(f"{path}: unreadable PT store manifest (not UTF-8 text); {recover}") from None
+    except json.JSONDecodeError as err:
+        raise PTStoreError(
+            f"{path}: unreadable PT store manifest ({err.msg} at line {err.lineno}); {recover}"
+        ) from None
+    if isinstance(manifest, dict) and "format" in manifest and manifest["format"] != _MANIFEST_FORMAT:
+        raise PTStoreError(
+            f"{path}: PT store manifest format {manifest['format']!r}, this distilgen reads {_MANIFEST_FORMAT}"
+        )
+    valid = (
+        isinstance(manifest, dict)
+        and isinstance(manifest.get("specs"), dict)
+        and isinstance(manifest.get("shards"), list)
+        and all(isinstance(e, dict) and e.keys() >= _ENTRY_KEYS for e in manifest["shards"])
+    )
+    if not valid:
+        raise PTStoreError(f"{path}: not a PT store manifest (expected format, specs and shards); {recover}")
+    return manifest
+
+
+def _entry_of_shard(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The manifest entry of a complete shard file, and its spec's fields when the shard carries them."""
+    if path.suffix != ".parquet":
+        raise ValueError("not a shard (an incomplete write)")
+    data = path.read_bytes()
+    table = pq.read_table(pa.BufferReader(data))
+    if not set(SCHEMA.names) <= set(table.column_names):
+        raise ValueError("not a PT shard (columns differ)")
+    pairs = {(t, s) for t, s in zip(table["teacher_fp"].to_pylist(), table["spec_fp"].to_pylist(), strict=True)}
+    if len(pairs) != 1:
+        raise ValueError(f"{len(pairs)} (teacher, spec) pairs; a shard holds one")
+    ((teacher_fp, spec_fp),) = pairs
+    topk = pc.list_value_length(pc.list_flatten(table["topk_ids"]))
+    entry = {
+        "file": f"shards/{path.name}",
+        "teacher_fp": teacher_fp,
+        "spec_fp": spec_fp,
+        "rows": table.num_rows,
+        "tokens": pc.sum(pc.list_value_length(table["token_ids"])).as_py() or 0,
+        "topk": pc.max(topk).as_py() or 0,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    spec = (table.schema.metadata or {}).get(_SPEC_METADATA)
+    return entry, json.loads(spec) if spec is not None else None
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one, even after a crash."""
+    """Write `data` to `path` so that readers see the old file or the whole new one, even after a crash; a failed
+    write (a full disk) leaves no partial file and names the path."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # make the rename itself durable
@@ -517,14 +650,15 @@ def describe_store(store: PTStore, splits: Mapping[str, Sequence[Example]], exam
     for stats in store.stats():
         spec = store.spec(stats.spec_fp)
         topk = f", top-{stats.topk} log-probs" if stats.topk else ""
+        kind = spec.kind if spec is not None else "settings not recorded"
         lines.append(
-            f"teacher {stats.teacher_fp[:12]}  spec {spec.name} ({spec.kind}, {stats.spec_fp[:12]}): "
+            f"teacher {stats.teacher_fp[:12]}  spec {stats.spec_name} ({kind}, {stats.spec_fp[:12]}): "
             f"{stats.inputs} inputs, {stats.pts} PTs, {stats.tokens} tokens, {stats.bytes / 1e6:.2f} MB{topk}"
         )
         shown = 0
         for name, split in splits.items():
             sources = list(dict.fromkeys(e.source for e in split))
-            pts = store.get(stats.teacher_fp, spec, sources, every_index=True)
+            pts = store.get(stats.teacher_fp, stats.spec_fp, sources, every_index=True)
             div = pt_diversity(pts)
             line = f"  {name}: {div['inputs']}/{len(sources)} inputs with PTs, {div['pts']} PTs"
             if div["pts"]:

@@ -326,7 +326,7 @@ def resolve_spec(spec: str | DecodingSpec) -> DecodingSpec:
 
 def load_teacher(cfg: ModelConfig, precision: str, device: torch.device) -> TextModel:
     """The teacher in inference mode on `device`, in bf16 when asked (auto: on a GPU that supports it)."""
-    tm = load_model(cfg)
+    tm = load_model(cfg, key="teacher")
     if device.type == "cuda":
         avoid_cudnn_attention()  # length-sorted batches: a new shape nearly every batch
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from distilgen.config import (
@@ -33,6 +32,7 @@ from distilgen.config import (
     TrainConfig,
     check,
     save_config,
+    writable_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,7 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     from distilgen.evaluate import evaluate
     from distilgen.train import finetune
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(cfg.output_dir)
     save_config(cfg, out / "quickstart.yaml")
     data = _data(cfg)
 

@@ -142,7 +142,7 @@ def require_same_vocab(student: PreTrainedTokenizerBase, teacher: PreTrainedToke
     """A clear error when a word-level objective is asked of models with different tokenizers."""
     if not vocab_compatible(student, teacher):
         raise ConfigError(
-            "objective",
+            "method",
             f"'{objective}' compares teacher and student token distributions, but their tokenizers differ "
             f"({len(student)} vs {len(teacher)} tokens); use a sequence-level method instead: "
             + ", ".join(SEQUENCE_LEVEL_OBJECTIVES),

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from distilgen.config import ModelConfig, StudyConfig, save_config
+from distilgen.config import ModelConfig, StudyConfig, save_config, writable_dir
 from distilgen.data import load_splits
 from distilgen.evaluate import evaluate_model
 from distilgen.models import load_model
@@ -64,7 +64,7 @@ def study(cfg: StudyConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     times_file = out / "train_seconds.json"
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        writable_dir(out)
         save_config(cfg, out / "study.yaml")
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
     finals: dict[tuple[str, int], str] = {}

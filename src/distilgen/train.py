@@ -12,14 +12,15 @@ ends as an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,16 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from distilgen.config import ConfigError, DataConfig, DecodingConfig, FinetuneConfig, TrainConfig, save_config, to_dict
+from distilgen.config import (
+    ConfigError,
+    DataConfig,
+    DecodingConfig,
+    FinetuneConfig,
+    TrainConfig,
+    save_config,
+    to_dict,
+    writable_dir,
+)
 from distilgen.data import Example, load_splits
 from distilgen.evaluate import generate, gold_perplexity
 from distilgen.metrics import compute_metrics
@@ -192,19 +202,61 @@ def stage_summary(state: TrainState, output_dir: Path, metric: str) -> dict:
 
 def _save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: Path) -> None:
     """Write `checkpoint/` atomically: a complete new one replaces the old, or the old stays."""
-    final, tmp, old = output_dir / "checkpoint", output_dir / "checkpoint.tmp", output_dir / "checkpoint.old"
+    final, tmp = output_dir / "checkpoint", output_dir / "checkpoint.tmp"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    with _writing(tmp):
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)))
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)))
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        _replace_dir(tmp, final)
     accelerator.wait_for_everyone()
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Put the complete directory `new` in place of `final`; a crash in between leaves `final.old`, which
+    `_find_checkpoint` reads."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+LOW_DISK_BYTES = 64 * 2**20
+"""Free space under which a failed write is reported as a full disk: torch's writer says only 'iostream error'."""
+
+
+@contextmanager
+def _writing(tmp: Path) -> Iterator[None]:
+    """Around a write into the new directory `tmp`: if it fails (a full disk, a read-only place), remove `tmp` and
+    raise an OSError naming it, so that the CLI says what happened in one line and the last good copy stays."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+        full = full or shutil.disk_usage(tmp.parent).free < LOW_DISK_BYTES  # measured before tmp is freed
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from err
+        if isinstance(err, OSError) and err.errno is not None:
+            raise OSError(err.errno, err.strerror, str(tmp)) from err
+        raise
+
+
+def cut_log(path: Path, step: int) -> None:
+    """Keep the lines of the JSONL log `path` up to optimizer step `step` (where a resumed run continues)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
 
 def _find_checkpoint(output_dir: Path) -> Path | None:
@@ -286,6 +338,8 @@ def train(
     if cfg.trackers:
         accelerator.init_trackers("distilgen", config={"total_steps": total_steps, **asdict(cfg)})
     metrics_log = output_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        cut_log(metrics_log, state.step)  # lines written after the checkpoint are written again
 
     def record(entry: dict) -> None:
         if accelerator.is_main_process:
@@ -297,10 +351,14 @@ def train(
     def save_best(score_value: float | None) -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            unwrapped.save(output_dir / "model")
-            (output_dir / "model" / "distilgen_state.json").write_text(
-                json.dumps({"step": state.step, "dev_score": score_value, "metric": cfg.metric})
-            )
+            tmp = output_dir / "model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            with _writing(tmp):
+                unwrapped.save(tmp)
+                (tmp / "distilgen_state.json").write_text(
+                    json.dumps({"step": state.step, "dev_score": score_value, "metric": cfg.metric})
+                )
+            _replace_dir(tmp, output_dir / "model")
 
     def evaluate_now() -> bool:
         """Evaluate on dev, keep the best model; True when early stopping says stop."""
@@ -426,9 +484,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     Returns a summary (best step and dev score, truncation counts, where the model is).
     """
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    check_same_run(cfg, output_dir, ("data", "model", "seed"))
+    output_dir = writable_dir(cfg.output_dir)
+    check_same_run(cfg, output_dir)
     set_seed(cfg.seed)
     accelerator = make_accelerator(cfg.train, output_dir)
 
@@ -440,8 +497,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if model_cfg.path is None and model_cfg.tokenizer is None and tokenizer_dir.exists():
         model_cfg = dataclasses.replace(model_cfg, tokenizer=str(tokenizer_dir))  # a resumed run keeps its vocabulary
     tm = load_model(model_cfg, texts=lambda: training_text(splits))
-    if accelerator.is_main_process and not tokenizer_dir.exists():
-        tm.tokenizer.save_pretrained(tokenizer_dir)
+    if accelerator.is_main_process:  # the checks passed: the directory now holds this run
+        save_config(cfg, output_dir / "config.yaml")
+        if not tokenizer_dir.exists():
+            tm.tokenizer.save_pretrained(tokenizer_dir)
 
     if cfg.objective == "denoise":
         return _pretrain(cfg, tm, splits, accelerator, output_dir)
@@ -499,14 +558,40 @@ def _pretrain(
     return summary
 
 
-def check_same_run(cfg: Any, output_dir: Path, keys: Sequence[str]) -> None:
-    """Refuse to resume a run directory made by a config that differs in `keys` (data, models, seed...);
-    then save `cfg` there."""
+RESUME_MAY_CHANGE = (
+    "output_dir",
+    "train.log_every",
+    "train.trackers",
+    "pts.batch_size",
+    "pts.static_cache",
+    "student_pts.static_cache",
+)
+"""Settings a resumed run may change: where it is, logging, and speed knobs that do not change what is trained."""
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted key: value}."""
+    if not isinstance(data, dict) or not data:
+        return {prefix: data}
+    return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def check_same_run(cfg: Any, output_dir: Path) -> None:
+    """Refuse to go on with a run directory that holds training done with other settings, naming the first
+    setting that differs: a resumed run continues with what it was trained with, and `config.yaml` must say what
+    was trained. A directory where nothing was trained yet (a failed pre-flight check) takes the new settings."""
     saved = output_dir / "config.yaml"
-    if saved.exists():
-        before = yaml.safe_load(saved.read_text())
-        now = to_dict(cfg)
-        changed = [k for k in keys if before.get(k) != now.get(k)]
-        if changed:
-            raise ConfigError(changed[0], f"differs from the run already in {output_dir}; use a new output_dir")
-    save_config(cfg, saved)
+    if not saved.exists() or not any(output_dir.glob("**/trainer_state.json")):
+        return
+    before = _flat(yaml.safe_load(saved.read_text()))
+    now = _flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+    changed = [k for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
+    changed = [k for k in changed if not k.startswith(RESUME_MAY_CHANGE)]
+    if changed:
+        key = changed[0]
+        raise ConfigError(
+            key,
+            f"{now.get(key)!r} differs from the run already trained in {output_dir} ({before.get(key)!r}): a run "
+            "resumes with the settings it was trained with; use a new output_dir (to train on from its model, set "
+            f"its path: {output_dir}/model)",
+        )

@@ -300,6 +300,30 @@ def test_a_crash_between_shard_and_manifest_loses_no_pts(store, monkeypatch):
     assert reopened.get(TEACHER, SAMPLE2, ["b"]) == {input_key("b"): expected}
 
 
+def test_a_claim_keeps_inputs_from_other_writers_until_released_or_its_process_is_gone(store):
+    other = PTStore(store.root)
+    assert store.claim(TEACHER, "spec", ["a", "b"]) == {"a", "b"}
+    assert other.claim(TEACHER, "spec", ["b", "c"]) == {"c"}
+    assert other.claim(TEACHER, "another-spec", ["b"]) == {"b"}  # claims are per (teacher, spec)
+    store.release()
+    assert other.claim(TEACHER, "spec", ["a", "b"]) == {"a", "b"}
+    other.release()
+    assert not list((store.root / "claims").iterdir())
+
+    store.claim(TEACHER, "spec", ["a"])
+    (path,) = (store.root / "claims").iterdir()
+    gone = multiprocessing.get_context("fork").Process(target=lambda: None)
+    gone.start()
+    gone.join()
+    path.write_text(json.dumps({**json.loads(path.read_text()), "pid": gone.pid}))  # its writer has exited
+    assert other.claim(TEACHER, "spec", ["a"]) == {"a"}
+    assert not path.exists()  # the stale claim is gone
+    other.release()
+    store.claim(TEACHER, "spec", ["a"])
+    path.write_text(json.dumps({**json.loads(path.read_text()), "time": 0}))  # alive, but not renewed for ages
+    assert other.claim(TEACHER, "spec", ["a"]) == {"a"}
+
+
 def _add_in_turns(root: str, prefix: str) -> None:
     store = PTStore(root)
     for i in range(6):

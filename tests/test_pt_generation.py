@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,39 @@ def test_the_same_pts_come_out_whatever_the_batching_or_sharding(teacher, splits
     assert _contents(one, fp, SAMPLE2, sources) == _contents(sharded, fp, SAMPLE2, sources)
     texts = [text for text, _, _ in _contents(one, fp, SAMPLE2, sources).values()]
     assert len(set(texts)) > 12  # samples differ from each other
+
+
+@pytest.mark.parametrize("arch", ["bart"])
+def test_inputs_another_writer_claimed_are_skipped_then_waited_for(teacher, splits, tmp_path, monkeypatch):
+    import distilgen.pt_generation as pt_generation
+
+    monkeypatch.setattr(pt_generation, "CLAIM_POLL_S", 0.05)
+    sources = [e.source for e in splits["train"][:10]]
+    fp = teacher_fingerprint(teacher, 256)
+    reference = PTStore(tmp_path / "reference")
+    generate_pts(teacher, reference, fp, SAMPLE2, sources, batch_size=4, progress=False)
+    other = PTStore(tmp_path / "pts")  # another writer, busy with the first 3 inputs
+    claimed = sources[:3]
+    assert other.claim(fp, SAMPLE2.fingerprint(), [input_key(s) for s in claimed]) == {input_key(s) for s in claimed}
+
+    def stored() -> int:
+        return sum(s.pts for s in PTStore(tmp_path / "pts", readonly=True).stats())
+
+    def finish_later():  # once the 7 free inputs are stored, the other writer stores its PTs and releases them
+        while stored() < 14:
+            time.sleep(0.02)
+        other.add(fp, SAMPLE2, [r for records in reference.get(fp, SAMPLE2, claimed).values() for r in records])
+        other.release()
+
+    store = PTStore(tmp_path / "pts")
+    thread = threading.Thread(target=finish_later)
+    thread.start()
+    report = generate_pts(teacher, store, fp, SAMPLE2, sources, batch_size=4, progress=False)
+    thread.join()
+    assert report.generated == 14 and report.sequences == 14  # 7 inputs x 2 samples: none of the claimed ones
+    assert store.missing(fp, SAMPLE2, sources) == []
+    assert _contents(store, fp, SAMPLE2, sources) == _contents(reference, fp, SAMPLE2, sources)
+    assert not list((tmp_path / "pts" / "claims").iterdir())
 
 
 def test_rows_cover_an_input_at_once_longest_first_and_batches_count_sequences():
@@ -325,6 +359,21 @@ def test_two_processes_under_accelerate_launch_give_the_single_process_store(tmp
     assert '"processes": 2' in result.stdout and result.stdout.count('"processes"') == 1  # the main process prints
     assert _store_rows(tmp_path / "double") == _store_rows(tmp_path / "single")
     assert len(json.loads((tmp_path / "double" / "manifest.json").read_text())["shards"]) >= 2
+
+
+def test_two_generate_commands_on_one_store_decode_each_input_once(tmp_path, teacher_dir):
+    """Two independent `distilgen generate` runs (no accelerate launch) started together on one store: each skips
+    the inputs the other has claimed, so together they decode every input once (before claims: twice)."""
+    task = {"train_size": 30, "unlabeled_size": 600, "dev_size": 0, "test_size": 0}
+    cfg = _generate_yaml(tmp_path, teacher_dir, tmp_path / "pts", data={"task": task}, batch_size=4)
+    command = [sys.executable, "-m", "distilgen.cli", "generate", str(cfg)]
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    runs = [subprocess.Popen(command, env=cli_env(), stdout=log.open("w"), stderr=subprocess.DEVNULL) for log in logs]
+    assert [run.wait(timeout=300) for run in runs] == [0, 0]
+    summaries = [json.loads(log.read_text()) for log in logs]
+    assert sum(s["generated_here"] for s in summaries) == 1260  # 630 inputs x 2 samples, each decoded once
+    assert [s["stored_pts"] for s in summaries] == [1260, 1260]
+    assert not list((tmp_path / "pts" / "claims").iterdir())
 
 
 def test_generate_config_errors_name_the_key(tmp_path, teacher_dir):

@@ -18,6 +18,7 @@ On disk (see [store layout note]):
     root/shards/<uuid>.parquet    immutable; one per `add`
     root/.lock                    file lock serialising writers (and the recovery on open)
     root/quarantine/              shards set aside as unreadable (never deleted)
+    root/claims/                  which inputs each running writer is generating (see [claims note])
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import itertools
 import json
 import logging
 import os
+import socket
 import statistics
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -201,6 +204,23 @@ _SPEC_METADATA = b"distilgen.spec"
 """Parquet metadata key under which a shard carries its spec, so a lost manifest can be rebuilt in full."""
 
 
+CLAIM_TTL_S = 1800.0
+"""A claim not renewed for this long is stale: its writer hung, or runs on a machine that is gone."""
+
+
+def _process_alive(host: str, pid: int) -> bool:
+    """Whether process `pid` of `host` may still run (a process of another machine cannot be checked: yes)."""
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class PTStore:
     """PTs on disk: Parquet shards listed in a manifest, indexed in memory per (teacher, spec) on first use.
 
@@ -212,6 +232,12 @@ class PTStore:
     from the shard itself; a shard that cannot be read, or whose sha256 disagrees with the manifest, is moved to
     `root/quarantine/` and its PTs are reported missing. A manifest that cannot be read is a `PTStoreError`, with
     nothing touched. A `readonly` store (`distilgen pts show`) does all this in memory and writes nothing.
+
+    [claims note] Two `distilgen generate` runs started on one store (not sharded by `accelerate launch`) would
+    each plan every missing PT. Before decoding a batch, a writer claims its inputs (`claim`, a file per writer
+    under `root/claims/`, updated under the lock) and skips inputs another live writer holds; it releases its
+    claims once their PTs are stored. A claim whose process has exited (same machine) or that was not renewed for
+    `CLAIM_TTL_S` no longer counts. Claims only avoid duplicate work: a PT generated twice is stored once.
     """
 
     def __init__(self, root: str | os.PathLike, readonly: bool = False):
@@ -232,6 +258,9 @@ class PTStore:
         self._unlisted_specs: dict[str, dict] = {}
         self._skipped: set[str] = set()
         """Readonly: unreadable shards left where they are and ignored."""
+        self._owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._held: dict[str, set[str]] = {}
+        """Input keys this object has claimed, by "teacher_fp:spec_fp"."""
         with self._lock:
             self._reload()
             self._adopt_unlisted()
@@ -349,6 +378,49 @@ class PTStore:
             self._manifest = manifest
             index.add(file, [r.input_key for r in new], [r.sample_index for r in new])
         return self.root / file
+
+    # Claims: independent writers skip each other's inputs --------------------------------------
+
+    def claim(self, teacher_fp: str, spec_fp: str, keys: Sequence[str]) -> set[str]:
+        """Claim the inputs `keys` of (teacher, spec) for this store object to generate, except those another live
+        writer holds; returns the keys granted. See [claims note]."""
+        with self._lock:
+            taken = set()
+            for owner, claim in self._claims().items():
+                if owner != self._owner:
+                    taken.update(claim["keys"].get(f"{teacher_fp}:{spec_fp}", ()))
+            granted = set(keys) - taken
+            self._held.setdefault(f"{teacher_fp}:{spec_fp}", set()).update(granted)
+            self._write_claim()
+        return granted
+
+    def release(self) -> None:
+        """Drop this store object's claims (its PTs are stored, or it gives up)."""
+        if self._held:
+            with self._lock:
+                self._held.clear()
+                (self.root / "claims" / f"{self._owner}.json").unlink(missing_ok=True)
+
+    def _claims(self) -> dict[str, dict]:
+        """The live claims by owner; stale ones (owner gone, or not renewed for CLAIM_TTL_S) are deleted."""
+        claims = {}
+        for path in sorted((self.root / "claims").glob("*.json")):
+            try:
+                claim = json.loads(path.read_text())
+                alive = time.time() - claim["time"] < CLAIM_TTL_S and _process_alive(claim["host"], claim["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                alive = False  # unreadable: a claim is only a hint, never data
+            if alive:
+                claims[path.stem] = claim
+            else:
+                path.unlink(missing_ok=True)
+        return claims
+
+    def _write_claim(self) -> None:
+        claim = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        claim["keys"] = {pair: sorted(keys) for pair, keys in self._held.items()}
+        (self.root / "claims").mkdir(exist_ok=True)
+        _write_atomic(self.root / "claims" / f"{self._owner}.json", json.dumps(claim).encode())
 
     # Internals -----------------------------------------------------------------------------------
 

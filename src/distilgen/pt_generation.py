@@ -59,6 +59,9 @@ def teacher_fingerprint(tm: TextModel, max_source_length: int, template: str = "
 # Generation
 # ---------------------------------------------------------------------------------------------
 
+CLAIM_POLL_S = 2.0
+"""Seconds between looks at the store while waiting for inputs another process is generating."""
+
 
 @dataclass(frozen=True)
 class Row:
@@ -170,26 +173,50 @@ def generate_pts(
     by_key = {m.input_key: m.source for m in todo}
     encoded = dict(zip(by_key, _source_ids(tm, list(by_key.values()), max_source_length), strict=True))
     rows = plan_rows(todo, spec, encoded)[process_index::num_processes]
+    mine = list(dict.fromkeys(by_key[r.input_key] for r in rows))  # this process's share of the inputs
     report = GenerationReport(requested, len(todo), 0, 0, 0, 0.0)
-    total = sum(_sequences(spec, r) for r in rows)
-    bar = tqdm(total=total, desc=f"generate {spec.name}", unit="seq", disable=not progress or not rows)
+    bar = tqdm(total=sum(_sequences(spec, r) for r in rows), desc=f"generate {spec.name}", unit="seq",
+               disable=not progress or not rows)  # fmt: skip
     was_training = tm.model.training
     tm.model.eval()
     static = use_static_cache(static_cache, tm.device)
     buffer: list[PTRecord] = []
-    for batch in plan_batches(rows, spec, batch_size):
-        records = _generate_batch(tm, spec, batch, topk, static and spec.kind != "beam")
-        buffer += records
-        sequences = sum(_sequences(spec, r) for r in batch)
-        report.sequences += sequences
-        report.tokens += sum(len(r.token_ids) for r in records)
-        if len(buffer) >= shard_size:
+    waited = False
+    try:
+        while rows:
+            decoded = 0
+            for batch in plan_batches(rows, spec, batch_size):
+                # See [claims note] in pseudo_targets: skip what another writer holds, or stored since the plan.
+                granted = store.claim(teacher_fp, spec.fingerprint(), [r.input_key for r in batch])
+                still = {m.input_key for m in store.missing(teacher_fp, spec, [by_key[r.input_key] for r in batch])}
+                batch = [r for r in batch if r.input_key in granted & still]
+                if not batch:
+                    continue
+                records = _generate_batch(tm, spec, batch, topk, static and spec.kind != "beam")
+                buffer += records
+                sequences = sum(_sequences(spec, r) for r in batch)
+                decoded += sequences
+                report.sequences += sequences
+                report.tokens += sum(len(r.token_ids) for r in records)
+                if len(buffer) >= shard_size:
+                    report.generated += _flush(store, teacher_fp, spec, buffer)
+                bar.update(sequences)
+                bar.set_postfix(tok_s=f"{report.tokens / (time.perf_counter() - start):.0f}", stored=report.generated)
             report.generated += _flush(store, teacher_fp, spec, buffer)
-        bar.update(sequences)
-        bar.set_postfix(tok_s=f"{report.tokens / (time.perf_counter() - start):.0f}", stored=report.generated)
-    report.generated += _flush(store, teacher_fp, spec, buffer)
-    bar.close()
-    tm.model.train(was_training)
+            store.release()
+            # What is still missing of this share was claimed by another writer: wait for it, or take it over
+            # once that writer is gone.
+            rows = plan_rows(store.missing(teacher_fp, spec, mine), spec, encoded)
+            if rows and not decoded:
+                if not waited:
+                    log.info("waiting for %d inputs that another process is generating", len(rows))
+                    waited = True
+                time.sleep(CLAIM_POLL_S)
+            bar.total = bar.n + sum(_sequences(spec, r) for r in rows)
+    finally:
+        store.release()
+        bar.close()
+        tm.model.train(was_training)
     report.seconds = time.perf_counter() - start
     return report
 

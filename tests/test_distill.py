@@ -28,7 +28,7 @@ from distilgen.distill import (
 )
 from distilgen.models import load_model
 from distilgen.pt_generation import load_teacher
-from tests.conftest import TINY, cli_env, kill_when, launch_two_processes
+from tests.conftest import TINY, cli_env, kill_when, launch_two_processes, tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = {"train_size": 24, "unlabeled_size": 8, "dev_size": 4, "test_size": 0}
@@ -431,10 +431,71 @@ def test_kd_beta_and_alpha_are_config_keys_that_reach_the_loss(pt_context, monke
             assert torch.allclose(got, want) and not torch.allclose(got, default)
 
 
-def test_a_temperature_with_stored_topk_is_refused_when_the_config_loads(tmp_path, teacher_dir):
+def test_a_temperature_with_stored_topk_is_refused_before_training(tmp_path, teacher_dir):
     from distilgen.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"kd.temperature: .*use_stored_topk=false"):
-        _cfg(tmp_path, teacher_dir, "logits_kd_pt", **{"kd.temperature": 2.0})
-    _cfg(tmp_path, teacher_dir, "logits_kd_pt", **{"kd.temperature": 2.0, "kd.use_stored_topk": False})
-    _cfg(tmp_path, teacher_dir, "logits_kd", **{"kd.temperature": 2.0})  # no teacher PTs: the teacher runs live
+    with pytest.raises(ConfigError, match=r"kd.temperature: .*use_stored_topk=false"):  # asked for: at load
+        _cfg(tmp_path, teacher_dir, "logits_kd_pt", **{"kd.temperature": 2.0, "pts.topk": 8})
+    _cfg(tmp_path, teacher_dir, "logits_kd_pt", **{"kd.temperature": 2.0, "pts.topk": 8, "kd.use_stored_topk": False})
+    _cfg(tmp_path, teacher_dir, "logits_kd", **{"kd.temperature": 2.0, "pts.topk": 8})  # no teacher PTs
+    distill(_cfg(tmp_path, teacher_dir, "logits_kd_pt", **{"pts.topk": 8, "train.max_steps": 1}))
+    later = _cfg(tmp_path, teacher_dir, "logits_kd_pt", output_dir=str(tmp_path / "t2"), **{"kd.temperature": 2.0})
+    with pytest.raises(ConfigError, match=r"kd.temperature: 2.0, but the PTs in .* hold the teacher's top-8"):
+        distill(later)  # the store already holds top-k: found before any training
+    assert not (tmp_path / "t2" / "distill").exists()
+
+
+def test_attention_kd_on_decoder_only_models_does_not_depend_on_the_micro_batch_split(tmp_path, tokenizer_dir):
+    from distilgen.distill import attention_kd_plan, gold_items
+
+    cfg = _cfg(tmp_path, tokenizer_dir, "attention_kd", **{"attention.weight": 50.0})
+    torch.manual_seed(0)
+    teacher, student = (load_model(tiny_model_config("gpt2", tokenizer_dir, hidden_size=h)) for h in (32, 16))
+    for tm in (teacher, student):
+        tm.model.eval()
+    ctx = Context(cfg, teacher, student, load_splits(cfg.data, ("train",)))
+    plan = attention_kd_plan(ctx)
+    items = gold_items(ctx)[:8]
+
+    def step_loss(groups: list[list[int]]) -> float:
+        batches = plan.prepare(student, 0, [student.collate([items[i] for i in g]) for g in groups], _nothing_ahead)
+        tokens = sum(b["target_mask"].sum() for b in batches)
+        with torch.no_grad():
+            return sum(plan.loss(student, b) for b in batches).item() / tokens.item()
+
+    whole = step_loss([list(range(8))])
+    assert step_loss([[0, 1, 2, 3], [4, 5, 6, 7]]) == pytest.approx(whole, rel=1e-6)
+    assert step_loss([[0], [1, 2, 3, 4, 5, 6, 7]]) == pytest.approx(whole, rel=1e-6)
+
+
+def test_within_batch_mixing_is_normalised_over_every_process(pt_context, monkeypatch):
+    """Two processes, each with its own rows: the weights use the token counts summed over both
+    (`Context.reduce`), so the losses of both, divided by all their tokens, mix the halves alpha : 1 - alpha."""
+    ctx = pt_context
+    monkeypatch.setattr(ctx.cfg.student_pts, "mixing", "batch")
+    items, rows = teacher_pt_items(ctx)(0), (2, 5)
+    shares = [[ctx.student.collate(items[:2])], [ctx.student.collate(items[2:7])]]  # process 0, process 1
+
+    def mix(p: int, reduce) -> dict:
+        monkeypatch.setattr(ctx, "reduce", reduce)
+        (batch,) = student_pt_prepare(ctx, 0.75)(ctx.student, 0, shares[p], _nothing_ahead)
+        return batch
+
+    alone = [mix(p, lambda counts: counts) for p in (0, 1)]
+    counts = [
+        torch.stack([b["target_mask"][:r].sum(), b["target_mask"][r:].sum()]).float()  # (teacher, student) tokens
+        for b, r in zip(alone, rows, strict=True)
+    ]
+    mixed = [mix(p, lambda local, p=p: local + counts[1 - p]) for p in (0, 1)]  # what reduce sums over processes
+    # Per-token losses differ by process (teacher half 1 or 3, student half 2 or 4), so a process that weighted its
+    # rows by its own counts alone would give another mix.
+    values = [(1.0, 2.0), (3.0, 4.0)]
+    loss = tokens = 0.0
+    for b, r, (teacher_value, student_value) in zip(mixed, rows, values, strict=True):
+        per_token = torch.where(torch.arange(2 * r)[:, None] < r, teacher_value, student_value)
+        loss += _weighted_sum(per_token.expand(b["target_mask"].shape), b).item()
+        tokens += b["target_mask"].sum().item()
+    (teacher0, student0), (teacher1, student1) = counts
+    teacher_mean = (1 * teacher0 + 3 * teacher1) / (teacher0 + teacher1)
+    student_mean = (2 * student0 + 4 * student1) / (student0 + student1)
+    assert loss / tokens == pytest.approx((0.75 * teacher_mean + 0.25 * student_mean).item())

@@ -217,6 +217,23 @@ def test_a_corrupted_shard_is_set_aside_and_its_pts_are_missing_again(store, cap
     assert not shard.exists() and (store.root / "quarantine" / shard.name).read_bytes() == damaged  # kept
 
 
+def test_a_shard_that_cannot_be_read_for_now_is_an_error_not_set_aside(store, monkeypatch):
+    fill(store, ["a"])
+    (shard,) = (store.root / "shards").iterdir()
+    real = type(shard).read_bytes
+
+    def forbidden(path):
+        if path.name == shard.name:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(type(shard), "read_bytes", forbidden)
+    with pytest.raises(PermissionError):
+        PTStore(store.root).missing(TEACHER, SAMPLE2, ["a"])
+    monkeypatch.undo()
+    assert shard.exists() and PTStore(store.root).missing(TEACHER, SAMPLE2, ["a"]) == []
+
+
 def test_an_incomplete_shard_write_is_set_aside(store):
     fill(store, ["a"])
     partial = store.root / "shards" / "0123.parquet.tmp"

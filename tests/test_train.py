@@ -243,6 +243,15 @@ def test_rerunning_with_other_training_settings_is_refused_and_config_yaml_stays
     assert finetune(_finetune_cfg(tokenizer_dir, tmp_path / "run", log_every=2))["steps"] == 4  # logging may change
 
 
+def test_a_run_saved_before_a_config_key_existed_still_resumes(tokenizer_dir, tmp_path):
+    from distilgen.train import finetune
+
+    finetune(_finetune_cfg(tokenizer_dir, tmp_path / "run"))
+    saved = tmp_path / "run" / "config.yaml"
+    saved.write_text(saved.read_text().replace("  max_bad_steps: 3\n", ""))  # as an older distilgen wrote it
+    assert finetune(_finetune_cfg(tokenizer_dir, tmp_path / "run"))["steps"] == 4
+
+
 def test_a_resumed_run_writes_each_step_of_its_log_once(tokenizer_dir, splits, tmp_path):
     def crash(state):
         if state.step == 5:
@@ -251,6 +260,8 @@ def test_a_resumed_run_writes_each_step_of_its_log_once(tokenizer_dir, splits, t
     with pytest.raises(KeyboardInterrupt):
         _run(tokenizer_dir, splits, tmp_path, max_steps=8, checkpoint_every=3, on_step=crash)
     assert _steps(tmp_path) == [1, 2, 3, 4, 5]  # the checkpoint is at step 3
+    with (tmp_path / "metrics.jsonl").open("a") as log:
+        log.write('{"step": 6, "ep')  # a line cut short by the crash
     _run(tokenizer_dir, splits, tmp_path, max_steps=8, checkpoint_every=3)
     assert _steps(tmp_path) == list(range(1, 9))
 
@@ -292,3 +303,15 @@ def test_an_output_dir_that_cannot_hold_a_run_is_a_config_error(tmp_path, place)
     path = tmp_path / "taken" if place == "file" else tmp_path / "taken" / "run"
     with pytest.raises(ConfigError, match="output_dir: .*(is a file|cannot write)"):
         writable_dir(path)
+
+
+def test_a_crash_while_swapping_in_a_new_copy_is_completed_on_the_next_run(tmp_path):
+    from distilgen.train import _finish_swaps
+
+    (tmp_path / "model.old").mkdir()  # killed between the renames: the only copy of the best model
+    (tmp_path / "model.old" / "config.json").write_text("{}")
+    (tmp_path / "checkpoint").mkdir()  # killed before the stale copy was removed
+    (tmp_path / "checkpoint.old").mkdir()
+    _finish_swaps(tmp_path)
+    assert (tmp_path / "model" / "config.json").exists() and not (tmp_path / "model.old").exists()
+    assert (tmp_path / "checkpoint").exists() and not (tmp_path / "checkpoint.old").exists()

@@ -616,7 +616,7 @@ class KDConfig:
     """forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl or total_variation (see distilgen.objectives)."""
     temperature: float = 1.0
     """Softens both distributions; losses are scaled by temperature^2. Stored top-k holds the teacher at
-    temperature 1 only: another temperature needs use_stored_topk false on PT methods."""
+    temperature 1 only: with PTs that carry it, another temperature needs use_stored_topk false."""
     beta: float = 0.5
     """jsd: m = beta p_T + (1 - beta) p_S, loss (1 - beta) KL(p_T||m) + beta KL(p_S||m); 0 is forward KL, 1 reverse
     KL. TRL's generalized_jsd_loss weights the two KLs the other way round: the same at 0, 0.5 and 1 only."""
@@ -784,12 +784,14 @@ class DistillConfig:
         check(self.method in METHODS, "method", f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
         check(self.teacher.path is not None, "teacher.path", "distillation needs a trained teacher: set its directory")
         method = METHODS[self.method]
+        stored_topk = method.teacher_pts and method.word_level and self.kd.use_stored_topk and self.pts.topk > 0
         check(
-            not (method.teacher_pts and method.word_level and self.kd.use_stored_topk and self.kd.temperature != 1),
+            not (stored_topk and self.kd.temperature != 1),
             "kd.temperature",
-            f"{self.kd.temperature} with stored teacher top-k, which holds the teacher at temperature 1 only (its "
-            "tail mass at another temperature is unknown): set kd.use_stored_topk=false to run the teacher live",
-        )
+            f"{self.kd.temperature} with stored teacher top-k (pts.topk), which holds the teacher at temperature 1 "
+            "only (its tail mass at another temperature is unknown): set kd.use_stored_topk=false to run the "
+            "teacher live",
+        )  # PTs already stored with top-k are checked before training (`distill.prepare_pts`)
         check(self.final_finetune_epochs >= 0, "final_finetune_epochs", "must be >= 0")
 
 

@@ -38,7 +38,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from distilgen.config import DecodingSpec, DistillConfig, ModelConfig, save_config, writable_dir
+from distilgen.config import ConfigError, DecodingSpec, DistillConfig, ModelConfig, save_config, writable_dir
 from distilgen.data import Example, load_splits
 from distilgen.decoding import decode, source_multiple, use_static_cache
 from distilgen.models import Batch, Encoded, TextModel, inner_model, load_model, round_up
@@ -303,7 +303,10 @@ def attention_kd_plan(ctx: Context) -> Plan:
             return batch["source_mask"]
         if tm.is_encoder_decoder:
             return batch["target_mask"]
-        return torch.cat([batch["source_mask"], batch["target_mask"]], dim=1)[:, :-1]  # as `target_logits` feeds them
+        # The prompt, then each target token but the row's last: `target_logits` feeds the target shifted by one,
+        # so a row's last token is an input only when a longer row pads the batch; leaving it out for every row
+        # keeps the positions, hence the loss, the same however rows are grouped into micro-batches.
+        return torch.cat([batch["source_mask"], batch["target_mask"][:, 1:]], dim=1)
 
     def prepare(tm: TextModel, step: int, batches: list[Batch], upcoming: Upcoming) -> list[Batch]:
         counts = torch.stack(
@@ -535,6 +538,13 @@ def prepare_pts(ctx: Context, state: Accelerator) -> None:
     state.wait_for_everyone()
     log.info("teacher PTs: %d requested, %d generated here", report.requested, report.generated)
     stats = ctx.store.pair_stats(ctx.teacher_fp, spec)
+    kd, method = cfg.kd, METHODS[cfg.method]
+    if method.word_level and kd.use_stored_topk and kd.temperature != 1 and stats is not None and stats.topk:
+        raise ConfigError(
+            "kd.temperature",
+            f"{kd.temperature}, but the PTs in {ctx.store.root} hold the teacher's top-{stats.topk} at temperature 1 "
+            "(its tail mass at another temperature is unknown): set kd.use_stored_topk=false to run the teacher live",
+        )
     if cfg.pts.topk and stats is not None and stats.topk < cfg.pts.topk:
         log.warning(
             "pts.topk=%d, but PTs already in %s hold top-%d: they are not generated again, and steps on them run "

@@ -453,14 +453,14 @@ class PTStore:
         """The index of (teacher, spec), reading the key columns of shards it has not seen (checking each)."""
         index = self._index.setdefault((teacher_fp, spec_fp), _PairIndex())
         for entry in self._entries_by_pair().get((teacher_fp, spec_fp), [])[len(index.files) :]:
-            try:
+            try:  # a shard that cannot be *read* (permissions, I/O) raises: only bad content is set aside
                 data = (self.root / entry["file"]).read_bytes()
                 if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                     raise ValueError("checksum mismatch")
                 keys = pq.read_table(pa.BufferReader(data), columns=["input_key", "sample_index"])
                 if keys.num_rows != entry["rows"]:
                     raise ValueError(f"{keys.num_rows} rows, the manifest says {entry['rows']}")
-            except (OSError, ValueError, pa.ArrowException) as err:
+            except (FileNotFoundError, ValueError, pa.ArrowException) as err:
                 self._set_aside(entry["file"], str(err), entry["rows"])
                 continue
             index.add(entry["file"], keys["input_key"].to_pylist(), keys["sample_index"].to_pylist())
@@ -500,7 +500,7 @@ class PTStore:
         for path in unlisted:
             try:
                 entry, spec = _entry_of_shard(path)
-            except (OSError, ValueError, pa.ArrowException) as err:
+            except (ValueError, pa.ArrowException) as err:
                 self._set_aside(f"shards/{path.name}", str(err), None)
                 continue
             adopted.append(entry)

@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from distilgen.config import (
     DecodingConfig,
     FinetuneConfig,
     TrainConfig,
+    from_dict,
     save_config,
     to_dict,
     writable_dir,
@@ -218,7 +219,7 @@ def _save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: Pa
 
 def _replace_dir(new: Path, final: Path) -> None:
     """Put the complete directory `new` in place of `final`; a crash in between leaves `final.old`, which
-    `_find_checkpoint` reads."""
+    `_finish_swaps` puts back."""
     old = final.with_name(final.name + ".old")
     if final.exists():
         os.replace(final, old)
@@ -251,19 +252,30 @@ def cut_log(path: Path, step: int) -> None:
     """Keep the lines of the JSONL log `path` up to optimizer step `step` (where a resumed run continues)."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    kept = [line for line in lines if _logged_step(line) <= step]
     if len(kept) != len(lines):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(kept))
         os.replace(tmp, path)
 
 
-def _find_checkpoint(output_dir: Path) -> Path | None:
-    for name in ("checkpoint", "checkpoint.old"):  # .old survives a crash between the two renames
-        if (output_dir / name / "trainer_state.json").exists():
-            return output_dir / name
-    return None
+def _logged_step(line: str) -> float:
+    """The step of one log line; infinite for a line cut short by a crash or a full disk (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _finish_swaps(output_dir: Path) -> None:
+    """Complete `_replace_dir` swaps a crash interrupted: `X.old` alone is put back as `X` (the crash came between
+    the two renames); beside a complete `X`, it is the stale copy and goes."""
+    for name in ("checkpoint", "model"):
+        final, old = output_dir / name, output_dir / f"{name}.old"
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 Items = Sequence[Encoded] | Callable[[int], Sequence[Encoded]]
@@ -330,7 +342,10 @@ def train(
     unwrapped = TextModel(accelerator.unwrap_model(model), tm.tokenizer, tm.layout)
 
     state = TrainState()
-    checkpoint = _find_checkpoint(output_dir)
+    if accelerator.is_main_process:
+        _finish_swaps(output_dir)
+    accelerator.wait_for_everyone()
+    checkpoint = output_dir / "checkpoint" if (output_dir / "checkpoint" / "trainer_state.json").exists() else None
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         state = TrainState(**json.loads((checkpoint / "trainer_state.json").read_text()))
@@ -562,6 +577,8 @@ RESUME_MAY_CHANGE = (
     "output_dir",
     "train.log_every",
     "train.trackers",
+    "train.checkpoint_every",
+    "decoding.batch_size",
     "pts.batch_size",
     "pts.static_cache",
     "student_pts.static_cache",
@@ -583,7 +600,12 @@ def check_same_run(cfg: Any, output_dir: Path) -> None:
     saved = output_dir / "config.yaml"
     if not saved.exists() or not any(output_dir.glob("**/trainer_state.json")):
         return
-    before = _flat(yaml.safe_load(saved.read_text()))
+    before = yaml.safe_load(saved.read_text())
+    # Through the config class, so that a key added since the run was saved counts as its default; a config this
+    # distilgen refuses (saved by an older one) is compared as written.
+    with suppress(ConfigError):
+        before = to_dict(from_dict(type(cfg), before))
+    before = _flat(yaml.safe_load(yaml.safe_dump(before)))
     now = _flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
     changed = [k for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
     changed = [k for k in changed if not k.startswith(RESUME_MAY_CHANGE)]
@@ -592,6 +614,6 @@ def check_same_run(cfg: Any, output_dir: Path) -> None:
         raise ConfigError(
             key,
             f"{now.get(key)!r} differs from the run already trained in {output_dir} ({before.get(key)!r}): a run "
-            "resumes with the settings it was trained with; use a new output_dir (to train on from its model, set "
-            f"its path: {output_dir}/model)",
+            "resumes with the settings it was trained with; use a new output_dir (to train on from this run's "
+            "model, give its model directory as the model path)",
         )

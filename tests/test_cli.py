@@ -29,6 +29,21 @@ def _cli(*args, cwd=None, timeout=300):
     )
 
 
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """`distilgen ARGS` in this process, from directory `cwd`: (exit code, stdout, stderr). Faster than a
+    subprocess for commands that stop early; the kill and launch tests below start real processes."""
+
+    def run(*args, cwd):
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
 def _finetune_yaml(tmp_path, tokenizer_dir, **train) -> Path:
     cfg = {
         "output_dir": str(tmp_path / "run"),
@@ -77,36 +92,36 @@ def test_help_describes_every_config_key(command, capsys):
         ("data.task=null data.test=missing.jsonl", "data.test: file not found: missing.jsonl"),
     ],
 )
-def test_a_bad_config_is_one_line_and_exit_code_2(tmp_path, tokenizer_dir, override, expected):
-    result = _cli("finetune", str(_finetune_yaml(tmp_path, tokenizer_dir)), *override.split(), cwd=tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+def test_a_bad_config_is_one_line_and_exit_code_2(tmp_path, tokenizer_dir, override, expected, run_cli):
+    code, _, err = run_cli("finetune", _finetune_yaml(tmp_path, tokenizer_dir), *override.split(), cwd=tmp_path)
+    assert code == 2
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"distilgen finetune: error: {expected}")
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
-def test_a_missing_config_file_exits_2(tmp_path):
-    result = _cli("finetune", "nope.yaml", cwd=tmp_path)
-    assert result.returncode == 2 and "config file not found: nope.yaml" in result.stderr
+def test_a_missing_config_file_exits_2(tmp_path, run_cli):
+    code, _, err = run_cli("finetune", "nope.yaml", cwd=tmp_path)
+    assert code == 2 and "config file not found: nope.yaml" in err
 
 
-def test_a_bad_data_file_is_one_line_naming_file_and_line(tmp_path):
+def test_a_bad_data_file_is_one_line_naming_file_and_line(tmp_path, run_cli):
     (tmp_path / "train.jsonl").write_text('{"source": "a", "target": "b"}\n{"source": "c", "target": \n')
     cfg = tmp_path / "data.yaml"
     cfg.write_text(yaml.safe_dump({"data": {"train": "train.jsonl"}}))
-    result = _cli("data", str(cfg), cwd=tmp_path)
-    assert result.returncode == 2
-    assert "train.jsonl" in result.stderr and "line 2" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    code, _, err = run_cli("data", cfg, cwd=tmp_path)
+    assert code == 2
+    assert "train.jsonl" in err and "line 2" in err
+    assert len(err.strip().splitlines()) == 1
 
 
-def test_data_command_exports_the_built_in_task_as_jsonl(tmp_path):
+def test_data_command_exports_the_built_in_task_as_jsonl(tmp_path, run_cli):
     cfg = tmp_path / "data.yaml"
     cfg.write_text(
         yaml.safe_dump({"data": {"task": {"train_size": 5, "unlabeled_size": 3, "dev_size": 2, "test_size": 2}}})
     )
-    result = _cli("data", str(cfg), "--export", str(tmp_path / "out"), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    code, _, err = run_cli("data", cfg, "--export", tmp_path / "out", cwd=tmp_path)
+    assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and all(isinstance(r["target"], list) and len(r["target"]) > 1 for r in rows)
 
@@ -146,11 +161,11 @@ def test_sigkill_during_finetune_then_rerun_resumes_and_finishes(tmp_path, token
     assert (tmp_path / "run" / "config.yaml").exists() and (tmp_path / "run" / "model" / "model.safetensors").exists()
 
 
-def test_rerunning_a_run_directory_with_another_model_is_refused(tmp_path, tokenizer_dir):
+def test_rerunning_a_run_directory_with_another_model_is_refused(tmp_path, tokenizer_dir, run_cli):
     config = _finetune_yaml(tmp_path, tokenizer_dir, max_steps=2, eval_every=2)
-    assert _cli("finetune", str(config), cwd=tmp_path).returncode == 0
-    result = _cli("finetune", str(config), "model.hidden_size=64", cwd=tmp_path)
-    assert result.returncode == 2 and "model.hidden_size: 64 differs from the run already trained in" in result.stderr
+    assert run_cli("finetune", config, cwd=tmp_path)[0] == 0
+    code, _, err = run_cli("finetune", config, "model.hidden_size=64", cwd=tmp_path)
+    assert code == 2 and "model.hidden_size: 64 differs from the run already trained in" in err
 
 
 def test_inspect_reports_cost_of_a_shrunk_copy_and_saves_it(tmp_path, tokenizer_dir):
@@ -176,3 +191,19 @@ def test_inspect_reports_cost_of_a_shrunk_copy_and_saves_it(tmp_path, tokenizer_
     assert (saved["encoder_layers"], saved["decoder_layers"]) == (2, 2)
     bad = _cli("inspect", str(tmp_path / "teacher"), "shrink=2:5")
     assert bad.returncode == 2 and "error: shrink: cannot keep 5 of 3 layers" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["evaluate", "data.task.test_size=0", "--model", "{teacher}"], "data.task.test_size: no test examples"),
+        (["evaluate", "--model", "{tmp}/nowhere"], "models[0]: directory not found"),
+        (["evaluate", "--model", "{tmp}", "data.task.test_size=2"], "models[0].path: cannot load a model from"),
+        (["inspect", "{tmp}"], "error: path: cannot load a model from"),
+    ],
+)
+def test_user_errors_of_evaluate_and_inspect_are_one_line_and_exit_2(tmp_path, teacher_dir, capsys, args, expected):
+    args = [a.format(teacher=teacher_dir, tmp=tmp_path) for a in args]
+    assert main([*args, f"--output-dir={tmp_path / 'out'}"] if args[0] == "evaluate" else args) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1, err

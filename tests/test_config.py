@@ -101,10 +101,27 @@ def test_every_shipped_config_validates(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     command = path.relative_to(ROOT / "configs").parts[0]
     assert command in COMMANDS, f"{path}: put it under configs/<command>/, one of {', '.join(COMMANDS)}"
-    try:
-        load_config(COMMANDS[command].config, path)
-    except ConfigError as err:  # a model another shipped config trains (configs/finetune/teacher.yaml)
+    missing = []  # every key is validated; files and directories are checked last, and listed here
+    load_config(COMMANDS[command].config, path, missing_paths=missing)
+    for err in missing:  # only models that another shipped config trains (configs/finetune/teacher.yaml)
         assert "not found: runs/" in err.message, err
+
+
+def test_a_misspelled_key_is_found_before_a_missing_file(tmp_path):
+    config = yaml.safe_load((ROOT / "configs" / "distill" / "joint_teaching.yaml").read_text())
+    config["student_pts"] = {**config.get("student_pts", {}), "alpah": 7}
+    (tmp_path / "jt.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"student_pts.alpah: unknown key"):
+        load_config(COMMANDS["distill"].config, tmp_path / "jt.yaml")  # its teacher (runs/...) is not there
+    config["student_pts"].pop("alpah")
+    config["train"] = {**config.get("train", {}), "max_steps": -5}
+    (tmp_path / "jt.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"train.max_steps: must be > 0"):
+        load_config(COMMANDS["distill"].config, tmp_path / "jt.yaml")
+    config["train"].pop("max_steps")
+    (tmp_path / "jt.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"teacher.path: directory not found: runs/"):
+        load_config(COMMANDS["distill"].config, tmp_path / "jt.yaml")
 
 
 def test_the_quickstart_yaml_spells_out_the_quickstart_defaults(monkeypatch):

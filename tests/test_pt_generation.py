@@ -376,16 +376,12 @@ def test_two_generate_commands_on_one_store_decode_each_input_once(tmp_path, tea
     assert not list((tmp_path / "pts" / "claims").iterdir())
 
 
-def test_generate_config_errors_name_the_key(tmp_path, teacher_dir):
-    cfg = _generate_yaml(tmp_path, teacher_dir, tmp_path / "x", spec="nucleus")
-    result = subprocess.run(
-        [sys.executable, "-m", "distilgen.cli", "generate", str(cfg)], env=cli_env(), capture_output=True, text=True
-    )
-    assert result.returncode == 2 and "spec: unknown spec 'nucleus'" in result.stderr
-    result = subprocess.run(
-        [sys.executable, "-m", "distilgen.cli", "pts", "show", str(cfg)], env=cli_env(), capture_output=True, text=True
-    )
-    assert result.returncode == 2
+def test_generate_config_errors_name_the_key(tmp_path, teacher_dir, capsys):
+    from distilgen.cli import main
+
+    cfg = str(_generate_yaml(tmp_path, teacher_dir, tmp_path / "x", spec="nucleus"))
+    assert main(["generate", cfg]) == 2 and "spec: unknown spec 'nucleus'" in capsys.readouterr().err
+    assert main(["pts", "show", cfg]) == 2
 
 
 def test_a_lost_manifest_costs_no_teacher_call_and_a_broken_one_stops_both_commands_untouched(

@@ -13,9 +13,9 @@ from distilgen.config import ConfigError, DecodingConfig, DiagnoseConfig, ModelC
 from distilgen.data import load_splits
 from distilgen.diagnose import diagnose, student_outputs, teacher_completions
 from distilgen.evaluate import generate
-from distilgen.metrics import compute_metrics
+from distilgen.metrics import compute_metrics, gap_closed
 from distilgen.models import load_model
-from distilgen.study import gap_closed, study
+from distilgen.study import study
 from tests.conftest import TINY, cli_env, launch_two_processes
 
 TASK = {"train_size": 16, "unlabeled_size": 8, "dev_size": 4, "test_size": 6}

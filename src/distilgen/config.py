@@ -18,6 +18,7 @@ import re
 import tempfile
 import types
 import typing
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,9 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}" if key else message)
 
     def under(self, prefix: str) -> ConfigError:
+        """The same error, for a config placed under `prefix` ("" : at the top)."""
+        if not prefix:
+            return self
         return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.message)
 
 
@@ -41,6 +45,23 @@ def check(condition: bool, key: str, message: str) -> None:
     """Raise a `ConfigError` for `key` unless `condition` holds (used in `__post_init__`)."""
     if not condition:
         raise ConfigError(key, message)
+
+
+_MISSING_PATHS: ContextVar[list[ConfigError] | None] = ContextVar("missing paths", default=None)
+"""While `load_config` builds a config: where `check_path` puts the paths it finds missing."""
+_WHERE: ContextVar[str] = ContextVar("config prefix", default="")
+"""The dotted key of the config `from_dict` is building (for the keys of deferred errors)."""
+
+
+def check_path(condition: bool, key: str, message: str) -> None:
+    """`check` for a file or directory that must exist. While `load_config` builds a whole config it is checked
+    last: every key's value is validated first, so a misspelled key is reported even when a path is missing too."""
+    if condition:
+        return
+    missing = _MISSING_PATHS.get()
+    if missing is None:
+        raise ConfigError(key, message)
+    missing.append(ConfigError(key, message).under(_WHERE.get()))
 
 
 def writable_dir(path: str | os.PathLike, key: str = "output_dir") -> Path:
@@ -136,7 +157,7 @@ class DataConfig:
             spec = getattr(self, key)
             if spec is not None and not spec.startswith("hub:"):
                 path = spec.split("@", 1)[0] if not os.path.exists(spec) else spec
-                check(os.path.exists(path), key, f"file not found: {path}")
+                check_path(os.path.exists(path), key, f"file not found: {path}")
         check("{source}" in self.template, "template", f"must contain '{{source}}', got {self.template!r}")
         check(self.max_source_length > 0, "max_source_length", f"must be > 0, got {self.max_source_length}")
         check(self.max_target_length > 0, "max_target_length", f"must be > 0, got {self.max_target_length}")
@@ -190,7 +211,7 @@ class ModelConfig:
         check(self.shrink is None or self.path is not None, "shrink", "shrinking needs a teacher to copy: set `path`")
         self.shrink = None if self.shrink is None else str(self.shrink)  # `shrink=4` (a count) reads as an integer
         if self.path is not None and _looks_local(self.path):
-            check(os.path.isdir(self.path), "path", f"directory not found: {self.path}")
+            check_path(os.path.isdir(self.path), "path", f"directory not found: {self.path}")
         for key in ("hidden_size", "decoder_layers", "num_heads", "ffn_size", "max_positions"):
             check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
         check(self.encoder_layers >= 0, "encoder_layers", f"must be >= 0, got {self.encoder_layers}")
@@ -552,6 +573,8 @@ class EvaluateConfig:
         from distilgen.metrics import METRICS, MODEL_METRICS
 
         check(len(self.models) >= 1, "models", "name at least one model directory or hub id")
+        for i, path in enumerate(self.models):
+            check_path(not _looks_local(path) or os.path.isdir(path), f"models[{i}]", f"directory not found: {path}")
         valid = sorted([*METRICS, *MODEL_METRICS])
         for metric in self.metrics:
             check(metric in valid, "metrics", f"unknown metric '{metric}'; choose from: {', '.join(valid)}")
@@ -903,6 +926,8 @@ class DiagnoseConfig:
 
         check(self.teacher.path is not None, "teacher.path", "set the teacher's directory")
         check(len(self.students) >= 1, "students", "name at least one student directory")
+        for i, path in enumerate(self.students):
+            check_path(not _looks_local(path) or os.path.isdir(path), f"students[{i}]", f"directory not found: {path}")
         check(all(0.0 <= f <= 1.0 for f in self.fractions), "fractions", "every fraction must be in [0, 1]")
         check(self.metric in METRICS, "metric", f"choose one of: {', '.join(sorted(METRICS))}")
         check(self.limit is None or self.limit > 0, "limit", f"must be > 0, got {self.limit}")
@@ -986,10 +1011,13 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             kwargs[name] = _convert(value, hints[name], f"{where}{name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}{name}", "required key is missing")
+    where_token = _WHERE.set(prefix)
     try:
         return cls(**kwargs)
     except ConfigError as err:
-        raise err.under(prefix) if prefix else err from None
+        raise err.under(prefix) from None
+    finally:
+        _WHERE.reset(where_token)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -1063,10 +1091,23 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def load_config(cls: type, path: str | os.PathLike | None, overrides: list[str] = ()) -> Any:
-    """Read YAML (optional), apply dotted overrides, then build and validate `cls`."""
+def load_config(
+    cls: type, path: str | os.PathLike | None, overrides: list[str] = (), missing_paths: list | None = None
+) -> Any:
+    """Read YAML (optional), apply dotted overrides, then build and validate `cls`, checking that files and
+    directories exist last (see `check_path`). With a `missing_paths` list, those errors go there instead."""
     data = read_yaml(path) if path is not None else {}
-    return from_dict(cls, apply_overrides(data, list(overrides)))
+    found: list[ConfigError] = []
+    token = _MISSING_PATHS.set(found)
+    try:
+        cfg = from_dict(cls, apply_overrides(data, list(overrides)))
+    finally:
+        _MISSING_PATHS.reset(token)
+    if missing_paths is not None:
+        missing_paths.extend(found)
+    elif found:
+        raise found[0]
+    return cfg
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distilgen.config import DataConfig
+from distilgen.config import ConfigError, DataConfig
 from distilgen.tasks import generate_split
 
 SPLITS = ("train", "unlabeled", "dev", "test")
@@ -60,6 +60,16 @@ def load_splits(cfg: DataConfig, names: Sequence[str] = SPLITS) -> dict[str, lis
         elif getattr(cfg, name) is not None:
             splits[name] = load_split(getattr(cfg, name), cfg, labeled)
     return splits
+
+
+def scored_split(cfg: DataConfig, name: str, limit: int | None = None) -> list[Example]:
+    """The first `limit` examples of the labeled split `name` (dev or test) that a command scores; a `ConfigError`
+    naming the key to set when there are none."""
+    examples = load_splits(cfg, (name,)).get(name, [])[:limit]
+    if not examples:
+        key, fix = (f"task.{name}_size", "set it above 0") if cfg.task is not None else (name, "name a labeled file")
+        raise ConfigError(f"data.{key}", f"no {name} examples to score; {fix}")
+    return examples
 
 
 def _task_example(record: dict, cfg: DataConfig, labeled: bool) -> Example:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distilgen.config import DiagnoseConfig, ModelConfig, save_config, writable_dir
-from distilgen.data import Example, load_splits
+from distilgen.data import Example, scored_split
 from distilgen.metrics import compute_metrics
 from distilgen.models import TextModel, load_model
 from distilgen.pt_generation import load_teacher
@@ -79,15 +79,13 @@ def diagnose(cfg: DiagnoseConfig) -> dict[str, Any]:
     """`distilgen diagnose`: the score per student-written share, for each student; table, JSON and plot."""
     out = writable_dir(cfg.output_dir)
     save_config(cfg, out / "config.yaml")
-    examples = load_splits(cfg.data, (cfg.split,)).get(cfg.split, [])[: cfg.limit]
-    if not examples:
-        raise ValueError(f"no {cfg.split} examples: set data.{cfg.split} or data.task")
+    examples = scored_split(cfg.data, cfg.split, cfg.limit)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_teacher(cfg.teacher, "fp32", device)
     results = {}
-    for path in tqdm(cfg.students, desc="students", disable=len(cfg.students) < 2):
-        student = load_model(ModelConfig(path=path))
-        require_same_vocab(student.tokenizer, teacher.tokenizer, "diagnose")
+    for index, path in enumerate(tqdm(cfg.students, desc="students", disable=len(cfg.students) < 2)):
+        student = load_model(ModelConfig(path=path), key=f"students[{index}]")
+        require_same_vocab(student.tokenizer, teacher.tokenizer, "diagnose", key="students")
         student.model.to(device)
         results[path] = prefix_scores(teacher, student, examples, cfg)
     report = {"metric": cfg.metric, "split": cfg.split, "examples": len(examples), "students": results}

@@ -28,7 +28,7 @@ from distilgen.config import (
     writable_dir,
 )
 from distilgen.cost import count_parameters, measure_latency, measure_throughput, peak_memory, size_on_disk
-from distilgen.data import Example, load_splits
+from distilgen.data import Example, scored_split
 from distilgen.metrics import compute_metrics, perplexity
 from distilgen.models import TextModel, load_model, target_nll
 
@@ -181,14 +181,12 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     output_dir = writable_dir(cfg.output_dir)
     save_config(cfg, output_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
-    examples = load_splits(cfg.data, (cfg.split,)).get(cfg.split, [])[: cfg.limit]
-    if not examples:
-        raise ValueError(f"no {cfg.split} examples: set data.{cfg.split} or data.task")
+    examples = scored_split(cfg.data, cfg.split, cfg.limit)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []
     (output_dir / "generations").mkdir(exist_ok=True)
     for index, path in enumerate(cfg.models):
-        tm = load_model(ModelConfig(path=path))
+        tm = load_model(ModelConfig(path=path), key=f"models[{index}]")
         tm.model.to(device)
         result, predictions = evaluate_model(tm, examples, cfg.metrics, cfg.decoding, cfg.data, cfg.cost, path)
         name = model_label(path)

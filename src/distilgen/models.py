@@ -426,14 +426,18 @@ def load_model(cfg: ModelConfig, texts: Callable[[], Iterable[str]] | None = Non
     `cfg` sits in the command's config (model, student, teacher; "" at the top), for errors naming its keys.
     """
     if cfg.path is not None:
-        config = AutoConfig.from_pretrained(cfg.path)
+        try:
+            config = AutoConfig.from_pretrained(cfg.path)
+        except (OSError, ValueError) as err:  # not a model directory, an unknown hub id, no network
+            reason = str(err).strip().splitlines()[0]
+            raise ConfigError("path", f"cannot load a model from {cfg.path}: {reason}").under(key) from None
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         model = auto.from_pretrained(cfg.path)
         if cfg.shrink is not None:
             try:
                 model = shrink_layers(model, cfg.shrink)
             except ConfigError as err:
-                raise (err.under(key) if key else err) from None
+                raise err.under(key) from None
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
     else:
         if cfg.tokenizer is not None:

@@ -419,8 +419,11 @@ class PTStore:
     def _write_claim(self) -> None:
         claim = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
         claim["keys"] = {pair: sorted(keys) for pair, keys in self._held.items()}
-        (self.root / "claims").mkdir(exist_ok=True)
-        _write_atomic(self.root / "claims" / f"{self._owner}.json", json.dumps(claim).encode())
+        path = self.root / "claims" / f"{self._owner}.json"
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")  # renamed whole, not fsynced: a claim is a hint, never data
+        tmp.write_text(json.dumps(claim))
+        os.replace(tmp, path)
 
     # Internals -----------------------------------------------------------------------------------
 

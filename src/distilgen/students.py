@@ -138,11 +138,14 @@ def vocab_compatible(student: PreTrainedTokenizerBase, teacher: PreTrainedTokeni
     return student.get_vocab() == teacher.get_vocab()
 
 
-def require_same_vocab(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, objective: str) -> None:
-    """A clear error when a word-level objective is asked of models with different tokenizers."""
+def require_same_vocab(
+    student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, objective: str, key: str = "method"
+) -> None:
+    """A clear error naming the config `key` when a word-level objective is asked of models with different
+    tokenizers."""
     if not vocab_compatible(student, teacher):
         raise ConfigError(
-            "method",
+            key,
             f"'{objective}' compares teacher and student token distributions, but their tokenizers differ "
             f"({len(student)} vs {len(teacher)} tokens); use a sequence-level method instead: "
             + ", ".join(SEQUENCE_LEVEL_OBJECTIVES),

@@ -21,16 +21,12 @@ from typing import Any
 import torch
 
 from distilgen.config import ModelConfig, StudyConfig, save_config, writable_dir
-from distilgen.data import load_splits
+from distilgen.data import scored_split
 from distilgen.evaluate import evaluate_model
+from distilgen.metrics import gap_closed
 from distilgen.models import load_model
 
 log = logging.getLogger(__name__)
-
-
-def gap_closed(kd: float, student: float, teacher: float) -> float | None:
-    """(KD - S) / (T - S): 0 is the fine-tuned student, 1 the teacher; None when T == S."""
-    return None if teacher == student else (kd - student) / (teacher - student)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -58,9 +54,7 @@ def study(cfg: StudyConfig) -> dict[str, Any]:
     from distilgen.train import process_state
 
     state = process_state()
-    examples = load_splits(cfg.data, (cfg.split,)).get(cfg.split, [])
-    if not examples:
-        raise ValueError(f"no {cfg.split} examples: set data.{cfg.split} or data.task")
+    examples = scored_split(cfg.data, cfg.split)
     out = Path(cfg.output_dir)
     times_file = out / "train_seconds.json"
     if state.is_main_process:

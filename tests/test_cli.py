@@ -207,3 +207,40 @@ def test_user_errors_of_evaluate_and_inspect_are_one_line_and_exit_2(tmp_path, t
     assert main([*args, f"--output-dir={tmp_path / 'out'}"] if args[0] == "evaluate" else args) == 2
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1, err
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MiB tmpfs mounted at tmp_path/disk: a real full disk (needs root and mount; skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip() or mounted.returncode}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_stops_finetune_with_one_line_naming_the_path(tmp_path, tokenizer_dir, tiny_disk):
+    config = _finetune_yaml(tmp_path, tokenizer_dir, max_steps=8, checkpoint_every=4, eval_every=8)
+    config.write_text(config.read_text().replace(str(tmp_path / "run"), str(tiny_disk / "run")))
+    (tiny_disk / "filler").write_bytes(b"\0" * (2**21 - 300_000))  # leave room for the config, not a checkpoint
+    result = _cli("finetune", str(config), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if "error" in line]
+    assert line.endswith(f"error: no space left on device: {tiny_disk / 'run' / 'checkpoint.tmp'}")
+    assert not (tiny_disk / "run" / "checkpoint.tmp").exists()
+
+
+def test_a_refused_write_is_one_line_with_the_path_and_exit_1(monkeypatch, capsys, tmp_path):
+    import errno
+
+    def full(cfg, args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(COMMANDS["data"], "run", full)
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump({"data": {"task": {"train_size": 2}}}))
+    assert main(["data", str(tmp_path / "d.yaml")]) == 1
+    assert capsys.readouterr().err == f"distilgen data: error: no space left on device: {tmp_path / 'x'}\n"

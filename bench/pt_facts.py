@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     data = from_dict(DataConfig, read_yaml(args.config)["data"])
     splits = load_splits(data, ("train", "unlabeled"))
-    store = PTStore(args.store)
+    store = PTStore(args.store, readonly=True)
     print("| targets | split | inputs | targets | clubs | score | names copied |")
     print("|---|---|---:|---:|---:|---:|---:|")
 
@@ -59,11 +59,10 @@ def main() -> None:
 
     row("gold", "train", len(splits["train"]), [(e.source, e.target) for e in splits["train"]])
     for stats in store.stats():
-        spec = store.spec(stats.spec_fp)
         for name, examples in splits.items():
-            pts = store.get(stats.teacher_fp, spec, [e.source for e in examples], every_index=True)
+            pts = store.get(stats.teacher_fp, stats.spec_fp, [e.source for e in examples], every_index=True)
             pairs = [(e.source, r.text) for e in examples for r in pts.get(input_key(e.source), [])]
-            row(f"{spec.name} ({stats.teacher_fp[:8]})", name, len(examples), pairs)
+            row(f"{stats.spec_name} ({stats.teacher_fp[:8]})", name, len(examples), pairs)
 
 
 if __name__ == "__main__":

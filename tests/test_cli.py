@@ -209,12 +209,14 @@ def test_user_errors_of_evaluate_and_inspect_are_one_line_and_exit_2(tmp_path, t
     assert expected in err and err.count("\n") == 1, err
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 2 MiB tmpfs mounted at tmp_path/disk: a real full disk (needs root and mount; skipped elsewhere)."""
+@pytest.fixture(params=["size=2m"])
+def tiny_disk(tmp_path, request):
+    """A 2 MiB tmpfs mounted at tmp_path/disk: a real full disk (needs root and mount; skipped elsewhere);
+    parametrize with "size=2m,ro" for a read-only one."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True)
+    options = ["-o", request.param]
+    mounted = subprocess.run(["mount", "-t", "tmpfs", *options, "tmpfs", str(disk)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip() or mounted.returncode}")
     try:
@@ -244,3 +246,12 @@ def test_a_refused_write_is_one_line_with_the_path_and_exit_1(monkeypatch, capsy
     (tmp_path / "d.yaml").write_text(yaml.safe_dump({"data": {"task": {"train_size": 2}}}))
     assert main(["data", str(tmp_path / "d.yaml")]) == 1
     assert capsys.readouterr().err == f"distilgen data: error: no space left on device: {tmp_path / 'x'}\n"
+
+
+@pytest.mark.parametrize("tiny_disk", ["size=2m,ro"], indirect=True)
+def test_a_read_only_output_dir_is_a_config_error_before_anything_starts(tmp_path, tokenizer_dir, tiny_disk, run_cli):
+    config = _finetune_yaml(tmp_path, tokenizer_dir)
+    code, _, err = run_cli("finetune", config, f"output_dir={tiny_disk / 'run'}", cwd=tmp_path)
+    assert code == 2 and err.strip() == (
+        f"distilgen finetune: error: output_dir: cannot write in {tiny_disk / 'run'} (read-only file system)"
+    )

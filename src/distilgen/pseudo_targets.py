@@ -217,7 +217,7 @@ def _process_alive(host: str, pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 

@@ -24,11 +24,11 @@ import torch
 from pt_generation import make_inputs
 from torch.profiler import ProfilerActivity
 
-from distilgen.config import DecodingSpec, ModelConfig
+from distilgen.config import DecodingSpec, TeacherConfig
 from distilgen.data import Example
 from distilgen.decoding import SOURCE_BUCKET, decode
 from distilgen.models import Encoded
-from distilgen.pt_generation import load_teacher
+from distilgen.teachers import load_teacher
 
 
 def top_level_ops(profile, outside: str) -> int:
@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    tm = load_teacher(ModelConfig(path=args.teacher), "auto", device)
+    tm = load_teacher(TeacherConfig(path=args.teacher), "auto", device)
     texts = make_inputs(tm.tokenizer, args.rows, args.source_length, args.source_length, seed=0)
     examples = [Example(str(i), text, None, ()) for i, text in enumerate(texts)]
     items = [Encoded("", e.source, []) for e in tm.encode(examples, args.source_length, targets=False)[0]]

@@ -38,13 +38,14 @@ from distilgen.config import (
     ModelConfig,
     PTConfig,
     StudentPTConfig,
+    TeacherConfig,
     TrainConfig,
 )
 from distilgen.data import load_splits
 from distilgen.distill import METHODS, Context, prepare_pts
 from distilgen.models import load_model
 from distilgen.pseudo_targets import get_spec
-from distilgen.pt_generation import load_teacher
+from distilgen.teachers import load_teacher
 from distilgen.train import make_accelerator, train
 
 STUDENT = ModelConfig(arch="bart", hidden_size=96, encoder_layers=2, decoder_layers=1, ffn_size=384, max_positions=384)
@@ -111,7 +112,7 @@ def main() -> None:
     base = DistillConfig(
         output_dir=str(work / "run"),
         data=data,
-        teacher=ModelConfig(path=teacher_path),
+        teacher=TeacherConfig(path=teacher_path),
         student=student,
         kd=KDConfig(use_stored_topk=False),
         pts=PTConfig(store=str(work / "pts"), spec=spec),

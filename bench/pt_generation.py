@@ -31,10 +31,12 @@ import time
 
 import torch
 
-from distilgen.config import BuiltinTaskConfig, DecodingSpec, ModelConfig
+from distilgen.config import BuiltinTaskConfig, DecodingSpec, TeacherConfig
 from distilgen.pseudo_targets import PTStore, get_spec
-from distilgen.pt_generation import generate_pts, load_teacher, teacher_fingerprint
+from distilgen.pt_generation import generate_pts
 from distilgen.tasks import generate_split
+from distilgen.teachers import load_teacher
+from distilgen.teachers.hf import teacher_fingerprint
 
 
 def make_inputs(tokenizer, count: int, min_length: int, max_length: int, seed: int) -> list[str]:
@@ -106,9 +108,9 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    tm = load_teacher(ModelConfig(path=args.teacher), args.precision, device)
+    tm = load_teacher(TeacherConfig(path=args.teacher), args.precision, device)
     plain = load_teacher(
-        ModelConfig(path=args.teacher), "fp32" if args.plain_dtype == "fp32" else args.precision, device
+        TeacherConfig(path=args.teacher), "fp32" if args.plain_dtype == "fp32" else args.precision, device
     )
     inputs = make_inputs(tm.tokenizer, args.inputs, args.min_length, args.max_source_length, args.seed)
     lengths = sorted(len(tm.tokenizer(x)["input_ids"]) for x in inputs)

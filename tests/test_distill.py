@@ -27,7 +27,7 @@ from distilgen.distill import (
     teacher_pt_items,
 )
 from distilgen.models import load_model
-from distilgen.pt_generation import load_teacher
+from distilgen.teachers import load_teacher
 from tests.conftest import TINY, cli_env, kill_when, launch_two_processes, tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[1]

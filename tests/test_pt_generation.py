@@ -18,7 +18,8 @@ import yaml
 from distilgen.config import DecodingSpec
 from distilgen.models import Encoded, load_model
 from distilgen.pseudo_targets import PTStore, input_key
-from distilgen.pt_generation import generate_pts, plan_batches, plan_rows, teacher_fingerprint
+from distilgen.pt_generation import generate_pts, plan_batches, plan_rows
+from distilgen.teachers.hf import teacher_fingerprint
 from tests.conftest import cli_env, kill_when, launch_two_processes, tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[1]

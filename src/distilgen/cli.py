@@ -60,15 +60,21 @@ class DataCommandConfig:
 
 
 def _field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (the string literal under each dataclass field), read from the source."""
+    """Attribute docstrings (the string literal under each dataclass field), read from the source of `cls` and
+    of the dataclasses it extends."""
     docs: dict[str, str] = {}
-    try:
-        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    except (OSError, TypeError):
-        return docs
-    for node, after in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(after.value.value).split())
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):
+            continue
+        for node, after in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+            ):
+                docs[node.target.id] = " ".join(str(after.value.value).split())
     return docs
 
 

@@ -225,6 +225,35 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher: its kind, and for a model run here (`hf`) the model to load, as any `model` section."""
+
+    kind: str = "hf"
+    """hf: a transformers model (path: hub id or directory), run here; it can give full logits, top-k, text."""
+
+    def __post_init__(self):
+        from distilgen.teachers import TEACHER_KINDS  # imports nothing of the pipeline
+
+        check(
+            self.kind in TEACHER_KINDS,
+            "kind",
+            f"unknown teacher kind '{self.kind}'; one of: {', '.join(TEACHER_KINDS)}",
+        )
+        super().__post_init__()
+
+    def require(self, needs: frozenset[str], what: str, alternatives: list[str] | None = None) -> None:
+        """A `ConfigError` unless this teacher can give `needs` (capabilities `what` asks for), naming the
+        `alternatives` that would work."""
+        from distilgen.teachers import TEACHER_KINDS, describe
+
+        missing = needs - TEACHER_KINDS[self.kind].capabilities
+        if missing:
+            hint = f"; with this teacher choose one of: {', '.join(alternatives)}" if alternatives else ""
+            raise ConfigError("teacher.kind", f"{what} needs a teacher that gives {describe(missing)}, which a "
+                              f"'{self.kind}' teacher does not{hint}")  # fmt: skip
+
+
+@dataclass
 class DecodingConfig:
     """How to generate: greedy, beam search or sampling (the keyword arguments of `generate`)."""
 
@@ -592,7 +621,7 @@ class GenerateConfig:
     """Directory of the PT store (created if missing); shared by every spec and teacher."""
     data: DataConfig
     """The inputs: the splits named in `splits` (the template and max_source_length apply)."""
-    teacher: ModelConfig
+    teacher: TeacherConfig
     """The teacher: `path` to a trained model (its fingerprint keys the store)."""
     spec: str | DecodingSpec = "sample"
     """A built-in spec (greedy, beam4, sample, sample_t15) or a mapping of spec fields
@@ -624,6 +653,7 @@ class GenerateConfig:
 
             check(self.spec in SPECS, "spec", f"unknown spec '{self.spec}'; built-in: {', '.join(SPECS)}, or a mapping")
         check(self.teacher.path is not None, "teacher.path", "generation needs a trained teacher: set its directory")
+        self.teacher.require(frozenset({"text", "topk"} if self.topk else {"text"}), "generate")
         check(len(self.splits) >= 1, "splits", "name at least one split")
         for key in ("batch_size", "shard_size"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
@@ -774,7 +804,7 @@ class DistillConfig:
     """Run directory: the method's stage (distill/), the final fine-tuning stage (finetune/), summary.json."""
     data: DataConfig
     """train (labeled), unlabeled, dev (early stopping)."""
-    teacher: ModelConfig
+    teacher: TeacherConfig
     """The trained teacher (`path`); never updated."""
     student: ModelConfig
     """The student: a shrunk teacher (path + shrink), another checkpoint, or built from `arch`."""
@@ -803,10 +833,13 @@ class DistillConfig:
 
     def __post_init__(self):
         from distilgen.distill import METHODS
+        from distilgen.teachers import TEACHER_KINDS
 
         check(self.method in METHODS, "method", f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
         check(self.teacher.path is not None, "teacher.path", "distillation needs a trained teacher: set its directory")
         method = METHODS[self.method]
+        works = [name for name, m in METHODS.items() if m.needs(self) <= TEACHER_KINDS[self.teacher.kind].capabilities]
+        self.teacher.require(method.needs(self), f"method '{self.method}'", works)
         stored_topk = method.teacher_pts and method.word_level and self.kd.use_stored_topk and self.pts.topk > 0
         check(
             not (stored_topk and self.kd.temperature != 1),
@@ -839,7 +872,7 @@ class StudyConfig:
     """Study directory: one run directory per seed and method, pts/, report.md, report.json, study.png."""
     data: DataConfig
     """The task's splits."""
-    teacher: ModelConfig
+    teacher: TeacherConfig
     """The trained teacher (`path`)."""
     student: ModelConfig
     """The student every method starts from (same init for the same seed)."""
@@ -906,7 +939,7 @@ class DiagnoseConfig:
     """Where diagnose.json, diagnose.md and diagnose.png go."""
     data: DataConfig
     """The split to score comes from here."""
-    teacher: ModelConfig
+    teacher: TeacherConfig
     """The teacher that completes the outputs (`path`)."""
     students: list[str]
     """Student model directories (e.g. checkpoints of one run, in training order)."""
@@ -925,6 +958,7 @@ class DiagnoseConfig:
         from distilgen.metrics import METRICS
 
         check(self.teacher.path is not None, "teacher.path", "set the teacher's directory")
+        self.teacher.require(frozenset({"logits"}), "diagnose (the teacher completes the student's prefixes)")
         check(len(self.students) >= 1, "students", "name at least one student directory")
         for i, path in enumerate(self.students):
             check_path(not _looks_local(path) or os.path.isdir(path), f"students[{i}]", f"directory not found: {path}")

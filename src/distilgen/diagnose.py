@@ -23,8 +23,8 @@ from distilgen.config import DiagnoseConfig, ModelConfig, save_config, writable_
 from distilgen.data import Example, scored_split
 from distilgen.metrics import compute_metrics
 from distilgen.models import TextModel, load_model
-from distilgen.pt_generation import load_teacher
 from distilgen.students import require_same_vocab
+from distilgen.teachers import load_teacher
 
 
 def student_outputs(tm: TextModel, examples: Sequence[Example], cfg: DiagnoseConfig) -> list[list[int]]:

@@ -53,6 +53,7 @@ from distilgen.objectives import (
 from distilgen.pseudo_targets import PTRecord, PTStore, pt_schedule, sample_seed
 from distilgen.registry import registrar
 from distilgen.students import require_same_vocab, vocab_compatible
+from distilgen.teachers import load_teacher
 from distilgen.train import (
     Items,
     LossFn,
@@ -96,6 +97,10 @@ class Plan:
     prepare: Prepare | None = None
 
 
+def _live_teacher(cfg: DistillConfig) -> frozenset[str]:
+    return frozenset({"logits"})
+
+
 @dataclass(frozen=True)
 class Method:
     build: Callable[[Context], Plan]
@@ -103,20 +108,34 @@ class Method:
     """Needs teacher PTs in the store before training."""
     word_level: bool = True
     """Compares teacher and student distributions, so needs one vocabulary."""
+    needs: Callable[[DistillConfig], frozenset[str]] = _live_teacher
+    """What it asks of the teacher under a config (`teachers.CAPABILITIES`), checked when the config loads."""
 
 
 METHODS: dict[str, Method] = {}
 _register = registrar(METHODS, "method")
 
 
-def register_method(name: str, teacher_pts: bool = False, word_level: bool = True):
+def register_method(
+    name: str,
+    teacher_pts: bool = False,
+    word_level: bool = True,
+    needs: Callable[[DistillConfig], frozenset[str]] = _live_teacher,
+):
     """`@register_method(name)` on a function Context -> Plan adds a method users pick with `method: name`."""
 
     def decorate(build: Callable[[Context], Plan]) -> Callable[[Context], Plan]:
-        _register(name)(Method(build, teacher_pts, word_level))
+        _register(name)(Method(build, teacher_pts, word_level, needs))
         return build
 
     return decorate
+
+
+def _pt_kd_needs(cfg: DistillConfig) -> frozenset[str]:
+    """Logits KD on teacher PTs: their stored top-k alone, when every target is a PT (no gold) and top-k is
+    stored and used; a live teacher otherwise."""
+    sparse_only = cfg.kd.use_stored_topk and cfg.pts.topk > 0 and not cfg.pts.include_gold
+    return frozenset({"text", "topk"} if sparse_only else {"text", "logits"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,7 +485,7 @@ def student_pt_prepare(ctx: Context, alpha: float) -> Prepare:
 # ---------------------------------------------------------------------------------------------
 
 
-@register_method("finetune", word_level=False)
+@register_method("finetune", word_level=False, needs=lambda cfg: frozenset())
 def _finetune(ctx: Context) -> Plan:
     return Plan(gold_items(ctx), cross_entropy_loss(ctx.cfg.train.label_smoothing))
 
@@ -486,12 +505,12 @@ def _attention_kd(ctx: Context) -> Plan:
     return attention_kd_plan(ctx)
 
 
-@register_method("seq_kd", teacher_pts=True, word_level=False)
+@register_method("seq_kd", teacher_pts=True, word_level=False, needs=lambda cfg: frozenset({"text"}))
 def _seq_kd(ctx: Context) -> Plan:
     return Plan(teacher_pt_items(ctx), cross_entropy_loss(ctx.cfg.train.label_smoothing))
 
 
-@register_method("logits_kd_pt", teacher_pts=True)
+@register_method("logits_kd_pt", teacher_pts=True, needs=_pt_kd_needs)
 def _logits_kd_pt(ctx: Context) -> Plan:
     return Plan(teacher_pt_items(ctx), kd_loss(ctx))
 
@@ -502,7 +521,7 @@ def _student_pt(ctx: Context) -> Plan:
     return Plan(items, kd_loss(ctx), student_pt_prepare(ctx, alpha=0.0))
 
 
-@register_method("joint_teaching", teacher_pts=True)
+@register_method("joint_teaching", teacher_pts=True, needs=lambda cfg: frozenset({"text", "logits"}))
 def _joint_teaching(ctx: Context) -> Plan:
     return Plan(teacher_pt_items(ctx), kd_loss(ctx), student_pt_prepare(ctx, ctx.cfg.student_pts.alpha))
 
@@ -523,11 +542,11 @@ def _load_student(cfg: DistillConfig, splits: dict[str, list[Example]]) -> TextM
 
 def prepare_pts(ctx: Context, state: Accelerator) -> None:
     """Generate the teacher PTs the method needs that the store lacks (sharded across processes)."""
-    from distilgen.pt_generation import generate_pts, teacher_fingerprint
+    from distilgen.pt_generation import generate_pts
 
     cfg = ctx.cfg
     ctx.store = PTStore(cfg.pts.store or Path(cfg.output_dir) / "pts")
-    ctx.teacher_fp = teacher_fingerprint(ctx.teacher, cfg.data.max_source_length, cfg.data.template)
+    ctx.teacher_fp = ctx.teacher.fingerprint(cfg.data.max_source_length, cfg.data.template)
     spec = _spec(ctx)
     report = generate_pts(
         ctx.teacher, ctx.store, ctx.teacher_fp, spec, [e.source for e in _pt_examples(ctx)],
@@ -555,8 +574,6 @@ def prepare_pts(ctx: Context, state: Accelerator) -> None:
 
 def distill(cfg: DistillConfig) -> dict[str, Any]:
     """`distilgen distill`: the method's stage, then `final_finetune_epochs` of fine-tuning; resumable."""
-    from distilgen.pt_generation import load_teacher
-
     output_dir = writable_dir(cfg.output_dir)
     check_same_run(cfg, output_dir)
     set_seed(cfg.seed)

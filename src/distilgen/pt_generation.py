@@ -12,8 +12,6 @@ shard; rerunning generates exactly those, with the same per-PT seeds, so it ends
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -23,37 +21,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from distilgen.config import ConfigError, DecodingSpec, GenerateConfig, ModelConfig
+from distilgen.config import ConfigError, DecodingSpec, GenerateConfig
 from distilgen.data import load_splits
 from distilgen.decoding import decode, source_multiple, use_static_cache
-from distilgen.models import Encoded, TextModel, avoid_cudnn_attention, load_model
+from distilgen.models import Encoded, TextModel
 from distilgen.pseudo_targets import MissingPT, PTRecord, PTStore, get_spec, sample_seed
+from distilgen.teachers import load_teacher
 
 log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------
-# The teacher's identity
-# ---------------------------------------------------------------------------------------------
-
-
-def teacher_fingerprint(tm: TextModel, max_source_length: int, template: str = "{source}") -> str:
-    """sha256 of everything that changes the teacher's PTs: its class, config, weights (in the dtype it runs
-    in), tokenizer, and how inputs are cut (the template is already in the source text, but is kept for
-    readability of mismatches)."""
-    digest = hashlib.sha256()
-    digest.update(type(tm.model).__name__.encode())
-    config = tm.model.config.to_dict()
-    for bookkeeping in ("_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype"):
-        config.pop(bookkeeping, None)  # where it came from and what saved it, not what it computes
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(tm.model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
-    digest.update(tm.tokenizer.backend_tokenizer.to_str().encode())
-    digest.update(f"max_source_length={max_source_length};template={template}".encode())
-    return digest.hexdigest()
-
 
 # ---------------------------------------------------------------------------------------------
 # Generation
@@ -156,7 +131,7 @@ def generate_pts(
 
     Args:
         tm: the teacher, on its device and in its dtype.
-        teacher_fp: `teacher_fingerprint(tm, ...)`, the store's key of this teacher.
+        teacher_fp: the teacher's `fingerprint(...)`, the store's key of its PTs.
         topk: also store the teacher's top-k log-probs at every PT token (0: none).
         shard_size: PTs buffered before they are written as one shard.
         static_cache: "on", "off" or "auto" (on when the teacher is on a GPU with Triton); see
@@ -351,17 +326,6 @@ def resolve_spec(spec: str | DecodingSpec) -> DecodingSpec:
     return get_spec(spec) if isinstance(spec, str) else spec
 
 
-def load_teacher(cfg: ModelConfig, precision: str, device: torch.device) -> TextModel:
-    """The teacher in inference mode on `device`, in bf16 when asked (auto: on a GPU that supports it)."""
-    tm = load_model(cfg, key="teacher")
-    if device.type == "cuda":
-        avoid_cudnn_attention()  # length-sorted batches: a new shape nearly every batch
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    tm.model.to(device=device, dtype=torch.bfloat16 if use_bf16 else torch.float32).eval()
-    tm.model.requires_grad_(False)
-    return tm
-
-
 def generate(cfg: GenerateConfig) -> dict[str, Any]:
     """`distilgen generate`: PTs for every input of `cfg.splits`, sharded across processes under accelerate."""
     from distilgen.train import process_state
@@ -373,7 +337,7 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
             raise ConfigError("splits", f"split '{name}' has no data: configure data.{name} or drop it from splits")
     sources = [e.source for name in cfg.splits for e in splits[name][: cfg.limit]]
     tm = load_teacher(cfg.teacher, cfg.precision, state.device)
-    teacher_fp = teacher_fingerprint(tm, cfg.data.max_source_length, cfg.data.template)
+    teacher_fp = tm.fingerprint(cfg.data.max_source_length, cfg.data.template)
     spec = resolve_spec(cfg.spec)
     store = PTStore(cfg.store)
     report = generate_pts(

@@ -29,6 +29,7 @@ from distilgen.config import (
     ModelConfig,
     PTConfig,
     StudentPTConfig,
+    TeacherConfig,
     TrainConfig,
     check,
     save_config,
@@ -138,7 +139,7 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     jt = DistillConfig(
         output_dir=str(out / "joint_teaching"),
         data=data,
-        teacher=ModelConfig(path=str(out / "teacher" / "model")),
+        teacher=TeacherConfig(path=str(out / "teacher" / "model")),
         student=student_model,
         method="joint_teaching",
         pts=dataclasses.replace(cfg.pts, store=str(out / "pts")),

@@ -101,3 +101,28 @@ def test_model_label_and_speed_up_column():
     ]
     table = markdown_table(results)
     assert "| s | 20.00 | 1.00 | 50.0 | 4.00x | 3.0 |" in table
+
+
+@pytest.mark.parametrize("arch", ["bart", "gpt2"])
+def test_greedy_evaluation_runs_the_pt_generation_loop_with_generates_tokens(finetuned, splits, arch, monkeypatch):
+    """What evaluation (and its cost report) times is `decoding.decode`, the loop PT generation runs, with the
+    outputs `generate` gives; a model whose generation config adds rules that loop skips goes to `generate`."""
+    import distilgen.models as models
+    from distilgen.config import ModelConfig
+
+    tm = models.load_model(ModelConfig(path=finetuned[arch]))
+    examples, decoding = splits["dev"], DecodingConfig(max_new_tokens=8, batch_size=3)
+    calls = []
+    real_decode = models.decode
+    monkeypatch.setattr(models, "decode", lambda *args, **kw: calls.append(1) or real_decode(*args, **kw))
+    ours = generate(tm, examples, decoding, 256)
+    assert len(calls) == 3  # 8 examples in batches of 3
+    with monkeypatch.context() as patch:
+        patch.setattr(models, "generation_rules", lambda model: ["min_length"])  # as if the model asked for one
+        assert generate(tm, examples, decoding, 256) == ours and len(calls) == 3  # generate's tokens, not our loop
+    tm.model.generation_config.min_new_tokens = 6  # a rule of the model's own: applied, by `generate`
+    generate(tm, examples, decoding, 256)
+    assert len(calls) == 3
+    tm.model.generation_config.min_new_tokens = None
+    generate(tm, examples, DecodingConfig(max_new_tokens=8, num_beams=2), 256)  # beams: `generate`
+    assert len(calls) == 3

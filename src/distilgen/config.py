@@ -285,6 +285,14 @@ class DecodingConfig:
         check(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", "must be >= 0")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
 
+    def greedy_spec(self) -> DecodingSpec | None:
+        """These settings as a greedy `DecodingSpec` (for `decoding.decode`); None for beam search or sampling."""
+        if self.num_beams > 1 or self.do_sample:
+            return None
+        return DecodingSpec(
+            "greedy", max_new_tokens=self.max_new_tokens, no_repeat_ngram_size=self.no_repeat_ngram_size
+        )
+
     def generate_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,

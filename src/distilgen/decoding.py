@@ -114,6 +114,34 @@ SOURCE_BUCKET = 64
 """Source widths under a static cache are multiples of this: few compiled shapes, little padding."""
 
 
+GENERATION_RULES = (
+    "min_length",
+    "min_new_tokens",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "repetition_penalty",
+    "encoder_repetition_penalty",
+    "bad_words_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "forced_decoder_ids",
+    "sequence_bias",
+    "exponential_decay_length_penalty",
+)
+"""Rules a model's own generation config may add to `generate` (a pretrained summariser's minimum length, a
+translator's forced language token...), which `decode` does not apply."""
+
+
+def generation_rules(model) -> list[str]:
+    """The `GENERATION_RULES` that `model`'s generation config sets (changes from the defaults)."""
+    from transformers import GenerationConfig
+
+    default, own = GenerationConfig(), model.generation_config
+    return [name for name in GENERATION_RULES if getattr(own, name, None) != getattr(default, name, None)]
+
+
 def use_static_cache(setting: str, device: torch.device) -> bool:
     """Whether a `static_cache` setting ("on", "off", "auto": where the decoder step compiles) decodes with a
     static KV cache. Without the compile a static cache only costs (attention over every cached position)."""

@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from distilgen.config import ConfigError, DecodingConfig, ModelConfig
-from distilgen.decoding import DecoderOnlySteps, EncoderDecoderSteps
+from distilgen.decoding import DecoderOnlySteps, EncoderDecoderSteps, decode, generation_rules
 from distilgen.objectives import cross_entropy, masked_sum
 from distilgen.students import shrink_layers
 
@@ -375,7 +375,16 @@ class TextModel:
 
     @torch.no_grad()
     def generate_ids(self, batch: Batch, decoding: DecodingConfig, num_return_sequences: int = 1) -> torch.Tensor:
-        """New token ids (B * num_return_sequences, N), padded after EOS."""
+        """New token ids (B * num_return_sequences, N), padded after EOS.
+
+        Greedy decoding runs distilgen's own loop, `decoding.decode`, the one PT generation runs (so evaluation and
+        the cost report time what distilgen runs), with the tokens `generate` gives; unless the model's own
+        generation config adds rules that loop does not apply (`decoding.GENERATION_RULES`: a minimum length,
+        forced tokens...), which `generate` then applies. Beams and sampling use `generate`.
+        """
+        spec = decoding.greedy_spec()
+        if spec is not None and num_return_sequences == 1 and not generation_rules(self.model):
+            return decode(self, batch, spec)
         kwargs = decoding.generate_kwargs()
         kwargs.update(
             num_return_sequences=num_return_sequences,

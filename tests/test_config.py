@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from distilgen.config import (
     apply_overrides,
     from_dict,
     load_config,
+    paths_checked_last,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +104,14 @@ def test_every_shipped_config_validates(path, monkeypatch):
     command = path.relative_to(ROOT / "configs").parts[0]
     assert command in COMMANDS, f"{path}: put it under configs/<command>/, one of {', '.join(COMMANDS)}"
     missing = []  # every key is validated; files and directories are checked last, and listed here
-    load_config(COMMANDS[command].config, path, missing_paths=missing)
+    cfg = load_config(COMMANDS[command].config, path, missing_paths=missing)
+    if command in ("distill", "study"):  # what depends on the method, checked when the command starts
+        from distilgen.distill import check_method
+
+        with paths_checked_last(missing):
+            runs = [cfg] if command == "distill" else [run for _, _, run in cfg.run_configs()]
+        for run in runs:
+            check_method(run)
     for err in missing:  # only models that another shipped config trains (configs/finetune/teacher.yaml)
         assert "not found: runs/" in err.message, err
 
@@ -136,3 +145,31 @@ def test_a_layer_count_is_a_shrink_spec():
 
     assert from_dict(InspectConfig, {"model": "gpt2", "shrink": 4}).shrink == "4"
     assert ModelConfig(path="gpt2", shrink=4).shrink == "4"
+
+
+def _imports(package: Path) -> dict[str, set[str]]:
+    """distilgen module -> the distilgen modules it imports anywhere in its source (top level or in a function)."""
+    graph = {}
+    for path in package.rglob("*.py"):
+        name = ("distilgen." + ".".join(path.relative_to(package).with_suffix("").parts)).removesuffix(".__init__")
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("distilgen"):
+                graph[name].add(node.module)
+            elif isinstance(node, ast.Import):
+                graph[name] |= {alias.name for alias in node.names if alias.name.startswith("distilgen")}
+    return graph
+
+
+def test_validating_a_config_imports_nothing_that_imports_config():
+    """Configs check names against registries that import no config (tasks, metrics, objectives, teachers); what
+    depends on a method's code is checked when the command starts (`distill.check_method`)."""
+    graph = _imports(ROOT / "src" / "distilgen")
+    reached, todo = set(), ["distilgen.config"]
+    while todo:
+        for module in graph[todo.pop()] - reached:
+            reached.add(module)
+            todo.append(module)
+    assert "distilgen.config" not in reached
+    assert reached <= {"distilgen.metrics", "distilgen.objectives", "distilgen.registry", "distilgen.tasks",
+                       "distilgen.teachers"}  # fmt: skip

@@ -433,11 +433,17 @@ def test_kd_beta_and_alpha_are_config_keys_that_reach_the_loss(pt_context, monke
 
 def test_a_temperature_with_stored_topk_is_refused_before_training(tmp_path, teacher_dir):
     from distilgen.config import ConfigError
+    from distilgen.distill import check_method
 
-    with pytest.raises(ConfigError, match=r"kd.temperature: .*use_stored_topk=false"):  # asked for: at load
-        _cfg(tmp_path, teacher_dir, "logits_kd_pt", **{"kd.temperature": 2.0, "pts.topk": 8})
-    _cfg(tmp_path, teacher_dir, "logits_kd_pt", **{"kd.temperature": 2.0, "pts.topk": 8, "kd.use_stored_topk": False})
-    _cfg(tmp_path, teacher_dir, "logits_kd", **{"kd.temperature": 2.0, "pts.topk": 8})  # no teacher PTs
+    with pytest.raises(ConfigError, match=r"kd.temperature: .*use_stored_topk=false"):  # asked for: at the start
+        distill(_cfg(tmp_path, teacher_dir, "logits_kd_pt", **{"kd.temperature": 2.0, "pts.topk": 8}))
+    assert not (tmp_path / "logits_kd_pt").exists()  # before anything was written
+    check_method(
+        _cfg(
+            tmp_path, teacher_dir, "logits_kd_pt", **{"kd.temperature": 2.0, "pts.topk": 8, "kd.use_stored_topk": False}
+        )
+    )
+    check_method(_cfg(tmp_path, teacher_dir, "logits_kd", **{"kd.temperature": 2.0, "pts.topk": 8}))  # no PTs
     distill(_cfg(tmp_path, teacher_dir, "logits_kd_pt", **{"pts.topk": 8, "train.max_steps": 1}))
     later = _cfg(tmp_path, teacher_dir, "logits_kd_pt", output_dir=str(tmp_path / "t2"), **{"kd.temperature": 2.0})
     with pytest.raises(ConfigError, match=r"kd.temperature: 2.0, but the PTs in .* hold the teacher's top-8"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from distilgen.config import ConfigError, DistillConfig, GenerateConfig, TeacherConfig, from_dict
+from distilgen.distill import check_method
 from distilgen.teachers import CAPABILITIES, TEACHER_KINDS, TeacherKind, load_teacher
 from distilgen.teachers.hf import teacher_fingerprint
 
@@ -23,7 +24,9 @@ def _distill(teacher_dir, kind: str, method: str, **pts) -> DistillConfig:
     teacher = {"path": str(teacher_dir), "kind": kind}
     student = {"arch": "bart", "hidden_size": 16, "num_heads": 2}
     data = {"output_dir": "x", "data": DATA, "teacher": teacher, "student": student, "method": method, "pts": pts}
-    return from_dict(DistillConfig, data)
+    cfg = from_dict(DistillConfig, data)
+    check_method(cfg)  # as `distill` does first
+    return cfg
 
 
 def test_an_hf_teacher_is_a_text_model_with_a_kind_capabilities_and_a_fingerprint(teacher_dir):

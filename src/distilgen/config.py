@@ -9,6 +9,7 @@ CLI prints as one line with exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,12 +19,15 @@ import re
 import tempfile
 import types
 import typing
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from distilgen.registry import lookup, registrar
 
 
 class ConfigError(ValueError):
@@ -62,6 +66,16 @@ def check_path(condition: bool, key: str, message: str) -> None:
     if missing is None:
         raise ConfigError(key, message)
     missing.append(ConfigError(key, message).under(_WHERE.get()))
+
+
+@contextlib.contextmanager
+def paths_checked_last(missing: list[ConfigError]) -> Iterator[list[ConfigError]]:
+    """Within it, `check_path` puts the paths it finds missing in `missing` instead of raising."""
+    token = _MISSING_PATHS.set(missing)
+    try:
+        yield missing
+    finally:
+        _MISSING_PATHS.reset(token)
 
 
 def writable_dir(path: str | os.PathLike, key: str = "output_dir") -> Path:
@@ -410,6 +424,27 @@ class DecodingSpec:
         )
 
 
+SPECS: dict[str, DecodingSpec] = {}
+"""Built-in decoding specs by name (`pts.spec: sample`), filled by `register_spec`; here, beside the spec type,
+so that validating a config imports nothing of the pipeline."""
+
+register_spec = registrar(SPECS, "decoding spec")
+"""`register_spec(name)(spec)` adds a named spec to `SPECS`."""
+
+for _spec in (
+    DecodingSpec("greedy"),
+    DecodingSpec("beam4", "beam", num_beams=4),
+    DecodingSpec("sample", "sample", num_samples=4),  # the study: plain sampling beats beam PTs
+    DecodingSpec("sample_t15", "sample", num_samples=4, temperature=1.5),  # high temperature: comparable
+):
+    register_spec(_spec.name)(_spec)
+
+
+def get_spec(name: str) -> DecodingSpec:
+    """The built-in spec `name`; a ValueError listing the valid names otherwise."""
+    return lookup(SPECS, name, "decoding spec")
+
+
 Precision = Literal["auto", "no", "bf16", "fp16"]
 StaticCache = Literal["auto", "on", "off"]
 """Decoding with a static KV cache (compiled decoder step on a GPU); auto: on when the model is on a GPU where
@@ -657,8 +692,6 @@ class GenerateConfig:
 
     def __post_init__(self):
         if isinstance(self.spec, str):
-            from distilgen.pseudo_targets import SPECS
-
             check(self.spec in SPECS, "spec", f"unknown spec '{self.spec}'; built-in: {', '.join(SPECS)}, or a mapping")
         check(self.teacher.path is not None, "teacher.path", "generation needs a trained teacher: set its directory")
         self.teacher.require(frozenset({"text", "topk"} if self.topk else {"text"}), "generate")
@@ -719,13 +752,9 @@ class PTConfig:
 
     def __post_init__(self):
         if isinstance(self.spec, str):
-            from distilgen.pseudo_targets import SPECS
-
             check(self.spec in SPECS, "spec", f"unknown spec '{self.spec}'; built-in: {', '.join(SPECS)}, or a mapping")
         check(self.k is None or self.k >= 1, "k", f"must be >= 1, got {self.k}")
         if self.k is not None:
-            from distilgen.pseudo_targets import get_spec
-
             spec = get_spec(self.spec) if isinstance(self.spec, str) else self.spec
             field = "num_samples" if spec.kind == "sample" else "num_return"
             check(
@@ -840,22 +869,9 @@ class DistillConfig:
     """Seed of student initialisation, dropout, data order and student PT sampling."""
 
     def __post_init__(self):
-        from distilgen.distill import METHODS
-        from distilgen.teachers import TEACHER_KINDS
-
-        check(self.method in METHODS, "method", f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
+        # What depends on the method (its name, what it needs of the teacher) is checked by `distill.check_method`
+        # when the command starts, before anything loads: methods live with their code, and configs import none.
         check(self.teacher.path is not None, "teacher.path", "distillation needs a trained teacher: set its directory")
-        method = METHODS[self.method]
-        works = [name for name, m in METHODS.items() if m.needs(self) <= TEACHER_KINDS[self.teacher.kind].capabilities]
-        self.teacher.require(method.needs(self), f"method '{self.method}'", works)
-        stored_topk = method.teacher_pts and method.word_level and self.kd.use_stored_topk and self.pts.topk > 0
-        check(
-            not (stored_topk and self.kd.temperature != 1),
-            "kd.temperature",
-            f"{self.kd.temperature} with stored teacher top-k (pts.topk), which holds the teacher at temperature 1 "
-            "only (its tail mass at another temperature is unknown): set kd.use_stored_topk=false to run the "
-            "teacher live",
-        )  # PTs already stored with top-k are checked before training (`distill.prepare_pts`)
         check(self.final_finetune_epochs >= 0, "final_finetune_epochs", "must be >= 0")
 
 
@@ -1140,11 +1156,8 @@ def load_config(
     directories exist last (see `check_path`). With a `missing_paths` list, those errors go there instead."""
     data = read_yaml(path) if path is not None else {}
     found: list[ConfigError] = []
-    token = _MISSING_PATHS.set(found)
-    try:
+    with paths_checked_last(found):
         cfg = from_dict(cls, apply_overrides(data, list(overrides)))
-    finally:
-        _MISSING_PATHS.reset(token)
     if missing_paths is not None:
         missing_paths.extend(found)
     elif found:

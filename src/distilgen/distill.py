@@ -38,7 +38,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from distilgen.config import ConfigError, DecodingSpec, DistillConfig, ModelConfig, save_config, writable_dir
+from distilgen.config import ConfigError, DecodingSpec, DistillConfig, ModelConfig, check, save_config, writable_dir
 from distilgen.data import Example, load_splits
 from distilgen.decoding import decode, source_multiple, use_static_cache
 from distilgen.models import Batch, Encoded, TextModel, inner_model, load_model, round_up
@@ -136,6 +136,26 @@ def _pt_kd_needs(cfg: DistillConfig) -> frozenset[str]:
     stored and used; a live teacher otherwise."""
     sparse_only = cfg.kd.use_stored_topk and cfg.pts.topk > 0 and not cfg.pts.include_gold
     return frozenset({"text", "topk"} if sparse_only else {"text", "logits"})
+
+
+def check_method(cfg: DistillConfig) -> None:
+    """The checks of a distill config that depend on its method, a `ConfigError` naming the key: the method exists,
+    the teacher can give what it needs (naming the methods that would work), and a temperature other than 1 is not
+    asked of stored top-k. Run when a command starts, before anything loads (`distill`, `study`, the CLI)."""
+    from distilgen.teachers import TEACHER_KINDS
+
+    check(cfg.method in METHODS, "method", f"unknown method '{cfg.method}'; choose one of: {', '.join(METHODS)}")
+    method, capabilities = METHODS[cfg.method], TEACHER_KINDS[cfg.teacher.kind].capabilities
+    works = [name for name, m in METHODS.items() if m.needs(cfg) <= capabilities]
+    cfg.teacher.require(method.needs(cfg), f"method '{cfg.method}'", works)
+    stored_topk = method.teacher_pts and method.word_level and cfg.kd.use_stored_topk and cfg.pts.topk > 0
+    check(
+        not (stored_topk and cfg.kd.temperature != 1),
+        "kd.temperature",
+        f"{cfg.kd.temperature} with stored teacher top-k (pts.topk), which holds the teacher at temperature 1 "
+        "only (its tail mass at another temperature is unknown): set kd.use_stored_topk=false to run the "
+        "teacher live",
+    )  # PTs already stored with top-k are checked before training (`prepare_pts`)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,6 +594,7 @@ def prepare_pts(ctx: Context, state: Accelerator) -> None:
 
 def distill(cfg: DistillConfig) -> dict[str, Any]:
     """`distilgen distill`: the method's stage, then `final_finetune_epochs` of fine-tuning; resumable."""
+    check_method(cfg)
     output_dir = writable_dir(cfg.output_dir)
     check_same_run(cfg, output_dir)
     set_seed(cfg.seed)

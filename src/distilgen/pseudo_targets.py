@@ -44,35 +44,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from filelock import FileLock
 
-from distilgen.config import DecodingSpec
+from distilgen.config import SPECS, DecodingSpec, get_spec, register_spec  # noqa: F401 (specs are named here too)
 from distilgen.data import Example
-from distilgen.registry import lookup, registrar
 
 log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------
-# Decoding specs
-# ---------------------------------------------------------------------------------------------
-
-SPECS: dict[str, DecodingSpec] = {}
-"""Built-in decoding specs by name, filled by `register_spec`."""
-
-register_spec = registrar(SPECS, "decoding spec")
-"""`register_spec(name)(spec)` adds a named spec to `SPECS`."""
-
-for _spec in (
-    DecodingSpec("greedy"),
-    DecodingSpec("beam4", "beam", num_beams=4),
-    DecodingSpec("sample", "sample", num_samples=4),  # the study: plain sampling beats beam PTs
-    DecodingSpec("sample_t15", "sample", num_samples=4, temperature=1.5),  # high temperature: comparable
-):
-    register_spec(_spec.name)(_spec)
-
-
-def get_spec(name: str) -> DecodingSpec:
-    """The built-in spec `name`; a ValueError listing the valid names otherwise."""
-    return lookup(SPECS, name, "decoding spec")
-
 
 # ---------------------------------------------------------------------------------------------
 # Seeds: a sampled PT depends only on (base seed, input, sample index)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from distilgen.config import ModelConfig, StudyConfig, save_config, writable_dir
+from distilgen.config import ConfigError, ModelConfig, StudyConfig, save_config, writable_dir
 from distilgen.data import scored_split
 from distilgen.evaluate import evaluate_model
 from distilgen.metrics import gap_closed
@@ -50,9 +50,15 @@ def study(cfg: StudyConfig) -> dict[str, Any]:
 
     Under `accelerate launch` every process takes part in each run's training; the main process alone then
     evaluates and writes the report, which every process returns."""
-    from distilgen.distill import distill
+    from distilgen.distill import check_method, distill
     from distilgen.train import process_state
 
+    runs = cfg.run_configs()
+    for name, _, run_cfg in runs:  # every run's method, before anything loads
+        try:
+            check_method(run_cfg)
+        except ConfigError as err:
+            raise err.under("methods" if name in cfg.methods else f"variants.{name}") from None
     state = process_state()
     examples = scored_split(cfg.data, cfg.split)
     out = Path(cfg.output_dir)
@@ -62,7 +68,6 @@ def study(cfg: StudyConfig) -> dict[str, Any]:
         save_config(cfg, out / "study.yaml")
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
     finals: dict[tuple[str, int], str] = {}
-    runs = cfg.run_configs()
     for i, (name, seed, run_cfg) in enumerate(runs):
         state.print(f"[{i + 1}/{len(runs)}] {name}, seed {seed}")
         key = f"{name}/seed{seed}"

@@ -14,9 +14,18 @@ import random
 import re
 from collections import Counter
 from collections.abc import Callable
+from typing import Protocol
 
-from distilgen.config import BuiltinTaskConfig
 from distilgen.registry import registrar
+
+
+class TaskConfig(Protocol):
+    """What `generate_split` reads of a `config.BuiltinTaskConfig` (plus its `<split>_size`); not imported, as the
+    config validates task names against `TASKS`, and a config must import nothing that imports it."""
+
+    name: str
+    seed: int
+
 
 Task = Callable[[random.Random], tuple[str, list[str]]]
 """rng -> (source, references); the first reference is the training target."""
@@ -29,7 +38,7 @@ register_task = registrar(TASKS, "task")
 """`@register_task(name)` registers a task under `name`, the value users give as `data.task.name`."""
 
 
-def generate_split(cfg: BuiltinTaskConfig, split: str) -> list[dict]:
+def generate_split(cfg: TaskConfig, split: str) -> list[dict]:
     """The `split` of task `cfg.name`: records {"id", "source", "targets"} (every valid reference)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split '{split}'; expected one of {SPLITS}")

@@ -1,0 +1,179 @@
+"""Configs of what a run reads: the data splits (files or a built-in task), models, the teacher."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+from distilgen.config.base import ConfigError, check, check_path
+
+
+@dataclass
+class BuiltinTaskConfig:
+    """A procedurally generated task (see `distilgen.tasks`); sizes are numbers of examples."""
+
+    name: str = "match_reports"
+    """Registered task name."""
+    seed: int = 0
+    """Seed of the generator: the same seed gives the same splits on every machine."""
+    train_size: int = 2000
+    """Labeled training examples."""
+    unlabeled_size: int = 8000
+    """Unlabeled inputs (about 4x the labeled data, as in the study's realistic setup)."""
+    dev_size: int = 200
+    """Labeled examples for early stopping."""
+    test_size: int = 500
+    """Labeled examples for the final report."""
+
+    def __post_init__(self):
+        from distilgen.tasks import TASKS
+
+        check(self.name in TASKS, "name", f"unknown task '{self.name}'; choose one of: {', '.join(sorted(TASKS))}")
+        for key in ("train_size", "unlabeled_size", "dev_size", "test_size"):
+            check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class DataConfig:
+    """Where the splits come from and how records are read.
+
+    A split is a file (`.jsonl`, `.json`, `.csv`, `.parquet`), a directory written by
+    `datasets.save_to_disk` (`dir` or `dir@split` for a DatasetDict), or a hub dataset
+    `hub:owner/name@split` (the only case that touches the network).
+    """
+
+    task: BuiltinTaskConfig | None = None
+    """A built-in task; when set, it supplies every split and the file fields must be empty."""
+    train: str | None = None
+    """Labeled training data."""
+    unlabeled: str | None = None
+    """Task inputs without targets (their targets, if any, are ignored)."""
+    dev: str | None = None
+    """Labeled data for early stopping."""
+    test: str | None = None
+    """Labeled data for the final report."""
+    source_field: str = "source"
+    """Column holding the model input."""
+    target_field: str = "target"
+    """Column holding the target: a string, or a list of strings (several references; the first trains)."""
+    id_field: str | None = None
+    """Column holding a stable example id; by default the id is a hash of the source."""
+    hub_config: str | None = None
+    """Config name for `hub:` datasets that have several."""
+    template: str = "{source}"
+    """Prompt template applied to every source, e.g. 'summarize: {source}'."""
+    max_source_length: int = 256
+    """Source tokens kept (longer sources are truncated and counted)."""
+    max_target_length: int = 64
+    """Target tokens kept (longer targets are truncated and counted)."""
+
+    def __post_init__(self):
+        files = ("train", "unlabeled", "dev", "test")
+        if self.task is not None:
+            for key in files:
+                check(getattr(self, key) is None, key, "leave empty when data.task is set (the task supplies it)")
+        else:
+            check(
+                self.train is not None or self.test is not None or self.unlabeled is not None,
+                "",
+                "data needs a built-in `task` or at least one split file (train, unlabeled, dev, test)",
+            )
+        for key in files:
+            spec = getattr(self, key)
+            if spec is not None and not spec.startswith("hub:"):
+                path = spec.split("@", 1)[0] if not os.path.exists(spec) else spec
+                check_path(os.path.exists(path), key, f"file not found: {path}")
+        check("{source}" in self.template, "template", f"must contain '{{source}}', got {self.template!r}")
+        check(self.max_source_length > 0, "max_source_length", f"must be > 0, got {self.max_source_length}")
+        check(self.max_target_length > 0, "max_target_length", f"must be > 0, got {self.max_target_length}")
+
+
+Architecture = Literal["bart", "t5", "gpt2"]
+
+
+def _looks_local(name: str) -> bool:
+    """A hub id is `name` or `owner/name`; anything else (or anything that exists) is a local path."""
+    return os.path.exists(name) or name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+@dataclass
+class ModelConfig:
+    """A model to load (`path`: hub id or local directory) or to build at random from `arch` and sizes."""
+
+    path: str | None = None
+    """Hub id or local directory of a `transformers` model; leave empty to build one from `arch`."""
+    arch: Architecture | None = None
+    """Family of a model built from scratch: bart / t5 (encoder-decoder) or gpt2 (decoder-only)."""
+    hidden_size: int = 128
+    """Width of the model (d_model)."""
+    encoder_layers: int = 2
+    """Encoder layers (ignored for gpt2)."""
+    decoder_layers: int = 2
+    """Decoder layers (the transformer layers for gpt2)."""
+    num_heads: int = 4
+    """Attention heads per layer (must divide hidden_size)."""
+    ffn_size: int = 512
+    """Inner width of the feed-forward blocks."""
+    dropout: float = 0.1
+    """Dropout rate of a model built from scratch."""
+    max_positions: int = 512
+    """Longest source + target the model can see (learned position tables)."""
+    shrink: str | int | None = None
+    """Keep only some layers of the model at `path`: `E:D` counts (6:2 keeps encoder 0-5, decoder 0 and 5),
+    explicit lists (0,2,4:0,5), or `D` for decoder-only; first and last layers kept, the rest spread evenly."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id; default: the model's own, or one trained on the task data."""
+    vocab_size: int = 2000
+    """Vocabulary of a tokenizer trained on the task data (only when one is trained)."""
+
+    def __post_init__(self):
+        check(
+            self.path is not None or self.arch is not None,
+            "",
+            "model needs `path` (a hub id or directory) or `arch` (bart, t5, gpt2) to build one",
+        )
+        check(self.path is None or self.arch is None, "arch", "set either `path` or `arch`, not both")
+        check(self.shrink is None or self.path is not None, "shrink", "shrinking needs a teacher to copy: set `path`")
+        self.shrink = None if self.shrink is None else str(self.shrink)  # `shrink=4` (a count) reads as an integer
+        if self.path is not None and _looks_local(self.path):
+            check_path(os.path.isdir(self.path), "path", f"directory not found: {self.path}")
+        for key in ("hidden_size", "decoder_layers", "num_heads", "ffn_size", "max_positions"):
+            check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        check(self.encoder_layers >= 0, "encoder_layers", f"must be >= 0, got {self.encoder_layers}")
+        check(
+            self.hidden_size % self.num_heads == 0,
+            "num_heads",
+            f"must divide hidden_size ({self.hidden_size}), got {self.num_heads}",
+        )
+        check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        check(self.vocab_size >= 100, "vocab_size", f"must be >= 100, got {self.vocab_size}")
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher: its kind, and for a model run here (`hf`) the model to load, as any `model` section."""
+
+    kind: str = "hf"
+    """hf: a transformers model (path: hub id or directory), run here; it can give full logits, top-k, text."""
+
+    def __post_init__(self):
+        from distilgen.teachers import TEACHER_KINDS  # imports nothing of the pipeline
+
+        check(
+            self.kind in TEACHER_KINDS,
+            "kind",
+            f"unknown teacher kind '{self.kind}'; one of: {', '.join(TEACHER_KINDS)}",
+        )
+        super().__post_init__()
+
+    def require(self, needs: frozenset[str], what: str, alternatives: list[str] | None = None) -> None:
+        """A `ConfigError` unless this teacher can give `needs` (capabilities `what` asks for), naming the
+        `alternatives` that would work."""
+        from distilgen.teachers import TEACHER_KINDS, describe
+
+        missing = needs - TEACHER_KINDS[self.kind].capabilities
+        if missing:
+            hint = f"; with this teacher choose one of: {', '.join(alternatives)}" if alternatives else ""
+            raise ConfigError("teacher.kind", f"{what} needs a teacher that gives {describe(missing)}, which a "
+                              f"'{self.kind}' teacher does not{hint}")  # fmt: skip

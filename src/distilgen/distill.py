@@ -41,7 +41,7 @@ from accelerate.utils import set_seed
 from distilgen.config import ConfigError, DecodingSpec, DistillConfig, ModelConfig, check, save_config, writable_dir
 from distilgen.data import Example, load_splits
 from distilgen.decoding import decode, source_multiple, use_static_cache
-from distilgen.models import Batch, Encoded, TextModel, inner_model, load_model, round_up
+from distilgen.models import Batch, Encoded, TextModel, inner_model, load_model, model_inputs, pad_rows, round_up
 from distilgen.objectives import (
     attention_relation_kd,
     capture_qkv,
@@ -263,7 +263,7 @@ def _subset(batch: Batch, rows: torch.Tensor) -> Batch:
 
 
 def _teacher_logits(ctx: Context, batch: Batch) -> torch.Tensor:
-    on_device = {k: v.to(ctx.teacher.device) for k, v in batch.items() if not k.startswith(("topk", "row_"))}
+    on_device = {k: v.to(ctx.teacher.device) for k, v in model_inputs(batch).items()}
     with torch.no_grad():
         return ctx.teacher.target_logits(on_device)
 
@@ -358,7 +358,7 @@ def attention_kd_plan(ctx: Context) -> Plan:
     def loss(tm: TextModel, batch: Batch) -> torch.Tensor:
         with capture_qkv(inner_model(tm.model), which) as s, capture_qkv(ctx.teacher.model, which) as t:
             student_logits = tm.target_logits(batch)
-            per_token = kd_per_token(ctx, student_logits, {k: v for k, v in batch.items() if k != "topk_rows"})
+            per_token = kd_per_token(ctx, student_logits, model_inputs(batch))  # live: its attention is captured
         at = positions(tm, batch)
         relations = attention_relation_kd(
             s["q"], s["k"], s["v"], t["q"].to(s["q"].dtype), t["k"].to(s["q"].dtype), t["v"].to(s["q"].dtype),
@@ -409,18 +409,13 @@ def sample_student_pts(ctx: Context, tm: TextModel, window: dict[int, list[Batch
     limit = ctx.cfg.data.max_target_length
     targets = iter([tm.target_ids(tokens)[:limit] for tokens in tm.output_tokens(generated)])
     out: dict[int, list[Batch]] = {}
+    pad = tm.tokenizer.pad_token_id
     for step, batches in window.items():
         out[step] = []
         for b in batches:
-            collated = tm.collate([Encoded("", [0], next(targets)) for _ in range(b["source_ids"].shape[0])])
-            out[step].append(
-                {
-                    "source_ids": b["source_ids"],
-                    "source_mask": b["source_mask"],
-                    "target_ids": collated["target_ids"].to(device),
-                    "target_mask": collated["target_mask"].to(device),
-                }
-            )
+            ids, mask = pad_rows([next(targets) for _ in range(b["source_ids"].shape[0])], pad, left=False)
+            fresh = {"target_ids": ids.to(device), "target_mask": mask.to(device)}
+            out[step].append({"source_ids": b["source_ids"], "source_mask": b["source_mask"], **fresh})
     return out
 
 
@@ -491,7 +486,7 @@ def student_pt_prepare(ctx: Context, alpha: float) -> Prepare:
         pad, left = tm.tokenizer.pad_token_id, tm.layout.pad_source_left
         for teacher_half, student_half in zip(batches, fresh, strict=True):
             rows = teacher_half["source_ids"].shape[0]
-            teacher_half = {k: v for k, v in teacher_half.items() if not k.startswith("topk")}
+            teacher_half = model_inputs(teacher_half)  # stacked with student PTs, which have no stored top-k
             teacher_half["row_weight"] = weights[0].expand(rows)
             student_half = {**student_half, "row_weight": weights[1].expand(rows)}
             mixed.append(_stack_rows([teacher_half, student_half], keys, pad, left))

@@ -17,7 +17,7 @@ import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 import torch
 from transformers import (
@@ -129,8 +129,35 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrai
 # Layouts: where the target tokens are and how to generate
 # ---------------------------------------------------------------------------------------------
 
-Batch = dict[str, torch.Tensor]
-"""`source_ids`/`source_mask` (B, S) and, for training, `target_ids`/`target_mask` (B, T)."""
+
+class Batch(TypedDict, total=False):
+    """A collated batch (`TextModel.collate`): what a model reads, and what losses add beside it."""
+
+    source_ids: torch.Tensor
+    """(B, S) source tokens (decoder-only: the prompt, left-padded)."""
+    source_mask: torch.Tensor
+    """(B, S) 1 at real source tokens."""
+    target_ids: torch.Tensor
+    """(B, T) target tokens, right-padded (training and scoring only)."""
+    target_mask: torch.Tensor
+    """(B, T) 1 at real target tokens."""
+    topk_ids: torch.Tensor
+    """(B, T, k) a teacher's stored top-k token ids at each target position (PTs that carry them)."""
+    topk_logprobs: torch.Tensor
+    """(B, T, k) their log-probabilities."""
+    topk_rows: torch.Tensor
+    """(B,) 1 for the rows that have stored top-k."""
+    row_weight: torch.Tensor
+    """(B,) the weight of each row's loss (Joint-Teaching's within-batch mixing)."""
+
+
+MODEL_INPUTS = ("source_ids", "source_mask", "target_ids", "target_mask")
+
+
+def model_inputs(batch: Batch) -> Batch:
+    """What a model reads of `batch` (`TextModel.target_logits`), without what losses add (stored top-k, row
+    weights): a teacher run live on it, or rows stacked from batches that differ in those."""
+    return {key: batch[key] for key in MODEL_INPUTS if key in batch}
 
 
 def round_up(width: int, multiple: int) -> int:
@@ -138,9 +165,10 @@ def round_up(width: int, multiple: int) -> int:
     return -(-width // multiple) * multiple
 
 
-def _pad(
+def pad_rows(
     rows: Sequence[Sequence[int]], pad_id: int, left: bool, multiple: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), both (len(rows), width): token rows padded to the longest, rounded up to `multiple`."""
     width = round_up(max(len(r) for r in rows), multiple)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -359,12 +387,12 @@ class TextModel:
         """Padded tensors; the source width is rounded up to a multiple of `source_multiple` (fewer distinct
         shapes, for compiled decoding)."""
         pad = self.tokenizer.pad_token_id
-        source_ids, source_mask = _pad(
+        source_ids, source_mask = pad_rows(
             [it.source for it in items], pad, left=self.layout.pad_source_left, multiple=source_multiple
         )
         batch = {"source_ids": source_ids, "source_mask": source_mask}
         if all(it.target for it in items):
-            batch["target_ids"], batch["target_mask"] = _pad([it.target for it in items], pad, left=False)
+            batch["target_ids"], batch["target_mask"] = pad_rows([it.target for it in items], pad, left=False)
         if any(it.topk_ids is not None for it in items):
             batch.update(_pad_topk(items, batch["target_ids"].shape[1]))
         return batch

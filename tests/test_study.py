@@ -171,3 +171,32 @@ def test_teacher_completions_keep_the_student_prefix(teacher_dir, student_dir):
     completed = teacher_completions(teacher, examples, prefixes, cfg)
     for prefix, full in zip(prefixes, completed, strict=True):
         assert full[: len(prefix)] == prefix and len(full) > len(prefix)
+
+
+def test_a_bad_run_setting_is_one_error_keyed_where_the_study_sets_it(tmp_path, teacher_dir):
+    hot = {"kd": {"temperature": 2.0}, "pts": {"topk": 8}}  # a temperature that stored top-k cannot give
+    common = {"train": {"max_steps": 4}}
+    cases = [
+        ({"methods": ["finetune", "bogus"]}, r"^methods: unknown method 'bogus'"),
+        ({"methods": ["logits_kd_pt"], "variants": [], "common": {**common, **hot}}, r"^common\.kd\.temperature: 2.0"),
+        (
+            {"methods": ["finetune"], "variants": [{"name": "hot", "method": "logits_kd_pt", "set": hot}]},
+            r"^variants\.hot\.set\.kd\.temperature: 2.0",
+        ),
+        ({"variants": [{"name": "v", "method": "nope"}]}, r"^variants\.v\.method: unknown method 'nope'"),
+    ]
+    for extra, expected in cases:
+        with pytest.raises(ConfigError, match=expected):
+            study(_study_cfg(tmp_path, teacher_dir, **extra))
+    assert not (tmp_path / "study").exists()  # found before anything was written
+
+
+def test_a_command_config_built_with_a_plain_model_config_gets_an_hf_teacher(teacher_dir):
+    from distilgen.config import BuiltinTaskConfig, DataConfig, GenerateConfig, TeacherConfig
+
+    data = DataConfig(task=BuiltinTaskConfig(**TASK))
+    for cfg in (
+        GenerateConfig(store="pts", data=data, teacher=ModelConfig(path=str(teacher_dir))),
+        DiagnoseConfig(output_dir="d", data=data, teacher=ModelConfig(path=str(teacher_dir)), students=["s"]),
+    ):
+        assert isinstance(cfg.teacher, TeacherConfig) and cfg.teacher.kind == "hf"

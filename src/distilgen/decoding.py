@@ -129,6 +129,9 @@ GENERATION_RULES = (
     "forced_decoder_ids",
     "sequence_bias",
     "exponential_decay_length_penalty",
+    "guidance_scale",
+    "watermarking_config",
+    "max_time",
 )
 """Rules a model's own generation config may add to `generate` (a pretrained summariser's minimum length, a
 translator's forced language token...), which `decode` does not apply."""

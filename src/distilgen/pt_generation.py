@@ -27,6 +27,7 @@ from distilgen.decoding import decode, source_multiple, use_static_cache
 from distilgen.models import Encoded, TextModel
 from distilgen.pseudo_targets import MissingPT, PTRecord, PTStore, get_spec, sample_seed
 from distilgen.teachers import load_teacher
+from distilgen.teachers.hf import teacher_fingerprint  # noqa: F401 (its earlier home: imports keep working)
 
 log = logging.getLogger(__name__)
 

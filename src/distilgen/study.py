@@ -33,6 +33,17 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _study_error(cfg: StudyConfig, run: str, err: ConfigError) -> ConfigError:
+    """A run's config error, keyed where the study sets that value: the run's method, the study's teacher, the
+    variant's own settings, or `common`."""
+    variant = next((v for v in cfg.variants if v.name == run), None)
+    if err.key == "method":
+        return ConfigError(f"variants.{run}.method" if variant else "methods", err.message)
+    if err.key.startswith("teacher."):
+        return err
+    return err.under(f"variants.{run}.set" if variant and err.key.split(".")[0] in variant.set else "common")
+
+
 def _evaluate_cached(path: str, cache: Path, examples, cfg: StudyConfig, with_cost: bool) -> dict[str, Any]:
     """Scores (and cost) of the model at `path`, computed once and kept in `cache` (a study reruns cheaply)."""
     if cache.exists():
@@ -58,7 +69,7 @@ def study(cfg: StudyConfig) -> dict[str, Any]:
         try:
             check_method(run_cfg)
         except ConfigError as err:
-            raise err.under("methods" if name in cfg.methods else f"variants.{name}") from None
+            raise _study_error(cfg, name, err) from None
     state = process_state()
     examples = scored_split(cfg.data, cfg.split)
     out = Path(cfg.output_dir)

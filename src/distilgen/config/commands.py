@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from distilgen.config.base import ConfigError, _merge, check, check_path, from_dict
 from distilgen.config.decoding import SPECS, DecodingConfig, DecodingSpec
-from distilgen.config.sources import DataConfig, ModelConfig, TeacherConfig, _looks_local
+from distilgen.config.sources import DataConfig, ModelConfig, TeacherConfig, _looks_local, as_teacher
 from distilgen.config.training import (
     AttentionKDConfig,
     CostConfig,
@@ -157,6 +157,7 @@ class GenerateConfig:
     def __post_init__(self):
         if isinstance(self.spec, str):
             check(self.spec in SPECS, "spec", f"unknown spec '{self.spec}'; built-in: {', '.join(SPECS)}, or a mapping")
+        self.teacher = as_teacher(self.teacher)
         check(self.teacher.path is not None, "teacher.path", "generation needs a trained teacher: set its directory")
         self.teacher.require(frozenset({"text", "topk"} if self.topk else {"text"}), "generate")
         check(len(self.splits) >= 1, "splits", "name at least one split")
@@ -204,6 +205,7 @@ class DistillConfig:
     def __post_init__(self):
         # What depends on the method (its name, what it needs of the teacher) is checked by `distill.check_method`
         # when the command starts, before anything loads: methods live with their code, and configs import none.
+        self.teacher = as_teacher(self.teacher)
         check(self.teacher.path is not None, "teacher.path", "distillation needs a trained teacher: set its directory")
         check(self.final_finetune_epochs >= 0, "final_finetune_epochs", "must be >= 0")
 
@@ -314,6 +316,7 @@ class DiagnoseConfig:
     def __post_init__(self):
         from distilgen.metrics import METRICS
 
+        self.teacher = as_teacher(self.teacher)
         check(self.teacher.path is not None, "teacher.path", "set the teacher's directory")
         self.teacher.require(frozenset({"logits"}), "diagnose (the teacher completes the student's prefixes)")
         check(len(self.students) >= 1, "students", "name at least one student directory")

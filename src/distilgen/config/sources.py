@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -177,3 +178,8 @@ class TeacherConfig(ModelConfig):
             hint = f"; with this teacher choose one of: {', '.join(alternatives)}" if alternatives else ""
             raise ConfigError("teacher.kind", f"{what} needs a teacher that gives {describe(missing)}, which a "
                               f"'{self.kind}' teacher does not{hint}")  # fmt: skip
+
+
+def as_teacher(model: ModelConfig) -> TeacherConfig:
+    """`model` as a `TeacherConfig` (kind hf), for code that builds a command's config with a plain `ModelConfig`."""
+    return model if isinstance(model, TeacherConfig) else TeacherConfig(**dataclasses.asdict(model))

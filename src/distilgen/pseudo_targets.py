@@ -329,21 +329,13 @@ class PTStore:
             columns = {name: [getattr(r, name) for r in new] for name in _RECORD_COLUMNS}
             columns.update(teacher_fp=[teacher_fp] * len(new), spec_fp=[spec_fp] * len(new))
             schema = SCHEMA.with_metadata({_SPEC_METADATA: json.dumps(dataclasses.asdict(spec))})
+            table = pa.Table.from_pydict(columns, schema=schema)
             sink = pa.BufferOutputStream()
-            pq.write_table(pa.Table.from_pydict(columns, schema=schema), sink, compression="zstd")
+            pq.write_table(table, sink, compression="zstd")
             data = sink.getvalue().to_pybytes()
             file = f"shards/{uuid.uuid4().hex}.parquet"
             _write_atomic(self.root / file, data)
-            entry = {
-                "file": file,
-                "teacher_fp": teacher_fp,
-                "spec_fp": spec_fp,
-                "rows": len(new),
-                "tokens": sum(len(r.token_ids) for r in new),
-                "topk": max((len(ids) for r in new for ids in r.topk_ids or []), default=0),
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
+            entry = _shard_entry(file, teacher_fp, spec_fp, table, data)
             manifest = {
                 **self._manifest,
                 "specs": {spec_fp: dataclasses.asdict(spec), **self._manifest["specs"]},
@@ -548,9 +540,16 @@ def _entry_of_shard(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     if len(pairs) != 1:
         raise ValueError(f"{len(pairs)} (teacher, spec) pairs; a shard holds one")
     ((teacher_fp, spec_fp),) = pairs
-    topk = pc.list_value_length(pc.list_flatten(table["topk_ids"]))
-    entry = {
-        "file": f"shards/{path.name}",
+    spec = (table.schema.metadata or {}).get(_SPEC_METADATA)
+    entry = _shard_entry(f"shards/{path.name}", teacher_fp, spec_fp, table, data)
+    return entry, json.loads(spec) if spec is not None else None
+
+
+def _shard_entry(file: str, teacher_fp: str, spec_fp: str, table: pa.Table, data: bytes) -> dict[str, Any]:
+    """The manifest entry of the shard `file` holding `table`, written as the Parquet bytes `data`."""
+    topk = pc.list_value_length(pc.list_flatten(table["topk_ids"]))  # k at each stored position
+    return {
+        "file": file,
         "teacher_fp": teacher_fp,
         "spec_fp": spec_fp,
         "rows": table.num_rows,
@@ -559,8 +558,6 @@ def _entry_of_shard(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
     }
-    spec = (table.schema.metadata or {}).get(_SPEC_METADATA)
-    return entry, json.loads(spec) if spec is not None else None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

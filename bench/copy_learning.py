@@ -20,6 +20,7 @@ import torch
 
 from distilgen.config import BuiltinTaskConfig, DataConfig, DecodingConfig, ModelConfig, TrainConfig
 from distilgen.data import load_splits
+from distilgen.generation.hf import HFGenerator
 from distilgen.models import Encoded, load_model
 from distilgen.train import cross_entropy_loss, denoising_loss, make_accelerator, text_windows, train
 
@@ -54,7 +55,8 @@ def main() -> None:
     seconds = time.perf_counter() - start
     tm.model.eval()
     batch = {k: v.to(tm.device) for k, v in tm.collate([Encoded("", w.source, []) for w in held_out]).items()}
-    predictions = tm.decode(tm.generate_ids(batch, DecodingConfig(max_new_tokens=args.window + 4)))
+    new_ids = HFGenerator(tm).run(batch, DecodingConfig(max_new_tokens=args.window + 4).settings())
+    predictions = [tm.tokenizer.decode(tokens).strip() for tokens in tm.output_tokens(new_ids)]
     references = [tm.tokenizer.decode(w.target, skip_special_tokens=True).strip() for w in held_out]
     exact = sum(p == r for p, r in zip(predictions, references, strict=True)) / len(held_out)
     print(

@@ -24,9 +24,9 @@ import torch
 from pt_generation import make_inputs
 from torch.profiler import ProfilerActivity
 
-from distilgen.config import DecodingSpec, TeacherConfig
+from distilgen.config import GenerationSettings, TeacherConfig
 from distilgen.data import Example
-from distilgen.decoding import SOURCE_BUCKET, decode
+from distilgen.generation.decode import SOURCE_BUCKET, decode
 from distilgen.models import Encoded
 from distilgen.teachers import load_teacher
 
@@ -67,8 +67,8 @@ def main() -> None:
     examples = [Example(str(i), text, None, ()) for i, text in enumerate(texts)]
     items = [Encoded("", e.source, []) for e in tm.encode(examples, args.source_length, targets=False)[0]]
     batch = {k: v.to(device) for k, v in tm.collate(items, source_multiple=SOURCE_BUCKET).items()}
-    greedy = DecodingSpec("greedy", max_new_tokens=args.tokens)
-    sample = DecodingSpec("sample", "sample", top_p=args.top_p, max_new_tokens=args.tokens)
+    greedy = GenerationSettings("greedy", max_new_tokens=args.tokens)
+    sample = GenerationSettings("sample", top_p=args.top_p, max_new_tokens=args.tokens)
     generate_kwargs = {"do_sample": False, "max_new_tokens": args.tokens, "cache_implementation": "static"}
     generate_kwargs.update(pad_token_id=tm.tokenizer.pad_token_id, eos_token_id=tm.tokenizer.eos_token_id)
     seeds = list(range(args.rows))

@@ -54,9 +54,7 @@ def make_inputs(tokenizer, count: int, min_length: int, max_length: int, seed: i
 def plain_loop(tm, spec: DecodingSpec, inputs: list[str], batch_size: int, max_length: int) -> float:
     """Seconds for a hand-written loop over `inputs` in file order; batches of `batch_size` sequences."""
     per_input = spec.num_per_input
-    kwargs = spec.generate_kwargs()
-    if spec.kind == "sample":
-        kwargs["num_return_sequences"] = per_input
+    kwargs = spec.settings().generate_kwargs()
     pad_left = not tm.is_encoder_decoder
     tm.tokenizer.padding_side = "left" if pad_left else "right"
     step = max(1, batch_size // per_input)
@@ -77,8 +75,8 @@ def distilgen_run(tm, spec, inputs, batch_size, max_length, topk, static_cache) 
     fp = teacher_fingerprint(tm, max_length)
     start = time.perf_counter()
     report = generate_pts(
-        tm, store, fp, spec, inputs, batch_size=batch_size, max_source_length=max_length, topk=topk,
-        static_cache=static_cache, progress=False,
+        tm.generator(max_length, batch_size, static_cache), store, fp, spec, inputs, batch_size=batch_size,
+        topk=topk, progress=False,
     )  # fmt: skip
     _sync(tm.device)
     return time.perf_counter() - start, store, report.tokens

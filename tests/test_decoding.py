@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from distilgen.config import DecodingSpec
-from distilgen.decoding import counter_uniform, decode, gumbel_tokens, seed_tensor, warpers
+from distilgen.config import GenerationSettings
+from distilgen.generation.decode import counter_uniform, decode, gumbel_tokens, seed_tensor, warpers
 from distilgen.models import Encoded, load_model
 from tests.conftest import tiny_model_config
 
@@ -51,7 +51,7 @@ def test_seeded_sampling_follows_the_warped_softmax():
 def test_the_compiled_sampler_draws_exactly_what_the_eager_one_draws():
     """The GPU path compiles `gumbel_tokens`; here inductor's CPU backend stands in for it: the integer hash
     must wrap and shift alike, whatever the batch size (one compile, dynamic in the batch)."""
-    from distilgen.decoding import _compiled_gumbel_tokens
+    from distilgen.generation.decode import _compiled_gumbel_tokens
 
     logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(0))
     warp = warpers(0.7, 20, 0.9)
@@ -142,8 +142,8 @@ def _reference(tm, batch, spec, seeds, static):
 @pytest.mark.parametrize(
     "spec",
     [
-        DecodingSpec("greedy", max_new_tokens=14),
-        DecodingSpec("sample", "sample", num_samples=3, temperature=1.3, top_k=50, top_p=0.9, max_new_tokens=14),
+        GenerationSettings("greedy", max_new_tokens=14),
+        GenerationSettings("sample", num_return=3, temperature=1.3, top_k=50, top_p=0.9, max_new_tokens=14),
     ],
     ids=["greedy", "sample"],
 )
@@ -160,32 +160,47 @@ def test_decode_gives_the_tokens_generate_gives(model_with_eos, spec, static):
     assert 0 < ended.sum() < len(ours)  # some rows end early, some run to the limit: both paths are checked
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_decode_continues_a_given_prefix_as_generate_does(model_with_eos, static):
+    """The diagnostic's completions: the output's first tokens are given (the student's prefix), the model writes on."""
+    tm = model_with_eos
+    tm.rising_eos.rise = 0.0
+    batch = _batch(tm, SOURCES)
+    settings = GenerationSettings("greedy", max_new_tokens=9)
+    prefix = torch.tensor([tm.output_prefix(p) for p in ([7, 8], [9, 9], [10, 7], [8, 8])])
+    ours = decode(tm, batch, settings, static=static, prefix=prefix)
+    kwargs = {"max_new_tokens": 9, "do_sample": False, "pad_token_id": tm.tokenizer.pad_token_id}
+    theirs = tm.layout.generate(tm.model, batch, prefix, **kwargs)
+    assert ours.shape[1] == 9 and torch.equal(ours, theirs)
+    assert not torch.equal(ours, decode(tm, batch, settings, static=static))  # the prefix changes what follows
+
+
 @pytest.mark.parametrize("arch", ["bart"])
 def test_decode_forbids_repeated_ngrams_as_generate_does(model_with_eos):
     tm = model_with_eos
     tm.rising_eos.rise = 0.0  # no early EOS: long outputs, where repeats happen
     batch = _batch(tm, SOURCES)
-    spec = DecodingSpec("greedy", max_new_tokens=30, no_repeat_ngram_size=2)
+    spec = GenerationSettings("greedy", max_new_tokens=30, no_repeat_ngram_size=2)
     ours = decode(tm, batch, spec)
     assert torch.equal(ours, _reference(tm, batch, spec, None, False))
-    assert not torch.equal(ours, decode(tm, batch, DecodingSpec("greedy", max_new_tokens=30)))
+    assert not torch.equal(ours, decode(tm, batch, GenerationSettings("greedy", max_new_tokens=30)))
 
 
 @pytest.mark.parametrize("arch", ["bart"])
 def test_decode_rejects_what_it_does_not_do(model_with_eos):
     batch = _batch(model_with_eos, SOURCES[:2])
     with pytest.raises(ValueError, match="beam"):
-        decode(model_with_eos, batch, DecodingSpec("b", "beam", num_beams=2))
+        decode(model_with_eos, batch, GenerationSettings("beam", num_beams=2))
     with pytest.raises(ValueError, match="seeds"):
-        decode(model_with_eos, batch, DecodingSpec("s", "sample"))
+        decode(model_with_eos, batch, GenerationSettings("sample"))
     with pytest.raises(ValueError, match="3 seeds for 2 inputs"):
-        decode(model_with_eos, batch, DecodingSpec("s", "sample", num_samples=2), seeds=[1, 2, 3])
+        decode(model_with_eos, batch, GenerationSettings("sample", num_return=2), seeds=[1, 2, 3])
 
 
 @pytest.mark.parametrize("arch", ["bart", "gpt2"])
 def test_a_seeded_pt_is_the_same_alone_and_in_a_padded_batch(model_with_eos):
     tm = model_with_eos
-    spec = DecodingSpec("s", "sample", num_samples=2, temperature=1.5, max_new_tokens=10)
+    spec = GenerationSettings("sample", num_return=2, temperature=1.5, max_new_tokens=10)
     tm.rising_eos.reset()
     batched = decode(tm, _batch(tm, SOURCES), spec, seeds=list(range(8)))
     tm.rising_eos.reset()
@@ -200,9 +215,9 @@ def test_batches_of_one_shape_reuse_one_static_cache_and_decode_as_with_a_fresh_
     """A CUDA graph is recorded on the static cache's tensors: the next batch of the same shape decodes in the
     same cache (zeroed, and for an encoder-decoder with the new sources' cross-attention), so that the graph
     replays instead of being recorded again."""
-    from distilgen import decoding
+    from distilgen.generation import decode as decoding
 
-    tm, spec = model_with_eos, DecodingSpec("greedy", max_new_tokens=12)
+    tm, spec = model_with_eos, GenerationSettings("greedy", max_new_tokens=12)
     first, second = _batch(tm, SOURCES, source_multiple=64), _batch(tm, SOURCES[::-1], source_multiple=64)
     decode(tm, first, spec, static=True)
     (kept,) = decoding._static_caches[tm.model].values()
@@ -221,9 +236,9 @@ def test_batches_of_one_shape_reuse_one_static_cache_and_decode_as_with_a_fresh_
 def test_static_caches_of_recent_shapes_are_kept_within_a_byte_budget(model_with_eos, monkeypatch):
     """Batches that move between a few shapes keep one cache per shape (each shape's graph recorded once);
     past the budget only the latest shape's cache stays."""
-    from distilgen import decoding
+    from distilgen.generation import decode as decoding
 
-    tm, spec = model_with_eos, DecodingSpec("greedy", max_new_tokens=6)
+    tm, spec = model_with_eos, GenerationSettings("greedy", max_new_tokens=6)
     wide, narrow = _batch(tm, SOURCES, source_multiple=64), _batch(tm, SOURCES[:3], source_multiple=64)
 
     def caches():
@@ -253,7 +268,7 @@ def test_the_compiled_step_decodes_as_the_eager_one_with_one_graph_for_all_steps
     tm = model_with_eos
     tm.model.get_output_embeddings()._forward_hooks.clear()  # the hook's Python counter would be a guard
     batch = _batch(tm, SOURCES, source_multiple=64)
-    spec = DecodingSpec("greedy", max_new_tokens=10)
+    spec = GenerationSettings("greedy", max_new_tokens=10)
     counters.clear()
     compiled = decode(tm, batch, spec, static=True, compile=True)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
@@ -270,7 +285,7 @@ def test_static_cache_auto_compiles_on_a_gpu_with_triton_and_else_stays_dynamic(
     only costs), says so once, and `on` keeps its static cache but is not compiled."""
     import torch.utils._triton
 
-    from distilgen import decoding
+    from distilgen.generation import decode as decoding
 
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: triton)
     decoding._gpu_compiler_available.cache_clear()
@@ -295,7 +310,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GP
 @needs_gpu
 def test_the_seeded_sampler_draws_the_same_on_the_gpu():
     """Integer hashing is exact on both devices, so a PT sampled on a GPU is the one a CPU would sample."""
-    from distilgen.decoding import _compiled_gumbel_tokens
+    from distilgen.generation.decode import _compiled_gumbel_tokens
 
     seeds, step = seed_tensor([1, 2**63 + 5, 7, 123456789]), torch.tensor(3)
     assert torch.equal(counter_uniform(seeds, step, 1000), counter_uniform(seeds.cuda(), step.cuda(), 1000).cpu())
@@ -314,7 +329,7 @@ def test_on_a_gpu_the_compiled_step_is_one_cuda_graph_replayed_for_later_batches
     tm = model_with_eos
     tm.model.get_output_embeddings()._forward_hooks.clear()
     tm.model.cuda()
-    spec, seeds = DecodingSpec("s", "sample", num_samples=2, top_p=0.9, max_new_tokens=12), list(range(8))
+    spec, seeds = GenerationSettings("sample", num_return=2, top_p=0.9, max_new_tokens=12), list(range(8))
     batches = [{k: v.cuda() for k, v in _batch(tm, s, source_multiple=64).items()} for s in (SOURCES, SOURCES[::-1])]
     counters.clear()
     first = decode(tm, batches[0], spec, seeds, static=True)

@@ -147,7 +147,7 @@ def test_student_pts_with_a_static_cache_pad_sources_to_buckets_and_are_the_same
     monkeypatch.setattr(
         ctx.student.layout,
         "steps",
-        lambda model, b, *args: seen.append((b["source_ids"].shape[1], args[-2])) or steps(model, b, *args),
+        lambda model, b, *args: seen.append((b["source_ids"].shape[1], args[2])) or steps(model, b, *args),
     )
     (dynamic,) = sample_student_pts(ctx, ctx.student, {1: [batch]})[1]  # default auto: off on a CPU
     monkeypatch.setattr(ctx.cfg.student_pts, "static_cache", "on")

@@ -105,20 +105,21 @@ def test_model_label_and_speed_up_column():
 
 @pytest.mark.parametrize("arch", ["bart", "gpt2"])
 def test_greedy_evaluation_runs_the_pt_generation_loop_with_generates_tokens(finetuned, splits, arch, monkeypatch):
-    """What evaluation (and its cost report) times is `decoding.decode`, the loop PT generation runs, with the
+    """What evaluation (and its cost report) times is `generation.decode`, the loop PT generation runs, with the
     outputs `generate` gives; a model whose generation config adds rules that loop skips goes to `generate`."""
-    import distilgen.models as models
+    import distilgen.generation.hf as hf
     from distilgen.config import ModelConfig
+    from distilgen.models import load_model
 
-    tm = models.load_model(ModelConfig(path=finetuned[arch]))
+    tm = load_model(ModelConfig(path=finetuned[arch]))
     examples, decoding = splits["dev"], DecodingConfig(max_new_tokens=8, batch_size=3)
     calls = []
-    real_decode = models.decode
-    monkeypatch.setattr(models, "decode", lambda *args, **kw: calls.append(1) or real_decode(*args, **kw))
+    real_decode = hf.decode
+    monkeypatch.setattr(hf, "decode", lambda *args, **kw: calls.append(1) or real_decode(*args, **kw))
     ours = generate(tm, examples, decoding, 256)
     assert len(calls) == 3  # 8 examples in batches of 3
     with monkeypatch.context() as patch:
-        patch.setattr(models, "generation_rules", lambda model: ["min_length"])  # as if the model asked for one
+        patch.setattr(hf, "generation_rules", lambda model: ["min_length"])  # as if the model asked for one
         assert generate(tm, examples, decoding, 256) == ours and len(calls) == 3  # generate's tokens, not our loop
     tm.model.generation_config.min_new_tokens = 6  # a rule of the model's own: applied, by `generate`
     generate(tm, examples, decoding, 256)

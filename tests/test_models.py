@@ -52,15 +52,19 @@ def test_saved_model_reloads_in_plain_transformers_with_the_same_logits(tiny_mod
 
 
 def test_generation_returns_new_tokens_only_and_decodes_up_to_eos(tiny_model, splits):
+    from distilgen.generation.hf import HFGenerator
+
     tm = tiny_model
     batch, _ = _batch(tm, splits["train"][:2])
-    batch = {k: v for k, v in batch.items() if k.startswith("source")}
-    ids = tm.generate_ids(batch, DecodingConfig(max_new_tokens=7))
+    generator = HFGenerator(tm)
+    ids = generator.run(batch, DecodingConfig(max_new_tokens=7).settings())
     assert ids.shape[0] == 2 and ids.shape[1] <= 7
     eos = tm.tokenizer.eos_token_id
     forced = torch.tensor([[5, 6, eos, 7], [8, eos, 9, 9]])
-    texts = tm.decode(forced)
-    assert texts == [tm.tokenizer.decode([5, 6]).strip(), tm.tokenizer.decode([8]).strip()]
+    assert tm.output_tokens(forced) == [[5, 6], [8]]
+    ((written,),) = generator.generate([splits["train"][0].source], DecodingConfig(max_new_tokens=7).settings())
+    assert written.token_ids == tm.target_ids(written.tokens) and 0 < len(written.tokens) <= 7
+    assert written.text == tm.tokenizer.decode(written.tokens).strip()
 
 
 def test_a_model_built_without_a_tokenizer_trains_one_on_the_task_text(splits):

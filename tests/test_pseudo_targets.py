@@ -112,8 +112,9 @@ def test_an_unknown_preset_lists_the_valid_ones():
 
 def test_presets_give_their_number_of_pts_and_generate_kwargs():
     assert [get_spec(name).num_per_input for name in ("greedy", "beam4", "sample")] == [1, 1, 4]
-    assert get_spec("beam4").generate_kwargs()["num_return_sequences"] == 1
-    assert get_spec("sample_t15").generate_kwargs()["temperature"] == 1.5
+    assert get_spec("beam4").settings().generate_kwargs()["num_return_sequences"] == 1
+    assert get_spec("sample").settings().generate_kwargs()["num_return_sequences"] == 4
+    assert get_spec("sample_t15").settings().generate_kwargs()["temperature"] == 1.5
 
 
 # ---------------------------------------------------------------------------------------------

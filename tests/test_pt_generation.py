@@ -16,6 +16,8 @@ import torch
 import yaml
 
 from distilgen.config import DecodingSpec
+from distilgen.generation import hf
+from distilgen.generation.hf import HFGenerator
 from distilgen.models import Encoded, load_model
 from distilgen.pseudo_targets import PTStore, input_key
 from distilgen.pt_generation import generate_pts, plan_batches, plan_rows
@@ -39,14 +41,19 @@ def teacher(arch, tokenizer_dir):
     return tm
 
 
+def _gen(tm, static_cache: str = "off") -> HFGenerator:
+    """The teacher's PT generator, as the commands open it."""
+    return HFGenerator(tm, 256, batch_size=64, static_cache=static_cache, own_rules=False)
+
+
 def _spy_decoding(tm) -> list[tuple[int, int, bool]]:
     """(inputs, source width, static cache) of every decoding of greedy or sampled PTs `tm` starts."""
     seen = []
     steps = tm.layout.steps
 
-    def spied(model, batch, per_input, max_new_tokens, static, compile):
+    def spied(model, batch, per_input, max_new_tokens, static, compile, prefix=None):
         seen.append((batch["source_ids"].shape[0], batch["source_ids"].shape[1], static))
-        return steps(model, batch, per_input, max_new_tokens, static, compile)
+        return steps(model, batch, per_input, max_new_tokens, static, compile, prefix)
 
     tm.layout.steps = spied  # this instance only
     return seen
@@ -64,7 +71,7 @@ def test_generation_fills_the_store_once_and_only_tops_up(teacher, splits, tmp_p
     sources = [e.source for e in splits["train"][:10]]
     store, fp = PTStore(tmp_path / "pts"), teacher_fingerprint(teacher, 256)
     calls = _spy_decoding(teacher)
-    report = generate_pts(teacher, store, fp, SAMPLE2, sources + sources[:3], batch_size=4, shard_size=8)
+    report = generate_pts(_gen(teacher), store, fp, SAMPLE2, sources + sources[:3], batch_size=4, shard_size=8)
     assert (report.requested, report.missing, report.generated, report.sequences) == (20, 20, 20, 20)
     assert sum(inputs for inputs, _, _ in calls) == 10  # repeated inputs are generated once; 2 samples in one call
     pts = store.get(fp, SAMPLE2, sources)
@@ -75,10 +82,10 @@ def test_generation_fills_the_store_once_and_only_tops_up(teacher, splits, tmp_p
             assert r.token_ids[-1] == teacher.tokenizer.eos_token_id and len(r.token_ids) <= 12 + 2
 
     calls.clear()
-    again = generate_pts(teacher, store, fp, SAMPLE2, sources, batch_size=4)
+    again = generate_pts(_gen(teacher), store, fp, SAMPLE2, sources, batch_size=4)
     assert calls == [] and (again.missing, again.generated) == (0, 0)
 
-    more = generate_pts(teacher, store, fp, dataclasses.replace(SAMPLE2, num_samples=3), sources, batch_size=4)
+    more = generate_pts(_gen(teacher), store, fp, dataclasses.replace(SAMPLE2, num_samples=3), sources, batch_size=4)
     assert sum(inputs for inputs, _, _ in calls) == 10 and more.generated == 10  # only sample 2 of each input
     assert _contents(store, fp, SAMPLE2, sources) == {
         k: v for k, v in _contents(store, fp, dataclasses.replace(SAMPLE2, num_samples=3), sources).items() if k[1] < 2
@@ -90,13 +97,13 @@ def test_the_same_pts_come_out_whatever_the_batching_or_sharding(teacher, splits
     sources = [e.source for e in splits["train"][:12]]
     fp = teacher_fingerprint(teacher, 256)
     one = PTStore(tmp_path / "one")
-    generate_pts(teacher, one, fp, SAMPLE2, sources, batch_size=24)
+    generate_pts(_gen(teacher), one, fp, SAMPLE2, sources, batch_size=24)
     sharded = PTStore(tmp_path / "sharded")
     barrier = threading.Barrier(3)  # three "processes", each with its own view of the store
 
     def shard(rank: int) -> None:
         store = PTStore(tmp_path / "sharded")
-        generate_pts(teacher, store, fp, SAMPLE2, sources, batch_size=5, process_index=rank, num_processes=3,
+        generate_pts(_gen(teacher), store, fp, SAMPLE2, sources, batch_size=5, process_index=rank, num_processes=3,
                      barrier=barrier.wait, progress=False)  # fmt: skip
 
     threads = [threading.Thread(target=shard, args=(rank,)) for rank in range(3)]
@@ -118,7 +125,7 @@ def test_inputs_another_writer_claimed_are_skipped_then_waited_for(teacher, spli
     sources = [e.source for e in splits["train"][:10]]
     fp = teacher_fingerprint(teacher, 256)
     reference = PTStore(tmp_path / "reference")
-    generate_pts(teacher, reference, fp, SAMPLE2, sources, batch_size=4, progress=False)
+    generate_pts(_gen(teacher), reference, fp, SAMPLE2, sources, batch_size=4, progress=False)
     other = PTStore(tmp_path / "pts")  # another writer, busy with the first 3 inputs
     claimed = sources[:3]
     assert other.claim(fp, SAMPLE2.fingerprint(), [input_key(s) for s in claimed]) == {input_key(s) for s in claimed}
@@ -135,7 +142,7 @@ def test_inputs_another_writer_claimed_are_skipped_then_waited_for(teacher, spli
     store = PTStore(tmp_path / "pts")
     thread = threading.Thread(target=finish_later)
     thread.start()
-    report = generate_pts(teacher, store, fp, SAMPLE2, sources, batch_size=4, progress=False)
+    report = generate_pts(_gen(teacher), store, fp, SAMPLE2, sources, batch_size=4, progress=False)
     thread.join()
     assert report.generated == 14 and report.sequences == 14  # 7 inputs x 2 samples: none of the claimed ones
     assert store.missing(fp, SAMPLE2, sources) == []
@@ -148,11 +155,10 @@ def test_rows_cover_an_input_at_once_longest_first_and_batches_count_sequences()
 
     sources = ["a b", "a b c d e", "a"]
     todo = [MissingPT(input_key(s), i, s) for s in sources for i in (0, 1)]
-    encoded = {input_key(s): [1] * len(s) for s in sources}
     beam_spec = DecodingSpec("b", "beam", num_beams=2, num_return=2)
-    beam = plan_rows(todo, beam_spec, encoded)
+    beam = plan_rows(todo, beam_spec)
     assert [(len(r.source), r.sample_indices) for r in beam] == [(9, (0, 1)), (3, (0, 1)), (1, (0, 1))]
-    sample = plan_rows([*todo, MissingPT(input_key("z"), 1, "z")], SAMPLE2, encoded | {input_key("z"): [1] * 20})
+    sample = plan_rows([*todo, MissingPT(input_key("z" * 20), 1, "z" * 20)], SAMPLE2)
     assert [(len(r.source), r.sample_indices) for r in sample] == [(9, (0, 1)), (3, (0, 1)), (1, (0, 1)), (20, (1,))]
     batches = plan_batches(sample, SAMPLE2, batch_size=4)  # 4 sequences: two inputs of 2 samples
     assert [[len(r.source) for r in batch] for batch in batches] == [[9, 3], [1], [20]]
@@ -163,8 +169,8 @@ def test_beam_pts_are_ranked_beams(teacher, splits, tmp_path):
     spec = DecodingSpec("beam3", "beam", num_beams=3, num_return=3, max_new_tokens=8)
     sources = [e.source for e in splits["train"][:3]]
     store, fp = PTStore(tmp_path / "pts"), teacher_fingerprint(teacher, 256)
-    generate_pts(teacher, store, fp, spec, sources, batch_size=2)
-    greedy_beam = generate_pts(teacher, store, fp, dataclasses.replace(spec, num_return=2), sources)
+    generate_pts(_gen(teacher), store, fp, spec, sources, batch_size=2)
+    greedy_beam = generate_pts(_gen(teacher), store, fp, dataclasses.replace(spec, num_return=2), sources)
     assert greedy_beam.generated == 0  # fewer beams than stored: nothing to do
     for records in store.get(fp, spec, sources).values():
         assert [r.sample_index for r in records] == [0, 1, 2] and len({r.text for r in records}) == 3
@@ -190,20 +196,18 @@ def test_stored_topk_are_the_teachers_log_probs_at_each_pt_token(teacher, splits
     """Taken from the decoding steps where a PT is exactly what was decoded (before any rule such as no repeated
     n-grams), else from a teacher-forced pass: either way what the teacher gives at each token of the PT, fed
     alone."""
-    from distilgen import pt_generation
-
     _eos_where_first_feature_is_high(teacher)
     forced = []
-    teacher_topk = pt_generation._teacher_topk
+    teacher_topk = hf.forced_topk
 
     def spied(tm, sources, targets, k):
         forced.append(len(targets))
         return teacher_topk(tm, sources, targets, k)
 
-    monkeypatch.setattr(pt_generation, "_teacher_topk", spied)
+    monkeypatch.setattr(hf, "forced_topk", spied)
     sources = [e.source for e in splits["train"][:8]]
     store, fp = PTStore(tmp_path / "pts"), teacher_fingerprint(teacher, 256)
-    generate_pts(teacher, store, fp, spec, sources, batch_size=4, topk=4, progress=False)
+    generate_pts(_gen(teacher), store, fp, spec, sources, batch_size=4, topk=4, progress=False)
     assert store.stats()[0].topk == 4
     pts = len(sources) * spec.num_per_input
     assert sum(forced) < pts  # some from the decoding steps
@@ -219,12 +223,10 @@ def test_stored_topk_are_the_teachers_log_probs_at_each_pt_token(teacher, splits
 
 
 def test_topk_come_from_the_steps_for_targets_decoded_as_stored_and_from_a_pass_for_the_others(monkeypatch):
-    from distilgen import pt_generation
-
     eos = 2
     generated = torch.tensor([[5, 6, eos, 0], [5, 6, 7, 8], [1, 5, eos, 0]])  # ended; cut at the limit; a special token
     targets = [[5, 6, eos], [5, 6, 7, 8, eos], [5, eos]]  # as `target_ids` writes them back
-    steps = pt_generation.StepTopK(2)
+    steps = hf.StepTopK(2)
     for t in range(4):
         steps(torch.log_softmax(torch.arange(10.0) * (t + 1), -1).expand(3, 10))
     passes = []
@@ -233,8 +235,8 @@ def test_topk_come_from_the_steps_for_targets_decoded_as_stored_and_from_a_pass_
         passes.append(sources)
         return [[[-1] * k] * len(t) for t in targets], [[[0.0] * k] * len(t) for t in targets]
 
-    monkeypatch.setattr(pt_generation, "_teacher_topk", teacher_topk)
-    ids, logprobs = pt_generation._pt_topk(None, ["a", "b", "c"], targets, generated, steps, 2)
+    monkeypatch.setattr(hf, "forced_topk", teacher_topk)
+    ids, logprobs = hf._output_topk(None, ["a", "b", "c"], targets, generated, steps, 2)
     assert passes == [["b", "c"]]
     assert ids[0] == [[9, 8]] * 3 and [len(x) for x in ids] == [3, 5, 2] and ids[1][0] == [-1, -1]
     assert logprobs[0][0][0] == pytest.approx(torch.log_softmax(torch.arange(10.0), -1)[9].item())
@@ -419,10 +421,10 @@ def test_a_static_cache_pads_sources_to_buckets_and_gives_the_same_pts(teacher, 
     seen = _spy_decoding(teacher)
     for spec in (GREEDY, SAMPLE2):
         dynamic, static = PTStore(tmp_path / f"{spec.name}-dynamic"), PTStore(tmp_path / f"{spec.name}-static")
-        generate_pts(teacher, dynamic, fp, spec, sources, batch_size=4, progress=False)  # auto: off on CPU
+        generate_pts(_gen(teacher), dynamic, fp, spec, sources, batch_size=4, progress=False)  # auto: off on CPU
         assert not any(cache for _, _, cache in seen) and any(width % 64 for _, width, _ in seen)
         seen.clear()
-        generate_pts(teacher, static, fp, spec, sources, batch_size=4, static_cache="on", progress=False)
+        generate_pts(_gen(teacher, "on"), static, fp, spec, sources, batch_size=4, progress=False)
         assert seen and all(width % 64 == 0 and cache for _, width, cache in seen)
         seen.clear()
         assert _contents(dynamic, fp, spec, sources) == _contents(static, fp, spec, sources)
@@ -431,8 +433,8 @@ def test_a_static_cache_pads_sources_to_buckets_and_gives_the_same_pts(teacher, 
     monkeypatch.setattr(
         type(teacher.layout),
         "generate",
-        lambda layout, model, batch, **kw: beams.append(kw) or real(layout, model, batch, **kw),
+        lambda layout, model, batch, prefix=None, **kw: beams.append(kw) or real(layout, model, batch, prefix, **kw),
     )
     beam = DecodingSpec("beam2", "beam", num_beams=2, max_new_tokens=8)
-    generate_pts(teacher, PTStore(tmp_path / "beam"), fp, beam, sources, static_cache="on", progress=False)
+    generate_pts(_gen(teacher, "on"), PTStore(tmp_path / "beam"), fp, beam, sources, progress=False)
     assert beams and not seen and all("cache_implementation" not in kw for kw in beams)  # beams: `generate`'s own cache

@@ -74,12 +74,13 @@ def test_shrunk_model_has_the_expected_layers_and_reloads_in_plain_transformers(
 def test_shrunk_decoder_generates_with_the_kv_cache(teacher, splits):
     """Layer indices are renumbered, so cached generation equals uncached generation."""
     from distilgen.config import DecodingConfig
+    from distilgen.generation.hf import HFGenerator
 
     spec = "1,3" if teacher.model.config.model_type == "gpt2" else "4:1,3"
     teacher.model = shrink_layers(teacher.model, spec).eval()
     items, _ = teacher.encode(splits["train"][:2], targets=False)
     batch = teacher.collate(items)
-    cached = teacher.generate_ids(batch, DecodingConfig(max_new_tokens=6))
+    cached = HFGenerator(teacher).run(batch, DecodingConfig(max_new_tokens=6).settings())
     uncached = teacher.layout.generate(
         teacher.model,
         batch,

@@ -16,6 +16,7 @@ from distilgen.evaluate import generate
 from distilgen.metrics import compute_metrics, gap_closed
 from distilgen.models import load_model
 from distilgen.study import study
+from distilgen.teachers import load_teacher
 from tests.conftest import TINY, cli_env, launch_two_processes
 
 TASK = {"train_size": 16, "unlabeled_size": 8, "dev_size": 4, "test_size": 6}
@@ -165,12 +166,14 @@ def test_teacher_completions_keep_the_student_prefix(teacher_dir, student_dir):
         },
     )
     examples = load_splits(cfg.data, ("test",))["test"]
-    teacher, student = load_model(ModelConfig(path=str(teacher_dir))), load_model(ModelConfig(path=str(student_dir)))
+    teacher = load_teacher(cfg.teacher, "fp32", torch.device("cpu"))
+    student = load_model(ModelConfig(path=str(student_dir)))
     outputs = student_outputs(student, examples, cfg)
     prefixes = [tokens[: len(tokens) // 2] for tokens in outputs]
     completed = teacher_completions(teacher, examples, prefixes, cfg)
-    for prefix, full in zip(prefixes, completed, strict=True):
-        assert full[: len(prefix)] == prefix and len(full) > len(prefix)
+    for prefix, written in zip(prefixes, completed, strict=True):
+        assert written.tokens[: len(prefix)] == prefix and len(written.tokens) > len(prefix)
+        assert written.text == teacher.tokenizer.decode(written.tokens, skip_special_tokens=True).strip()
 
 
 def test_a_bad_run_setting_is_one_error_keyed_where_the_study_sets_it(tmp_path, teacher_dir):

@@ -21,40 +21,29 @@ from tqdm.auto import tqdm
 
 from distilgen.config import DiagnoseConfig, ModelConfig, save_config, writable_dir
 from distilgen.data import Example, scored_split
+from distilgen.generation import Generated
+from distilgen.generation.hf import HFGenerator
 from distilgen.metrics import compute_metrics
 from distilgen.models import TextModel, load_model
 from distilgen.students import require_same_vocab
-from distilgen.teachers import load_teacher
+from distilgen.teachers import Teacher, load_teacher
 
 
 def student_outputs(tm: TextModel, examples: Sequence[Example], cfg: DiagnoseConfig) -> list[list[int]]:
     """The student's text tokens for each example (its own decoding, `cfg.decoding`)."""
-    encoded, _ = tm.encode(examples, cfg.data.max_source_length, targets=False)
-    outputs: list[list[int]] = []
-    tm.model.eval()
-    for start in range(0, len(encoded), cfg.decoding.batch_size):
-        batch = {k: v.to(tm.device) for k, v in tm.collate(encoded[start : start + cfg.decoding.batch_size]).items()}
-        outputs += tm.output_tokens(tm.generate_ids(batch, cfg.decoding))
-    return outputs
+    generator = HFGenerator(tm, cfg.data.max_source_length, cfg.decoding.batch_size)
+    outputs = generator.generate([e.source for e in examples], cfg.decoding.settings(), desc="student")
+    return [written[0].tokens for written in outputs]
 
 
 def teacher_completions(
-    teacher: TextModel, examples: Sequence[Example], prefixes: Sequence[list[int]], cfg: DiagnoseConfig
-) -> list[list[int]]:
-    """prefix + the teacher's continuation, per example; rows with equal prefix lengths are batched together."""
-    encoded, _ = teacher.encode(examples, cfg.data.max_source_length, targets=False)
-    completed: list[list[int]] = [[] for _ in examples]
-    by_length: dict[int, list[int]] = {}
-    for i, prefix in enumerate(prefixes):
-        by_length.setdefault(len(prefix), []).append(i)
-    for rows in by_length.values():
-        for start in range(0, len(rows), cfg.decoding.batch_size):
-            chunk = rows[start : start + cfg.decoding.batch_size]
-            batch = {k: v.to(teacher.device) for k, v in teacher.collate([encoded[i] for i in chunk]).items()}
-            continuations = teacher.complete(batch, [prefixes[i] for i in chunk], cfg.decoding)
-            for i, continuation in zip(chunk, continuations, strict=True):
-                completed[i] = [*prefixes[i], *continuation]
-    return completed
+    teacher: Teacher, examples: Sequence[Example], prefixes: Sequence[list[int]], cfg: DiagnoseConfig
+) -> list[Generated]:
+    """The teacher's output continuing each prefix (teacher tokens, kept at the start of its output)."""
+    generator = teacher.generator(cfg.data.max_source_length, cfg.decoding.batch_size, own_rules=True)
+    settings = cfg.decoding.settings()
+    outputs = generator.generate([e.source for e in examples], settings, prefixes=prefixes, desc="teacher")
+    return [written[0] for written in outputs]
 
 
 def prefix_scores(
@@ -69,8 +58,7 @@ def prefix_scores(
             texts = [student.tokenizer.decode(tokens).strip() for tokens in outputs]
         else:
             prefixes = [tokens[: round(fraction * len(tokens))] for tokens in outputs]
-            completed = teacher_completions(teacher, examples, prefixes, cfg)
-            texts = [teacher.tokenizer.decode(tokens).strip() for tokens in completed]
+            texts = [written.text for written in teacher_completions(teacher, examples, prefixes, cfg)]
         scores[fraction] = compute_metrics([cfg.metric], texts, references)[cfg.metric]
     return scores
 

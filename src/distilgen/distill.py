@@ -40,7 +40,8 @@ from accelerate.utils import set_seed
 
 from distilgen.config import ConfigError, DecodingSpec, DistillConfig, ModelConfig, check, save_config, writable_dir
 from distilgen.data import Example, load_splits
-from distilgen.decoding import decode, source_multiple, use_static_cache
+from distilgen.generation.decode import source_multiple
+from distilgen.generation.hf import HFGenerator
 from distilgen.models import Batch, Encoded, TextModel, inner_model, load_model, model_inputs, pad_rows, round_up
 from distilgen.objectives import (
     attention_relation_kd,
@@ -377,8 +378,8 @@ def attention_kd_plan(ctx: Context) -> Plan:
 @torch.no_grad()
 def sample_student_pts(ctx: Context, tm: TextModel, window: dict[int, list[Batch]]) -> dict[int, list[Batch]]:
     """Each step's micro-batches with fresh PTs of the current student `tm` as targets, sampled for all the
-    window's sources in one `decode` call (eval mode, KV cache, no grad; with `static_cache` the compiled
-    decoder step follows the weights as they train, since the optimizer updates them in place).
+    window's sources in one batch of the student's generator (eval mode, KV cache, no grad; with `static_cache` the
+    compiled decoder step follows the weights as they train, since the optimizer updates them in place).
 
     Row r of step s (counting across the step's micro-batches) is sampled with seed
     `sample_seed(seed, "student-step-s", r)` (process p > 0: "student-step-s-process-p", so that processes do
@@ -386,9 +387,7 @@ def sample_student_pts(ctx: Context, tm: TextModel, window: dict[int, list[Batch
     the PTs the uninterrupted one would have, given the same weights.
     """
     cfg = ctx.cfg.student_pts
-    spec = DecodingSpec(
-        "student", "sample", temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens
-    )
+    generator = HFGenerator(tm, static_cache=cfg.static_cache, own_rules=False)
     process = f"-process-{ctx.process_index}" if ctx.process_index else ""
     seeds = [
         sample_seed(ctx.cfg.seed, f"student-step-{step}{process}", r)
@@ -396,15 +395,14 @@ def sample_student_pts(ctx: Context, tm: TextModel, window: dict[int, list[Batch
         for r in range(sum(b["source_ids"].shape[0] for b in batches))
     ]
     device = tm.device
-    static = use_static_cache(cfg.static_cache, device)
     parts = [b for batches in window.values() for b in batches]
     keys, pad, left = ("source_ids", "source_mask"), tm.tokenizer.pad_token_id, tm.layout.pad_source_left
-    sources = _stack_rows(parts, keys, pad, left, multiple=source_multiple(static))
+    sources = _stack_rows(parts, keys, pad, left, multiple=source_multiple(generator.static))
     was_training = tm.model.training
     tm.model.eval()
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        generated = decode(tm, sources, spec, seeds, static=static)
+        generated = generator.run(sources, cfg.settings(), seeds)
     tm.model.train(was_training)
     limit = ctx.cfg.data.max_target_length
     targets = iter([tm.target_ids(tokens)[:limit] for tokens in tm.output_tokens(generated)])
@@ -563,11 +561,11 @@ def prepare_pts(ctx: Context, state: Accelerator) -> None:
     ctx.store = PTStore(cfg.pts.store or Path(cfg.output_dir) / "pts")
     ctx.teacher_fp = ctx.teacher.fingerprint(cfg.data.max_source_length, cfg.data.template)
     spec = _spec(ctx)
+    generator = ctx.teacher.generator(cfg.data.max_source_length, cfg.pts.batch_size, cfg.pts.static_cache)
     report = generate_pts(
-        ctx.teacher, ctx.store, ctx.teacher_fp, spec, [e.source for e in _pt_examples(ctx)],
-        batch_size=cfg.pts.batch_size, max_source_length=cfg.data.max_source_length, topk=cfg.pts.topk,
-        static_cache=cfg.pts.static_cache, process_index=state.process_index, num_processes=state.num_processes,
-        barrier=state.wait_for_everyone, progress=state.is_local_main_process,
+        generator, ctx.store, ctx.teacher_fp, spec, [e.source for e in _pt_examples(ctx)],
+        batch_size=cfg.pts.batch_size, topk=cfg.pts.topk, process_index=state.process_index,
+        num_processes=state.num_processes, barrier=state.wait_for_everyone, progress=state.is_local_main_process,
     )  # fmt: skip
     state.wait_for_everyone()
     log.info("teacher PTs: %d requested, %d generated here", report.requested, report.generated)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from distilgen.config import (
     CostConfig,
@@ -29,6 +28,7 @@ from distilgen.config import (
 )
 from distilgen.cost import count_parameters, measure_latency, measure_throughput, peak_memory, size_on_disk
 from distilgen.data import Example, scored_split
+from distilgen.generation.hf import HFGenerator
 from distilgen.metrics import compute_metrics, perplexity
 from distilgen.models import TextModel, load_model, target_nll
 
@@ -41,23 +41,14 @@ def generate(
     decoding: DecodingConfig,
     max_source_length: int,
     desc: str = "generate",
+    seed: int = 0,
 ) -> list[str]:
-    """One output per example, in input order; batches are formed longest-first to waste little padding."""
-    encoded, _ = tm.encode(examples, max_source_length, targets=False)
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].source))
-    outputs = [""] * len(encoded)
-    was_training = tm.model.training
-    tm.model.eval()
-    bar = tqdm(total=len(order), desc=desc, unit="ex", leave=False, disable=len(order) < 2 * decoding.batch_size)
-    for start in range(0, len(order), decoding.batch_size):
-        chunk = order[start : start + decoding.batch_size]
-        batch = {k: v.to(tm.device) for k, v in tm.collate([encoded[i] for i in chunk]).items()}
-        for i, text in zip(chunk, tm.decode(tm.generate_ids(batch, decoding)), strict=True):
-            outputs[i] = text
-        bar.update(len(chunk))
-    bar.close()
-    tm.model.train(was_training)
-    return outputs
+    """One output per example, in input order, through the model's generator (the loop PT generation runs;
+    batches formed longest-first to waste little padding). A sample is seeded by `seed` and the example's text."""
+    generator = HFGenerator(tm, max_source_length, decoding.batch_size)
+    many = len(examples) >= 2 * decoding.batch_size
+    outputs = generator.generate([e.source for e in examples], decoding.settings(seed), desc=desc if many else None)
+    return [written[0].text for written in outputs]
 
 
 @torch.no_grad()
@@ -83,25 +74,22 @@ def measure_cost(
     data: DataConfig,
     path: str | None = None,
 ) -> dict[str, Any]:
-    """Parameters, size on disk, latency of one generation at batch 1, throughput at batch N, peak memory."""
+    """Parameters, size on disk, latency of one generation at batch 1, throughput at batch N, peak memory: timed
+    through the model's generator, the loop distilgen itself runs (tokenizing and detokenizing included)."""
     result: dict[str, Any] = {"parameters": count_parameters(tm.model)}
     if path is not None and Path(path).is_dir():
         result["size_on_disk_mb"] = size_on_disk(path)["weights"] / 2**20
-    encoded, _ = tm.encode(examples, data.max_source_length, targets=False)
-    was_training = tm.model.training
-    tm.model.eval()
+    sources = [e.source for e in examples]
+    generator = HFGenerator(tm, data.max_source_length, cost.throughput_batch)
+    settings = decoding.settings()
 
-    def run(items) -> int:
-        batch = {k: v.to(tm.device) for k, v in tm.collate(items).items()}
-        ids = tm.generate_ids(batch, decoding)
-        eos = tm.tokenizer.eos_token_id
-        return sum(row.index(eos) + 1 if eos in row else len(row) for row in ids.tolist())
+    def run(chunk: list[str]) -> int:
+        return sum(len(g.token_ids) for written in generator.generate(chunk, settings) for g in written)
 
-    result.update(measure_latency(lambda: run(encoded[:1]), cost.latency_runs))
-    items = encoded[: cost.throughput_examples]
+    result.update(measure_latency(lambda: run(sources[:1]), cost.latency_runs))
+    items = sources[: cost.throughput_examples]
     result["throughput"], peak = peak_memory(lambda: measure_throughput(run, items, cost.throughput_batch), tm.device)
     result["peak_memory_mb"] = peak / 2**20
-    tm.model.train(was_training)
     return result
 
 

@@ -35,8 +35,8 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from distilgen.config import ConfigError, DecodingConfig, ModelConfig
-from distilgen.decoding import DecoderOnlySteps, EncoderDecoderSteps, decode, generation_rules
+from distilgen.config import ConfigError, ModelConfig
+from distilgen.generation.decode import DecoderOnlySteps, EncoderDecoderSteps
 from distilgen.objectives import cross_entropy, masked_sum
 from distilgen.students import shrink_layers
 
@@ -209,7 +209,7 @@ class Layout(Protocol):
 
     pad_source_left: bool
     steps: type[EncoderDecoderSteps | DecoderOnlySteps]
-    """How `distilgen.decoding.decode` runs this family's decoder one step at a time."""
+    """How `generation.decode.decode` runs this family's decoder one step at a time."""
 
     def target_logits(self, model: PreTrainedModel, batch: Batch) -> torch.Tensor: ...
 
@@ -339,6 +339,10 @@ class TextModel:
         prefix, suffix = self._target_affixes()
         return [*prefix, *content, *suffix]
 
+    def output_prefix(self, content: Sequence[int]) -> list[int]:
+        """The target tokens up to and with the text tokens `content`: what an output continuing them starts with."""
+        return [*self._target_affixes()[0], *content]
+
     def output_tokens(self, ids: torch.Tensor) -> list[list[int]]:
         """The text tokens of each generated row: up to the first EOS, special tokens removed."""
         eos, special = self.tokenizer.eos_token_id, set(self.tokenizer.all_special_ids)
@@ -400,40 +404,6 @@ class TextModel:
     def target_logits(self, batch: Batch) -> torch.Tensor:
         """(B, T, V) logits predicting `batch["target_ids"]`."""
         return self.layout.target_logits(self.model, batch)
-
-    @torch.no_grad()
-    def generate_ids(self, batch: Batch, decoding: DecodingConfig, num_return_sequences: int = 1) -> torch.Tensor:
-        """New token ids (B * num_return_sequences, N), padded after EOS.
-
-        Greedy decoding runs distilgen's own loop, `decoding.decode`, the one PT generation runs (so evaluation and
-        the cost report time what distilgen runs), with the tokens `generate` gives; unless the model's own
-        generation config adds rules that loop does not apply (`decoding.GENERATION_RULES`: a minimum length,
-        forced tokens...), which `generate` then applies. Beams and sampling use `generate`.
-        """
-        spec = decoding.greedy_spec()
-        if spec is not None and num_return_sequences == 1 and not generation_rules(self.model):
-            return decode(self, batch, spec)
-        kwargs = decoding.generate_kwargs()
-        kwargs.update(
-            num_return_sequences=num_return_sequences,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
-        return self.layout.generate(self.model, batch, **kwargs)
-
-    @torch.no_grad()
-    def complete(self, batch: Batch, prefixes: Sequence[Sequence[int]], decoding: DecodingConfig) -> list[list[int]]:
-        """Text tokens that continue each row's `prefixes` (text tokens, all of one length), up to EOS."""
-        pre, _ = self._target_affixes()
-        prefix = torch.tensor([[*pre, *p] for p in prefixes], dtype=torch.long, device=self.device)
-        budget = max(1, decoding.max_new_tokens - prefix.shape[1])
-        kwargs = {**decoding.generate_kwargs(), "max_new_tokens": budget}
-        kwargs.update(pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
-        return self.output_tokens(self.layout.generate(self.model, batch, prefix, **kwargs))
-
-    def decode(self, ids: torch.Tensor) -> list[str]:
-        """Text up to the first EOS of each row."""
-        return [self.tokenizer.decode(row).strip() for row in self.output_tokens(ids)]
 
     def save(self, path: str | Path) -> None:
         """Write the model and tokenizer so plain `transformers` loads them (`Auto*.from_pretrained`)."""

@@ -46,28 +46,13 @@ from filelock import FileLock
 
 from distilgen.config import SPECS, DecodingSpec, get_spec, register_spec  # noqa: F401 (specs are named here too)
 from distilgen.data import Example
+from distilgen.generation import input_key, sample_seed  # noqa: F401 (PT seeds are named here too)
 
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Seeds: a sampled PT depends only on (base seed, input, sample index)
 # ---------------------------------------------------------------------------------------------
-
-
-def input_key(source: str) -> str:
-    """The store's key of an input: sha256 of the exact source text the teacher reads (template applied)."""
-    return hashlib.sha256(source.encode()).hexdigest()
-
-
-def sample_seed(base_seed: int, key: str, sample_index: int) -> int:
-    """The seed of sample `sample_index` of the input with key `key`, in [0, 2**63).
-
-    A hash of the three arguments only: not of the batch the sample is generated in, nor of what was generated
-    before. A run killed at any point and resumed generates the missing PTs with the seeds the uninterrupted run
-    would have used, so (with per-row noise, `distilgen.decoding`) it ends with exactly the same PTs.
-    """
-    digest = hashlib.sha256(f"{base_seed}:{key}:{sample_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ CLI prints as one line with exit code 2. Files and directories are checked after
 |---|---|
 | `base.py` | `ConfigError`, checks, `from_dict`, YAML and dotted overrides, `load_config` / `save_config` |
 | `sources.py` | what a run reads: `DataConfig` (and the built-in task), `ModelConfig`, `TeacherConfig` |
-| `decoding.py` | how a model writes: `DecodingConfig`, `DecodingSpec` and the named specs |
+| `decoding.py` | how a model writes: `GenerationSettings` (what generators read), the configs and specs |
 | `training.py` | `TrainConfig`, the KD objectives' settings, PTs and student PTs, cost, denoising |
 | `commands.py` | one config per command: finetune, distill, generate, study, evaluate, diagnose, inspect |
 
@@ -42,7 +42,14 @@ from distilgen.config.commands import (
     StudyConfig,
     StudyVariant,
 )
-from distilgen.config.decoding import SPECS, DecodingConfig, DecodingSpec, get_spec, register_spec
+from distilgen.config.decoding import (
+    SPECS,
+    DecodingConfig,
+    DecodingSpec,
+    GenerationSettings,
+    get_spec,
+    register_spec,
+)
 from distilgen.config.sources import BuiltinTaskConfig, DataConfig, ModelConfig, TeacherConfig
 from distilgen.config.training import (
     AttentionKDConfig,
@@ -66,6 +73,7 @@ __all__ = [
     "DataConfig",
     "DecodingConfig",
     "DecodingSpec",
+    "GenerationSettings",
     "DenoiseConfig",
     "DiagnoseConfig",
     "DistillConfig",

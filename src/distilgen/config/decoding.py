@@ -11,17 +11,86 @@ from typing import Any, Literal
 from distilgen.config.base import check
 from distilgen.registry import lookup, registrar
 
+SpecKind = Literal["greedy", "beam", "sample"]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How a model writes, the one type every generator reads (`distilgen.generation`): what `decoding:` (evaluation),
+    a named PT spec and `student_pts:` each say, with their range checks here once.
+
+    Sample i of an input is drawn with seed `sample_seed(seed, input_key(source), i)`: a hash of the input and the
+    index only, so a sample does not depend on the batch it is drawn in, nor on the machine."""
+
+    kind: SpecKind = "greedy"
+    """greedy (one output per input), beam (the `num_return` best beams) or sample (`num_return` samples)."""
+    max_new_tokens: int = 64
+    """Longest output, in tokens."""
+    num_return: int = 1
+    """Outputs per input: beams returned (kind beam) or samples (kind sample)."""
+    num_beams: int = 1
+    """Beam width (kind beam)."""
+    temperature: float = 1.0
+    """Sampling temperature (kind sample)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (kind sample); 1.0 is plain sampling."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (kind sample); 0 disables."""
+    length_penalty: float = 1.0
+    """Beam search: exponent on the length when ranking finished beams (> 1 favours longer outputs)."""
+    no_repeat_ngram_size: int = 0
+    """Forbid repeating any n-gram of this size; 0 allows repeats."""
+    seed: int = 0
+    """Base seed of the samples (kind sample)."""
+
+    def __post_init__(self):
+        check(self.kind in ("greedy", "beam", "sample"), "kind", f"must be greedy, beam or sample, got {self.kind!r}")
+        check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        check(self.num_beams >= 1, "num_beams", f"must be >= 1, got {self.num_beams}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
+        check(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", "must be >= 0")
+        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        if self.kind == "beam":
+            check(self.num_beams >= 2, "num_beams", f"beam search needs >= 2 beams, got {self.num_beams}")
+            check(
+                1 <= self.num_return <= self.num_beams,
+                "num_return",
+                f"must be in [1, num_beams={self.num_beams}], got {self.num_return}",
+            )
+        else:
+            check(self.num_beams == 1, "num_beams", f"only beam search uses beams (this is {self.kind})")
+        check(self.num_return >= 1, "num_return", f"must be >= 1, got {self.num_return}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `transformers` `generate` (beam search, and a model whose own generation config adds
+        rules; `generate` samples from torch's global generator, not from per-sample seeds)."""
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "num_beams": self.num_beams,
+            "do_sample": self.kind == "sample",
+            "num_return_sequences": self.num_return,
+        }
+        if self.kind == "sample":
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        if self.kind == "beam":
+            kwargs["length_penalty"] = self.length_penalty
+        if self.no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        return kwargs
+
 
 @dataclass
 class DecodingConfig:
-    """How to generate: greedy, beam search or sampling (the keyword arguments of `generate`)."""
+    """How a model writes in evaluation, the diagnostic and dev evaluation: greedy, beam search or sampling."""
 
     max_new_tokens: int = 64
     """Longest output, in tokens."""
     num_beams: int = 1
     """Beam width; 1 is greedy (or plain sampling with do_sample)."""
     do_sample: bool = False
-    """Sample instead of taking the most likely token."""
+    """Sample instead of taking the most likely token (each input's sample is seeded by its text)."""
     temperature: float = 1.0
     """Sampling temperature (with do_sample)."""
     top_p: float = 1.0
@@ -36,38 +105,24 @@ class DecodingConfig:
     """Sequences generated together."""
 
     def __post_init__(self):
-        check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
-        check(self.num_beams >= 1, "num_beams", f"must be >= 1, got {self.num_beams}")
-        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
-        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
-        check(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", "must be >= 0")
+        check(not (self.do_sample and self.num_beams > 1), "do_sample", "beam search does not sample: set num_beams=1")
+        self.settings()  # the range checks, under the same keys
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
 
-    def greedy_spec(self) -> DecodingSpec | None:
-        """These settings as a greedy `DecodingSpec` (for `decoding.decode`); None for beam search or sampling."""
-        if self.num_beams > 1 or self.do_sample:
-            return None
-        return DecodingSpec(
-            "greedy", max_new_tokens=self.max_new_tokens, no_repeat_ngram_size=self.no_repeat_ngram_size
+    def settings(self, seed: int = 0) -> GenerationSettings:
+        """These settings for a generator; a sample of an input is seeded by `seed` and the input's text."""
+        return GenerationSettings(
+            "beam" if self.num_beams > 1 else "sample" if self.do_sample else "greedy",
+            max_new_tokens=self.max_new_tokens,
+            num_beams=self.num_beams,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            length_penalty=self.length_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            seed=seed,
         )
 
-    def generate_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "num_beams": self.num_beams,
-            "do_sample": self.do_sample,
-        }
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        if self.num_beams > 1:
-            kwargs["length_penalty"] = self.length_penalty
-        if self.no_repeat_ngram_size:
-            kwargs["no_repeat_ngram_size"] = self.no_repeat_ngram_size
-        return kwargs
-
-
-SpecKind = Literal["greedy", "beam", "sample"]
 
 _USED_BY = {
     "num_beams": "beam",
@@ -119,7 +174,6 @@ class DecodingSpec:
     def __post_init__(self):
         check(bool(self.name), "name", "must not be empty")
         check(self.kind in ("greedy", "beam", "sample"), "kind", f"must be greedy, beam or sample, got {self.kind!r}")
-        self._decoding_config()  # range checks of the shared generation settings, with the same keys
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for key, kind in _USED_BY.items():
             if self.kind != kind:
@@ -128,45 +182,25 @@ class DecodingSpec:
                     key,
                     f"only used by kind '{kind}' (this spec is '{self.kind}'); remove it or change the kind",
                 )
-        if self.kind == "beam":
-            check(self.num_beams >= 2, "num_beams", f"beam search needs >= 2 beams, got {self.num_beams}")
-            check(
-                1 <= self.num_return <= self.num_beams,
-                "num_return",
-                f"must be in [1, num_beams={self.num_beams}], got {self.num_return}",
-            )
         check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
-        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        self.settings()  # the range checks of the shared settings, under the same keys
 
     @property
     def num_per_input(self) -> int:
         """PTs generated per input: 1 (greedy), num_return (beam) or num_samples (sample)."""
-        return {"greedy": 1, "beam": self.num_return, "sample": self.num_samples}[self.kind]
+        return self.settings().num_return
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of every field that changes a PT (not the name nor the counts)."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _COUNT_FIELDS}
         return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `transformers` `generate` (which samples from torch's global generator; PTs of
-        greedy and sampling specs come from `distilgen.decoding.decode`, with per-PT seeds)."""
-        kwargs = self._decoding_config().generate_kwargs()
-        if self.kind == "beam":
-            kwargs["num_return_sequences"] = self.num_return
-        return kwargs
-
-    def _decoding_config(self) -> DecodingConfig:
-        return DecodingConfig(
-            max_new_tokens=self.max_new_tokens,
-            num_beams=self.num_beams,
-            do_sample=self.kind == "sample",
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            length_penalty=self.length_penalty,
-            no_repeat_ngram_size=self.no_repeat_ngram_size,
-        )
+    def settings(self) -> GenerationSettings:
+        """The spec as the settings a generator reads (its samples or beams returned as `num_return`)."""
+        shared = [f.name for f in dataclasses.fields(GenerationSettings) if hasattr(self, f.name)]
+        fields = {name: getattr(self, name) for name in shared}
+        fields["num_return"] = {"greedy": 1, "beam": self.num_return, "sample": self.num_samples}[self.kind]
+        return GenerationSettings(**fields)
 
 
 SPECS: dict[str, DecodingSpec] = {}

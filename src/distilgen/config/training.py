@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from distilgen.config.base import check
-from distilgen.config.decoding import SPECS, DecodingSpec, get_spec
+from distilgen.config.decoding import SPECS, DecodingSpec, GenerationSettings, get_spec
 
 Precision = Literal["auto", "no", "bf16", "fp16"]
 StaticCache = Literal["auto", "on", "off"]
@@ -212,9 +212,13 @@ class StudentPTConfig:
     def __post_init__(self):
         check(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
         check(self.refresh_every >= 1, "refresh_every", f"must be >= 1, got {self.refresh_every}")
-        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
-        check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        self.settings()  # the range checks of the sampling settings, under the same keys
+
+    def settings(self) -> GenerationSettings:
+        """How the student samples its PTs (one per row; `distill.sample_student_pts` gives each row its seed)."""
+        return GenerationSettings(
+            "sample", max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p
+        )
 
 
 @dataclass

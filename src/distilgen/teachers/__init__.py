@@ -49,6 +49,15 @@ class Teacher(Protocol):
         """sha256 of everything that changes the teacher's outputs for an input: the store's key of its PTs."""
         ...
 
+    def generator(self, max_source_length: int, batch_size: int, static_cache: str = "off", own_rules: bool = False):
+        """The `generation.Generator` that writes the teacher's text (PTs, the diagnostic's completions).
+
+        Args:
+            own_rules: apply what the model's own generation settings add (a minimum length...); PTs are what their
+                spec says, so PT generation leaves it off.
+        """
+        ...
+
 
 def describe(capabilities: frozenset[str] | set[str]) -> str:
     """The capabilities in words, for errors."""

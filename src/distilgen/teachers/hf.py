@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 
 from distilgen.config import ModelConfig
+from distilgen.generation.hf import HFGenerator
 from distilgen.models import TextModel, avoid_cudnn_attention, load_model
 from distilgen.teachers import TEACHER_KINDS
 
@@ -27,6 +28,11 @@ class HFTeacher(TextModel):
 
     def fingerprint(self, max_source_length: int, template: str = "{source}") -> str:
         return teacher_fingerprint(self, max_source_length, template)
+
+    def generator(
+        self, max_source_length: int, batch_size: int, static_cache: str = "off", own_rules: bool = False
+    ) -> HFGenerator:
+        return HFGenerator(self, max_source_length, batch_size, static_cache, own_rules)
 
 
 def teacher_fingerprint(tm: TextModel, max_source_length: int, template: str = "{source}") -> str:

@@ -1,6 +1,6 @@
-"""Decoding PTs: greedy and per-row seeded sampling, in a loop of our own around the model's decoder step.
+"""The Hugging Face backend's loop: greedy and per-row seeded sampling around the model's decoder step.
 
-    new_ids = decode(tm, batch, spec, seeds, static=True)   # (B * samples per input, N)
+    new_ids = decode(tm, batch, settings, seeds, static=True)   # (B * samples per input, N)
 
 `generate` runs some 60 small ops per token around the model (input preparation, logits processors,
 stopping criteria) and waits for the device every token to learn whether all rows have finished. A small
@@ -11,8 +11,8 @@ shape decode in one cache, so the step's CUDA graph, recorded on its tensors, is
 again for every batch (as it is when `generate` makes a new static cache per call).
 
 Tokens are those `generate` gives for the same greedy or sampling settings (tested against it). What a
-model's own generation config adds (a minimum length, forced tokens, ...) is not applied: a PT is what its
-`DecodingSpec` says. Beam search stays with `generate`.
+model's own generation config adds (a minimum length, forced tokens, ...) is not applied here (`HFGenerator` sends
+such a model to `generate` where its rules should hold). Beam search stays with `generate`.
 
 Sampling: row b's noise at step t is `counter_uniform(seeds[b], t)`, and its token is argmax(warped scores +
 Gumbel noise), a sample of softmax(warped scores). `generate` samples with one global generator, so a row's
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from distilgen.config import DecodingSpec
+from distilgen.config import GenerationSettings
 
 if TYPE_CHECKING:
     from distilgen.models import TextModel
@@ -265,12 +265,23 @@ def _last_logits(output) -> torch.Tensor:
     return output.logits[:, -1].to(dtype=torch.float32, copy=True)
 
 
+def _width(prefix: torch.Tensor | None) -> int:
+    return 0 if prefix is None else prefix.shape[1]
+
+
 class EncoderDecoderSteps:
-    """The decoder fed one token at a time from `decoder_start_token_id`, over the encoder's output, computed
-    once per input and repeated for its `per_input` rows."""
+    """The decoder fed one token at a time from `decoder_start_token_id` (and the output's given first tokens,
+    `prefix`), over the encoder's output, computed once per input and repeated for its `per_input` rows."""
 
     def __init__(
-        self, model, batch: dict[str, torch.Tensor], per_input: int, max_new_tokens: int, static: bool, compile: bool
+        self,
+        model,
+        batch: dict[str, torch.Tensor],
+        per_input: int,
+        max_new_tokens: int,
+        static: bool,
+        compile: bool,
+        prefix: torch.Tensor | None = None,
     ):
         from transformers.modeling_outputs import BaseModelOutput
 
@@ -281,10 +292,12 @@ class EncoderDecoderSteps:
         self.inputs = {
             "encoder_outputs": BaseModelOutput(last_hidden_state=hidden.repeat_interleave(per_input, dim=0)),
             "attention_mask": mask.repeat_interleave(per_input, dim=0),
-            **_cache_kwargs(model, static, rows, max_new_tokens + 1, hidden.shape[1]),
+            **_cache_kwargs(model, static, rows, max_new_tokens + 1 + _width(prefix), hidden.shape[1]),
         }
         self.prefix = torch.full((rows, 1), model.config.decoder_start_token_id, dtype=torch.long, device=mask.device)
         """The tokens before the first new one (what a no-repeat-n-gram rule sees)."""
+        if prefix is not None:
+            self.prefix = torch.cat([self.prefix, prefix.repeat_interleave(per_input, dim=0)], dim=1)
 
     def first(self) -> torch.Tensor:
         return _last_logits(self.model(decoder_input_ids=self.prefix, **self.inputs, return_dict=True))
@@ -298,10 +311,19 @@ class DecoderOnlySteps:
     start (causality hides those not yet written), so it keeps one shape under a static cache."""
 
     def __init__(
-        self, model, batch: dict[str, torch.Tensor], per_input: int, max_new_tokens: int, static: bool, compile: bool
+        self,
+        model,
+        batch: dict[str, torch.Tensor],
+        per_input: int,
+        max_new_tokens: int,
+        static: bool,
+        compile: bool,
+        prefix: torch.Tensor | None = None,
     ):
-        ids = batch["source_ids"].repeat_interleave(per_input, dim=0)
-        mask = batch["source_mask"].repeat_interleave(per_input, dim=0)
+        ids, mask = batch["source_ids"], batch["source_mask"]
+        if prefix is not None:  # the output's first tokens, given: they follow the prompt
+            ids, mask = torch.cat([ids, prefix], dim=1), torch.cat([mask, torch.ones_like(prefix)], dim=1)
+        ids, mask = ids.repeat_interleave(per_input, dim=0), mask.repeat_interleave(per_input, dim=0)
         self.model, self.step, self.static = model, _step_call(model, compile), static
         self.width, self.fed = ids.shape[1], 0
         self.mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens)], dim=1)
@@ -360,40 +382,42 @@ class _AllFinished:
 def decode(
     tm: TextModel,
     batch: dict[str, torch.Tensor],
-    spec: DecodingSpec,
+    settings: GenerationSettings,
     seeds: Sequence[int] | None = None,
     static: bool = False,
     compile: bool | None = None,
     on_scores: Callable[[torch.Tensor], None] | None = None,
+    prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B * per_input, N) new token ids of a greedy or sampling `spec`: input b's rows together, padding after
-    EOS, N the longest output (at most `spec.max_new_tokens`).
+    """(B * per_input, N) new token ids of greedy or sampling `settings`: input b's rows together, padding after
+    EOS, N the longest output (at most `settings.max_new_tokens`).
 
     Args:
         seeds: sampling: one seed per output row, `per_input` = len(seeds) / B rows per input; greedy: None.
+        prefix: (B, P) target tokens the outputs start with (given, not returned; the diagnostic's student prefix).
         static: a static KV cache (fixed shapes), as `generate`'s `cache_implementation="static"`.
         compile: compile the decoder step and the sampler (default: with a static cache on a GPU).
         on_scores: called at each step, before the step's tokens are chosen, with the model's (B * per_input, V)
             fp32 scores for them, before any rule or warper (step t's are the distribution of output column t).
     """
-    if spec.kind not in ("greedy", "sample"):
-        raise ValueError(f"decode takes greedy and sampling specs; '{spec.name}' is {spec.kind}")
-    if (spec.kind == "sample") != (seeds is not None):
-        raise ValueError(f"spec '{spec.name}' ({spec.kind}) needs seeds exactly when it samples")
+    if settings.kind not in ("greedy", "sample"):
+        raise ValueError(f"decode takes greedy and sampling settings, not {settings.kind}")
+    if (settings.kind == "sample") != (seeds is not None):
+        raise ValueError(f"{settings.kind} settings need seeds exactly when they sample")
     device, inputs = batch["source_ids"].device, batch["source_ids"].shape[0]
     per_input = 1 if seeds is None else len(seeds) // inputs
     if seeds is not None and len(seeds) != per_input * inputs:
         raise ValueError(f"{len(seeds)} seeds for {inputs} inputs: give the same number of rows to each")
     compile = compiles_decoding(static, device) if compile is None else compile
-    state = tm.layout.steps(tm.model, batch, per_input, spec.max_new_tokens, static, compile)
+    state = tm.layout.steps(tm.model, batch, per_input, settings.max_new_tokens, static, compile, prefix)
     pad_id, eos_id = tm.tokenizer.pad_token_id, tm.tokenizer.eos_token_id
-    choose = _chooser(spec, seeds, device, compile)
+    choose = _chooser(settings, seeds, device, compile)
     no_repeat = None
-    if spec.no_repeat_ngram_size:
+    if settings.no_repeat_ngram_size:
         from transformers import NoRepeatNGramLogitsProcessor
 
-        no_repeat = NoRepeatNGramLogitsProcessor(spec.no_repeat_ngram_size)
-    rows, width = inputs * per_input, spec.max_new_tokens
+        no_repeat = NoRepeatNGramLogitsProcessor(settings.no_repeat_ngram_size)
+    rows, width = inputs * per_input, settings.max_new_tokens
     out = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     all_finished = _AllFinished(device)
@@ -417,11 +441,11 @@ def decode(
 
 
 def _chooser(
-    spec: DecodingSpec, seeds: Sequence[int] | None, device: torch.device, compile: bool
+    settings: GenerationSettings, seeds: Sequence[int] | None, device: torch.device, compile: bool
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """(scores (B, V), step) -> (B,) tokens: the argmax, or the seeded sample."""
     if seeds is None:
         return lambda scores, step: scores.argmax(-1)
-    seeded, warp = seed_tensor(seeds, device), warpers(spec.temperature, spec.top_k, spec.top_p)
+    seeded, warp = seed_tensor(seeds, device), warpers(settings.temperature, settings.top_k, settings.top_p)
     sample = _compiled_gumbel_tokens() if compile else gumbel_tokens
     return lambda scores, step: sample(scores, seeded, step, warp)

@@ -356,7 +356,7 @@ def test_a_long_teacher_pt_is_cut_like_encode_does_with_its_topk(pt_context):
     encoder.placeholder([example])
     item = encoder.pt(example.id, record)
     assert item.target == [*tokens[:47], tokens[-1]]
-    assert [ids[0] for ids in item.topk_ids] == item.target and len(item.topk_logprobs) == 48
+    assert item.topk_ids[:, 0].tolist() == item.target and item.topk_logprobs.shape == (48, 2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -219,8 +219,9 @@ class _Encoder:
             target = [record.token_ids[i] for i in keep]
             if record.topk_ids is None:
                 return Encoded(example_id, self._sources[example_id], target)
-            topk_ids = [record.topk_ids[i] for i in keep]
-            topk_logprobs = [record.topk_logprobs[i] for i in keep]
+            rows = torch.tensor(keep)
+            topk_ids = torch.tensor(record.topk_ids, dtype=torch.long)[rows]
+            topk_logprobs = torch.tensor(record.topk_logprobs, dtype=torch.float32)[rows]
             return Encoded(example_id, self._sources[example_id], target, topk_ids, topk_logprobs)
         (encoded,), _ = self.student.encode([Example(example_id, "", record.text, ())], 8, limit)
         return Encoded(example_id, self._sources[example_id], encoded.target)

@@ -181,15 +181,15 @@ def pad_rows(
 
 def _pad_topk(items: Sequence[Encoded], width: int) -> Batch:
     """`topk_ids`/`topk_logprobs` (B, T, k) and `topk_rows` (B,), 1 for the items that have top-k."""
-    k = min(len(it.topk_ids[0]) for it in items if it.topk_ids)
+    k = min(it.topk_ids.shape[1] for it in items if it.topk_ids is not None)
     ids = torch.zeros((len(items), width, k), dtype=torch.long)
     logprobs = torch.zeros((len(items), width, k), dtype=torch.float32)
     rows = torch.zeros(len(items), dtype=torch.long)
     for i, it in enumerate(items):
         if it.topk_ids is not None:
-            n = min(len(it.topk_ids), width)
-            ids[i, :n] = torch.tensor(it.topk_ids[:n], dtype=torch.long)[:, :k]
-            logprobs[i, :n] = torch.tensor(it.topk_logprobs[:n], dtype=torch.float32)[:, :k]
+            n = min(it.topk_ids.shape[0], width)
+            ids[i, :n] = it.topk_ids[:n, :k]
+            logprobs[i, :n] = it.topk_logprobs[:n, :k]
             rows[i] = 1
     return {"topk_ids": ids, "topk_logprobs": logprobs, "topk_rows": rows}
 
@@ -275,10 +275,10 @@ class Encoded:
     id: str
     source: list[int]
     target: list[int]
-    topk_ids: list[list[int]] | None = None
-    """A teacher's top-k token ids at each target position (a stored PT's), for sparse Logits KD."""
-    topk_logprobs: list[list[float]] | None = None
-    """Their log-probabilities, same shape."""
+    topk_ids: torch.Tensor | None = None
+    """(T, k) a teacher's top-k token ids at each target position (a stored PT's), for sparse Logits KD."""
+    topk_logprobs: torch.Tensor | None = None
+    """(T, k) their log-probabilities."""
 
 
 @dataclass

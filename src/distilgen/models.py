@@ -35,8 +35,9 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from distilgen.config import ConfigError, ModelConfig
-from distilgen.generation.decode import DecoderOnlySteps, EncoderDecoderSteps
+from distilgen.checkpoints import model_dir
+from distilgen.config import DECODER_ONLY_FAMILIES, ConfigError, ModelConfig
+from distilgen.generation.decode import DecoderOnlySteps, EncoderDecoderSteps, forward_parameters
 from distilgen.objectives import cross_entropy, masked_sum
 from distilgen.students import shrink_layers
 
@@ -110,6 +111,8 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrai
             **ids,
         )
         return T5ForConditionalGeneration(config)
+    if cfg.arch in DECODER_ONLY_FAMILIES:
+        return AutoModelForCausalLM.from_config(_family_config(cfg, init_std, ids))
     config = GPT2Config(
         n_embd=cfg.hidden_size,
         n_layer=cfg.decoder_layers,
@@ -123,6 +126,31 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrai
         **ids,
     )
     return GPT2LMHeadModel(config)
+
+
+FAMILY_MODEL_TYPES = {"gemma3": "gemma3_text"}
+"""`arch` -> `transformers` model_type where they differ (Gemma 3's text-only model)."""
+
+
+def _family_config(cfg: ModelConfig, init_std: float, ids: dict[str, int | None]):
+    """The config of a small modern decoder-only model (rotary positions, RMSNorm, gated MLP, grouped-query
+    attention), with the same keys for every family; the head size is hidden_size / num_heads."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        FAMILY_MODEL_TYPES.get(cfg.arch, cfg.arch),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_size,
+        num_hidden_layers=cfg.decoder_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+        head_dim=cfg.hidden_size // cfg.num_heads,
+        max_position_embeddings=cfg.max_positions,
+        attention_dropout=cfg.dropout,
+        initializer_range=init_std,
+        tie_word_embeddings=True,
+        **ids,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +278,11 @@ class DecoderOnlyLayout:
         ids = torch.cat([batch["source_ids"], batch["target_ids"]], dim=1)[:, :-1]  # (B, S + T - 1)
         mask = torch.cat([batch["source_mask"], batch["target_mask"]], dim=1)[:, :-1]
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        width = batch["target_ids"].shape[1]
+        if "logits_to_keep" in forward_parameters(type(inner_model(model))):
+            # The LM head runs at the T target positions only, not over the prompt: with a 50k-150k vocabulary
+            # the (B, S + T, V) logits would dominate a step's memory and time (`bench/target_logits.py`).
+            return model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=width).logits
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         return logits[:, source_len - 1 :]  # (B, T, V): position S-1+t predicts target token t
 
@@ -434,18 +467,19 @@ def load_model(cfg: ModelConfig, texts: Callable[[], Iterable[str]] | None = Non
     """
     if cfg.path is not None:
         try:
-            config = AutoConfig.from_pretrained(cfg.path)
-        except (OSError, ValueError) as err:  # not a model directory, an unknown hub id, no network
+            path = model_dir(cfg)
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:  # not a model directory, an unknown hub id, no network, a bad GGUF
             reason = str(err).strip().splitlines()[0]
             raise ConfigError("path", f"cannot load a model from {cfg.path}: {reason}").under(key) from None
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_pretrained(cfg.path)
+        model = auto.from_pretrained(path)
         if cfg.shrink is not None:
             try:
                 model = shrink_layers(model, cfg.shrink)
             except ConfigError as err:
                 raise err.under(key) from None
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or path)
     else:
         if cfg.tokenizer is not None:
             tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)

@@ -565,6 +565,13 @@ def _last_self_attention_projections(model: torch.nn.Module, which: str) -> dict
         return {"q": attention.q, "k": attention.k, "v": attention.v}
     if model_type == "gpt2" and which == "decoder":
         return {"qkv": base.h[-1].attn.c_attn}
+    layers = getattr(base, "layers", None)  # the modern decoder-only families: Llama, Qwen, Mistral, Gemma, Phi-3
+    if which == "decoder" and isinstance(layers, torch.nn.ModuleList) and hasattr(layers[-1], "self_attn"):
+        attention = layers[-1].self_attn
+        if hasattr(attention, "qkv_proj"):  # Phi-3's fused projection: q, then k and v of the key/value heads
+            return {"qkv": attention.qkv_proj}
+        if all(hasattr(attention, f"{x}_proj") for x in "qkv"):
+            return {"q": attention.q_proj, "k": attention.k_proj, "v": attention.v_proj}
     return None
 
 
@@ -582,7 +589,8 @@ def capture_qkv(model: torch.nn.Module, which: str = "decoder") -> Iterator[dict
     Use it on full teacher-forced passes: during cached generation a decoder sees one new token per call.
 
     Args:
-        model: a `transformers` BART, T5 or GPT-2 model (the LM-head class or the base model).
+        model: a `transformers` BART, T5, GPT-2 or modern decoder-only (Llama, Qwen, Mistral, Gemma, Phi-3) model
+            (the LM-head class or the base model); with grouped-query attention k and v are narrower than q.
         which: "encoder" or "decoder" (decoder-only models have only "decoder").
     """
     modules = _last_self_attention_projections(model, which)
@@ -590,14 +598,18 @@ def capture_qkv(model: torch.nn.Module, which: str = "decoder") -> Iterator[dict
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ValueError(
             f"capture_qkv does not support model_type {model_type!r} with which={which!r}; supported: "
-            "bart and t5 (encoder, decoder), gpt2 (decoder)"
+            "bart and t5 (encoder, decoder); gpt2, llama, qwen2/3, mistral, gemma2/3, phi3 (decoder)"
         )
     captured: dict[str, torch.Tensor] = {}
+    config = getattr(model, "config", None)
+    heads, kv_heads = getattr(config, "num_attention_heads", 1), getattr(config, "num_key_value_heads", None)
 
     def hook(name: str):
         def store(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if name == "qkv":  # GPT-2's fused projection: (B, S, 3H) -> q, k, v
-                captured.update(zip("qkv", output.chunk(3, dim=-1), strict=True))
+            if name == "qkv":  # a fused projection: GPT-2's (B, S, 3H); Phi-3's q (H) then k and v (H * kv / heads)
+                width = output.shape[-1]
+                kv = width // 3 if kv_heads is None else width * kv_heads // (heads + 2 * kv_heads)
+                captured.update(zip("qkv", output.split([width - 2 * kv, kv, kv], dim=-1), strict=True))
             else:
                 captured[name] = output
 

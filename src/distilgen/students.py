@@ -1,7 +1,7 @@
 """Student init: shrink a teacher by keeping a subset of its layers, and check tokenizer compatibility.
 
     student = shrink_layers(teacher, "6:2")     # BART 6:6 -> 6:2 keeps decoder layers 0 and 5
-    student = shrink_layers(gpt2, "4")          # decoder-only: keep 4 of the transformer layers
+    student = shrink_layers(llama, "4")         # decoder-only (GPT-2, Llama, Qwen, Mistral, Gemma, Phi-3): keep 4
 
 The study's finding: autoregressive decoding dominates latency, so shrinking the *decoder* (keep the
 first and last layers, drop the middle) roughly halves it at little cost in quality.
@@ -43,6 +43,10 @@ STACKS: dict[str, dict[str, LayerStack]] = {
         "decoder": LayerStack("decoder.block", "num_decoder_layers"),
     },
     "gpt2": {"decoder": LayerStack("transformer.h", "n_layer")},
+    **{
+        model_type: {"decoder": LayerStack("model.layers", "num_hidden_layers")}
+        for model_type in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3")
+    },
 }
 
 
@@ -130,6 +134,8 @@ def shrink_layers(teacher: PreTrainedModel, spec: str) -> PreTrainedModel:
                     module.layer_idx = new_index
         _set(student, stack.path, kept)
         setattr(student.config, stack.config_key, len(kept))
+        if isinstance(getattr(student.config, "layer_types", None), list):  # per layer: sliding or full attention
+            student.config.layer_types = [student.config.layer_types[i] for i in keep[name]]
     return student
 
 

@@ -50,7 +50,14 @@ from distilgen.config.decoding import (
     get_spec,
     register_spec,
 )
-from distilgen.config.sources import BuiltinTaskConfig, DataConfig, ModelConfig, TeacherConfig
+from distilgen.config.sources import (
+    DECODER_ONLY_FAMILIES,
+    PACKAGE_SCHEME,
+    BuiltinTaskConfig,
+    DataConfig,
+    ModelConfig,
+    TeacherConfig,
+)
 from distilgen.config.training import (
     AttentionKDConfig,
     CostConfig,
@@ -65,6 +72,8 @@ from distilgen.config.training import (
 )
 
 __all__ = [
+    "DECODER_ONLY_FAMILIES",
+    "PACKAGE_SCHEME",
     "SPECS",
     "AttentionKDConfig",
     "BuiltinTaskConfig",

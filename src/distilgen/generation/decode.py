@@ -185,7 +185,8 @@ def _gpu_compiler_available() -> bool:
 
 
 @functools.cache
-def _forward_parameters(model_class: type) -> frozenset[str]:
+def forward_parameters(model_class: type) -> frozenset[str]:
+    """The keyword arguments a model class's `forward` takes (which cache name, whether it can skip logits)."""
     return frozenset(inspect.signature(model_class.forward).parameters)
 
 
@@ -208,7 +209,7 @@ def _cache_kwargs(model, static: bool, rows: int, length: int, cross_length: int
         cache = _kept_static_cache(model, (rows, length, cross_length, dtype), fresh)
     else:
         cache = fresh()
-    name = "cache" if "cache" in _forward_parameters(type(model)) else "past_key_values"
+    name = "cache" if "cache" in forward_parameters(type(model)) else "past_key_values"
     return {name: cache, "use_cache": True}
 
 
@@ -329,7 +330,7 @@ class DecoderOnlySteps:
         self.mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens)], dim=1)
         self.positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as `DecoderOnlyLayout.target_logits` numbers them
         self.inputs = _cache_kwargs(model, static, ids.shape[0], self.width + max_new_tokens)
-        if "logits_to_keep" in _forward_parameters(type(model)):
+        if "logits_to_keep" in forward_parameters(type(model)):
             self.inputs["logits_to_keep"] = 1  # the prompt's other positions need no (B, S, V) logits
         self.prefix = ids
 

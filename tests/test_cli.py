@@ -187,6 +187,8 @@ def test_inspect_reports_cost_of_a_shrunk_copy_and_saves_it(tmp_path, tokenizer_
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["latency_median_s"] > 0 and report["throughput"]["tokens_per_s"] > 0
     assert report["flops"]["per_generated_token"] > 0
+    assert report["layers"] == {"encoder": 2, "decoder": 2} and report["vocabulary"] == 300
+    assert "layers: 2 encoder, 2 decoder; vocabulary 300 tokens; chat template: no" in result.stdout
     saved = json.loads((tmp_path / "student" / "config.json").read_text())
     assert (saved["encoder_layers"], saved["decoder_layers"]) == (2, 2)
     bad = _cli("inspect", str(tmp_path / "teacher"), "shrink=2:5")

@@ -69,10 +69,10 @@ def diagnose(cfg: DiagnoseConfig) -> dict[str, Any]:
     save_config(cfg, out / "config.yaml")
     examples = scored_split(cfg.data, cfg.split, cfg.limit)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = load_teacher(cfg.teacher, "fp32", device)
+    teacher = load_teacher(cfg.teacher, "fp32", device, cfg.data)
     results = {}
     for index, path in enumerate(tqdm(cfg.students, desc="students", disable=len(cfg.students) < 2)):
-        student = load_model(ModelConfig(path=path), key=f"students[{index}]")
+        student = load_model(ModelConfig(path=path), key=f"students[{index}]", data=cfg.data)
         require_same_vocab(student.tokenizer, teacher.tokenizer, "diagnose", key="students")
         student.model.to(device)
         results[path] = prefix_scores(teacher, student, examples, cfg)

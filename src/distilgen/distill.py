@@ -38,6 +38,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from distilgen.checkpoints import model_dir
 from distilgen.config import ConfigError, DecodingSpec, DistillConfig, ModelConfig, check, save_config, writable_dir
 from distilgen.data import Example, load_splits
 from distilgen.generation.decode import source_multiple
@@ -550,8 +551,8 @@ def _load_student(cfg: DistillConfig, splits: dict[str, list[Example]]) -> TextM
     needs one vocabulary)."""
     model_cfg = cfg.student
     if model_cfg.path is None and model_cfg.tokenizer is None:
-        model_cfg = dataclasses.replace(model_cfg, tokenizer=cfg.teacher.tokenizer or cfg.teacher.path)
-    return load_model(model_cfg, texts=lambda: training_text(splits), key="student")
+        model_cfg = dataclasses.replace(model_cfg, tokenizer=cfg.teacher.tokenizer or model_dir(cfg.teacher))
+    return load_model(model_cfg, texts=lambda: training_text(splits), key="student", data=cfg.data)
 
 
 def prepare_pts(ctx: Context, state: Accelerator) -> None:
@@ -597,7 +598,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     splits = load_splits(cfg.data, ("train", "unlabeled", "dev"))
     if not splits.get("train"):
         raise TrainingError("distillation needs labeled data: set data.train or data.task")
-    teacher = load_teacher(cfg.teacher, cfg.precision, accelerator.device)
+    teacher = load_teacher(cfg.teacher, cfg.precision, accelerator.device, cfg.data)
     student = _load_student(cfg, splits)
     if method.word_level:
         require_same_vocab(student.tokenizer, teacher.tokenizer, cfg.method)
@@ -617,7 +618,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     summary = {"method": cfg.method, "distill": stage_summary(state, stage, cfg.train.metric)}
     final = stage / "model"
     if cfg.final_finetune_epochs > 0 and cfg.method != "finetune":
-        tuned = load_model(ModelConfig(path=str(final)))
+        tuned = load_model(ModelConfig(path=str(final)), data=cfg.data)
         train_cfg = dataclasses.replace(cfg.train, epochs=cfg.final_finetune_epochs, max_steps=None)
         stage = output_dir / "finetune"
         ft_state = train(

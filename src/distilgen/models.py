@@ -36,9 +36,10 @@ from transformers import (
 )
 
 from distilgen.checkpoints import model_dir
-from distilgen.config import DECODER_ONLY_FAMILIES, ConfigError, ModelConfig
+from distilgen.config import DECODER_ONLY_FAMILIES, ConfigError, DataConfig, ModelConfig
 from distilgen.generation.decode import DecoderOnlySteps, EncoderDecoderSteps, forward_parameters
 from distilgen.objectives import cross_entropy, masked_sum
+from distilgen.prompts import Prompt, prompt_for
 from distilgen.students import shrink_layers
 
 PAD, BOS, EOS, UNK, SEP = "<pad>", "<s>", "</s>", "<unk>", "<sep>"
@@ -330,6 +331,8 @@ class TextModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerFast
     layout: Layout
+    prompt: Prompt | None = None
+    """How it reads a source (chat template, demonstrations) and what is kept of an output; None: plain text."""
 
     @property
     def device(self) -> torch.device:
@@ -349,9 +352,12 @@ class TextModel:
         return full[:at], full[at + len(plain) :]
 
     def _source_affixes(self) -> tuple[list[int], list[int]]:
-        """Encoder-decoder: the tokenizer's own special tokens; decoder-only: prompt + SEP when there is one."""
+        """Encoder-decoder: the tokenizer's own special tokens; decoder-only: prompt + SEP when there is one (not
+        under a chat template, whose assistant turn ends the prompt)."""
         if self.is_encoder_decoder:
             return self._affixes
+        if self.prompt is not None and self.prompt.chat:
+            return [], []
         return [], [self.tokenizer.sep_token_id] if self.tokenizer.sep_token_id is not None else []
 
     def _target_affixes(self) -> tuple[list[int], list[int]]:
@@ -399,7 +405,7 @@ class TextModel:
         examples = list(examples)
         if not examples:
             return [], TruncationStats()
-        src_pre, src_post = self._source_affixes()
+        special_pre, special_post = self._source_affixes()
         tgt_pre, tgt_post = self._target_affixes()
         stats = TruncationStats()
         sources = self.tokenizer([e.source for e in examples], add_special_tokens=False)["input_ids"]
@@ -408,7 +414,11 @@ class TextModel:
         target_ids_all = self.tokenizer(target_texts, add_special_tokens=False)["input_ids"]
         out = []
         for example, src, tgt, has_target in zip(examples, sources, target_ids_all, labeled, strict=True):
-            keep = max_source_length - len(src_pre) - len(src_post)
+            src_pre, src_post = special_pre, special_post
+            if self.prompt is not None:  # the scaffolding is kept whole; only the source's own tokens are cut
+                before, after = self.prompt.affixes(example.source)
+                src_pre, src_post = [*special_pre, *before], [*after, *special_post]
+            keep = max(1, max_source_length - len(src_pre) - len(src_post))
             stats.sources += 1
             stats.sources_truncated += len(src) > keep
             target_ids: list[int] = []
@@ -459,11 +469,17 @@ def avoid_cudnn_attention() -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def load_model(cfg: ModelConfig, texts: Callable[[], Iterable[str]] | None = None, key: str = "model") -> TextModel:
-    """Load `cfg.path` (hub id or directory) or build `cfg.arch` at random.
+def load_model(
+    cfg: ModelConfig,
+    texts: Callable[[], Iterable[str]] | None = None,
+    key: str = "model",
+    data: DataConfig | None = None,
+) -> TextModel:
+    """Load `cfg.path` (hub id, directory, GGUF file) or build `cfg.arch` at random.
 
     A model built from scratch gets `cfg.tokenizer` if set, else a tokenizer trained on `texts()`. `key` is where
-    `cfg` sits in the command's config (model, student, teacher; "" at the top), for errors naming its keys.
+    `cfg` sits in the command's config (model, student, teacher; "" at the top), for errors naming its keys. With
+    `data`, the model reads sources through `data.prompt` (`prompts.prompt_for`).
     """
     if cfg.path is not None:
         try:
@@ -491,7 +507,8 @@ def load_model(cfg: ModelConfig, texts: Callable[[], Iterable[str]] | None = Non
     if tokenizer.pad_token_id is None:  # GPT-2 style tokenizers have none
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return TextModel(model, tokenizer, _layout_for(model.config))
+    prompt = prompt_for(data, tokenizer, model.config.is_encoder_decoder) if data is not None else None
+    return TextModel(model, tokenizer, _layout_for(model.config), prompt)
 
 
 def target_nll(tm: TextModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -212,7 +212,7 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         if name not in splits:
             raise ConfigError("splits", f"split '{name}' has no data: configure data.{name} or drop it from splits")
     sources = [e.source for name in cfg.splits for e in splits[name][: cfg.limit]]
-    tm = load_teacher(cfg.teacher, cfg.precision, state.device)
+    tm = load_teacher(cfg.teacher, cfg.precision, state.device, cfg.data)
     teacher_fp = tm.fingerprint(cfg.data.max_source_length, cfg.data.template)
     spec = resolve_spec(cfg.spec)
     store = PTStore(cfg.store)

@@ -91,7 +91,8 @@ def parse_shrink_spec(spec: str, sizes: dict[str, int]) -> dict[str, list[int]]:
     return keep
 
 
-def _get(model: torch.nn.Module, path: str) -> torch.nn.ModuleList:
+def module_at(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The submodule at dotted `path` (a stack of layers: `model.layers`)."""
     module = model
     for attr in path.split("."):
         module = getattr(module, attr)
@@ -100,7 +101,7 @@ def _get(model: torch.nn.Module, path: str) -> torch.nn.ModuleList:
 
 def _set(model: torch.nn.Module, path: str, value: torch.nn.Module) -> None:
     parent, _, attr = path.rpartition(".")
-    setattr(_get(model, parent) if parent else model, attr, value)
+    setattr(module_at(model, parent) if parent else model, attr, value)
 
 
 def stacks_of(model: PreTrainedModel) -> dict[str, LayerStack]:
@@ -117,11 +118,11 @@ def shrink_layers(teacher: PreTrainedModel, spec: str) -> PreTrainedModel:
     plain `transformers`; with every layer kept it computes exactly what the teacher computes.
     """
     stacks = stacks_of(teacher)
-    sizes = {name: len(_get(teacher, stack.path)) for name, stack in stacks.items()}
+    sizes = {name: len(module_at(teacher, stack.path)) for name, stack in stacks.items()}
     keep = parse_shrink_spec(spec, sizes)
     student = copy.deepcopy(teacher)
     for name, stack in stacks.items():
-        layers = _get(student, stack.path)
+        layers = module_at(student, stack.path)
         kept = torch.nn.ModuleList([layers[i] for i in keep[name]])
         if student.config.model_type == "t5" and keep[name][0] != 0:
             # Only T5's first block owns the relative position bias; the new first block takes it over.

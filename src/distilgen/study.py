@@ -48,7 +48,7 @@ def _evaluate_cached(path: str, cache: Path, examples, cfg: StudyConfig, with_co
     """Scores (and cost) of the model at `path`, computed once and kept in `cache` (a study reruns cheaply)."""
     if cache.exists():
         return json.loads(cache.read_text())
-    tm = load_model(ModelConfig(path=path))
+    tm = load_model(ModelConfig(path=path), data=cfg.data)
     tm.model.to("cuda" if torch.cuda.is_available() else "cpu")
     result, _ = evaluate_model(tm, examples, cfg.metrics, cfg.decoding, cfg.data, cfg.cost if with_cost else None, path)
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -511,7 +511,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     model_cfg = cfg.model
     if model_cfg.path is None and model_cfg.tokenizer is None and tokenizer_dir.exists():
         model_cfg = dataclasses.replace(model_cfg, tokenizer=str(tokenizer_dir))  # a resumed run keeps its vocabulary
-    tm = load_model(model_cfg, texts=lambda: training_text(splits))
+    tm = load_model(model_cfg, texts=lambda: training_text(splits), data=cfg.data)
     if accelerator.is_main_process:  # the checks passed: the directory now holds this run
         save_config(cfg, output_dir / "config.yaml")
         if not tokenizer_dir.exists():

@@ -56,6 +56,7 @@ from distilgen.config.sources import (
     BuiltinTaskConfig,
     DataConfig,
     ModelConfig,
+    PromptConfig,
     TeacherConfig,
 )
 from distilgen.config.training import (
@@ -92,6 +93,7 @@ __all__ = [
     "InspectConfig",
     "KDConfig",
     "ModelConfig",
+    "PromptConfig",
     "NoiseConfig",
     "PTConfig",
     "Precision",

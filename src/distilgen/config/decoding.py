@@ -215,6 +215,7 @@ for _spec in (
     DecodingSpec("beam4", "beam", num_beams=4),
     DecodingSpec("sample", "sample", num_samples=4),  # the study: plain sampling beats beam PTs
     DecodingSpec("sample_t15", "sample", num_samples=4, temperature=1.5),  # high temperature: comparable
+    DecodingSpec("sample_t07", "sample", num_samples=4, temperature=0.7, top_p=0.9),  # instruct LLM teachers
 ):
     register_spec(_spec.name)(_spec)
 

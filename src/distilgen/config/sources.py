@@ -36,6 +36,30 @@ class BuiltinTaskConfig:
 
 
 @dataclass
+class PromptConfig:
+    """How a decoder-only model reads a source: through its chat template or as plain text, with k labeled
+    demonstrations before it. The same prompt serves teacher PTs, training and evaluation, and is part of the
+    teacher's fingerprint. Encoder-decoder models read the templated source (and the demonstrations, if any)."""
+
+    chat: Literal["auto", "on", "off"] = "auto"
+    """auto: through the tokenizer's chat template where it has one (an instruct model: the source as the user's
+    message, the output as the assistant's turn); on: require one; off: plain text."""
+    system: str | None = None
+    """The system message (chat); empty: the chat template's own default."""
+    shots: int = 0
+    """Labeled demonstrations from the training split before each source (chat: user and assistant turns); an
+    input that is itself a demonstration gets another in its place."""
+    shots_seed: int = 0
+    """Which training examples are the demonstrations (the same for every input and every run)."""
+    first_line: bool = False
+    """Keep a generated output up to its first line break (a one-line task; instruct models like to go on)."""
+
+    def __post_init__(self):
+        check(self.chat in ("auto", "on", "off"), "chat", f"must be auto, on or off, got {self.chat!r}")
+        check(self.shots >= 0, "shots", f"must be >= 0, got {self.shots}")
+
+
+@dataclass
 class DataConfig:
     """Where the splits come from and how records are read.
 
@@ -64,6 +88,8 @@ class DataConfig:
     """Config name for `hub:` datasets that have several."""
     template: str = "{source}"
     """Prompt template applied to every source, e.g. 'summarize: {source}'."""
+    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+    """How decoder-only models read the templated source: chat template, demonstrations, output's first line."""
     max_source_length: int = 256
     """Source tokens kept (longer sources are truncated and counted)."""
     max_target_length: int = 64

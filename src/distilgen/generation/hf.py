@@ -145,6 +145,14 @@ class HFGenerator:
         contents = tm.output_tokens(generated)
         if prefix is not None:
             contents = [[*rows[b // per_row].prefix, *c] for b, c in enumerate(contents)]  # type: ignore[misc]
+        texts = [tm.tokenizer.decode(c, skip_special_tokens=True).strip() for c in contents]
+        if tm.prompt is not None:  # what the task keeps of an output (its first line...): text and tokens agree
+            finished = [tm.prompt.finish(text) for text in texts]
+            contents = [
+                c if done == text else tm.tokenizer(done, add_special_tokens=False)["input_ids"]
+                for c, text, done in zip(contents, texts, finished, strict=True)
+            ]
+            texts = finished
         targets = [tm.target_ids(c) for c in contents]
         top_ids = top_logprobs = None
         if topk:
@@ -157,7 +165,7 @@ class HFGenerator:
                 at = b * per_row + (index if settings.kind == "beam" else j)
                 mine.append(
                     Generated(
-                        text=tm.tokenizer.decode(contents[at], skip_special_tokens=True).strip(),
+                        text=texts[at],
                         tokens=contents[at],
                         token_ids=targets[at],
                         seed=seeds[at] if seeds is not None else None,

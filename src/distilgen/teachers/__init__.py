@@ -4,7 +4,7 @@
     teacher.kind, teacher.capabilities        # "hf", {"logits", "topk", "text"}
     fp = teacher.fingerprint(max_source_length=256, template="{source}")  # keys the teacher's PTs in the store
 
-A kind is a file of this package with a `load(cfg, precision, device)` function, plus an entry in `TEACHER_KINDS`
+A kind is a file of this package with a `load(cfg, precision, device, data)` function, plus an entry in `TEACHER_KINDS`
 that says what its teachers can give. Each method says what it needs of a teacher (`distill.Method.needs`): a
 config that asks a method of a teacher that cannot serve it is refused when it loads, naming the methods that
 would work. This module imports nothing of the pipeline, so that configs can check kinds and capabilities.
@@ -64,10 +64,11 @@ def describe(capabilities: frozenset[str] | set[str]) -> str:
     return "; ".join(CAPABILITIES[c] for c in sorted(capabilities)) or "nothing"
 
 
-def load_teacher(cfg: Any, precision: str, device: Any) -> Teacher:
+def load_teacher(cfg: Any, precision: str, device: Any, data: Any = None) -> Teacher:
     """The teacher `cfg` (a `config.TeacherConfig`) describes, ready to generate and score on `device`.
 
     Args:
         precision: "auto", "fp32" or "bf16": the weights of a teacher run here (auto: bf16 on a GPU with it).
+        data: the command's `config.DataConfig`: the teacher reads sources through its `prompt`.
     """
-    return importlib.import_module(TEACHER_KINDS[cfg.kind].module).load(cfg, precision, device)
+    return importlib.import_module(TEACHER_KINDS[cfg.kind].module).load(cfg, precision, device, data)

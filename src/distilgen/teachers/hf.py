@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from distilgen.config import ModelConfig
+from distilgen.config import DataConfig, ModelConfig
 from distilgen.generation.hf import HFGenerator
 from distilgen.models import TextModel, avoid_cudnn_attention, load_model
 from distilgen.teachers import TEACHER_KINDS
@@ -51,15 +51,18 @@ def teacher_fingerprint(tm: TextModel, max_source_length: int, template: str = "
         digest.update(tensor.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
     digest.update(tm.tokenizer.backend_tokenizer.to_str().encode())
     digest.update(f"max_source_length={max_source_length};template={template}".encode())
+    if tm.prompt is not None:  # (absent for plain sources, so that stores from before prompts keep their key)
+        digest.update(f"prompt={tm.prompt.fingerprint()}".encode())
     return digest.hexdigest()
 
 
-def load(cfg: ModelConfig, precision: str, device: torch.device) -> HFTeacher:
-    """The teacher in inference mode on `device`, in bf16 when asked (auto: on a GPU that supports it)."""
-    tm = load_model(cfg, key="teacher")
+def load(cfg: ModelConfig, precision: str, device: torch.device, data: DataConfig | None = None) -> HFTeacher:
+    """The teacher in inference mode on `device`, in bf16 when asked (auto: on a GPU that supports it), reading
+    sources through `data.prompt` when `data` is given."""
+    tm = load_model(cfg, key="teacher", data=data)
     if device.type == "cuda":
         avoid_cudnn_attention()  # length-sorted batches: a new shape nearly every batch
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     tm.model.to(device=device, dtype=torch.bfloat16 if use_bf16 else torch.float32).eval()
     tm.model.requires_grad_(False)
-    return HFTeacher(tm.model, tm.tokenizer, tm.layout)
+    return HFTeacher(tm.model, tm.tokenizer, tm.layout, tm.prompt)

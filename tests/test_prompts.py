@@ -1,0 +1,117 @@
+"""Prompts: chat templates, demonstrations, truncation that keeps the scaffolding, the output's first line, and the
+prompt in the teacher's fingerprint."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from distilgen.config import ConfigError, DataConfig, GenerationSettings, ModelConfig, PromptConfig
+from distilgen.data import Example
+from distilgen.generation.hf import HFGenerator
+from distilgen.models import load_model
+from distilgen.prompts import build_prompt
+from distilgen.teachers.hf import teacher_fingerprint
+from tests.conftest import tiny_model_config
+
+CHAT = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+"""A small chat template in the usual shape: role markers around each message, then the assistant's turn."""
+
+TRAIN = [Example(str(i), f"report number {i}", f"summary {i}", (f"summary {i}",)) for i in range(6)]
+
+
+@pytest.fixture
+def chat_model(tokenizer_dir):
+    torch.manual_seed(0)
+    tm = load_model(tiny_model_config("llama", tokenizer_dir))
+    tm.tokenizer.chat_template = CHAT
+    return tm
+
+
+def test_a_chat_prompt_wraps_the_source_in_the_template_with_demonstrations_that_are_never_the_input(chat_model):
+    tok = chat_model.tokenizer
+    prompt = build_prompt(PromptConfig(shots=2, system="Be brief."), tok, TRAIN, is_encoder_decoder=False)
+    demos = prompt.demonstrations("a new report")
+    assert len(demos) == 2 and demos == build_prompt(PromptConfig(shots=2), tok, TRAIN, False).demonstrations("x")
+    assert prompt.render("a new report") == tok.apply_chat_template(
+        [
+            {"role": "system", "content": "Be brief."},
+            *[m for s, t in demos for m in ({"role": "user", "content": s}, {"role": "assistant", "content": t})],
+            {"role": "user", "content": "a new report"},
+        ],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert demos[0][0] not in [s for s, _ in prompt.demonstrations(demos[0][0])]  # the input is not its own example
+    assert len(prompt.demonstrations(demos[0][0])) == 2
+    other = build_prompt(PromptConfig(shots=2, shots_seed=1), tok, TRAIN, False)
+    assert other.demonstrations("x") != demos and other.fingerprint() != prompt.fingerprint()
+
+
+def test_truncation_cuts_the_source_and_keeps_the_scaffolding(chat_model):
+    tm = dataclasses.replace(chat_model, prompt=build_prompt(PromptConfig(), chat_model.tokenizer, [], False))
+    long = Example("x", " ".join(["goal"] * 200), None, ())
+    (short,), stats = tm.encode([long], max_source_length=40, targets=False)
+    before, after = tm.prompt.affixes(long.source)
+    assert len(short.source) == 40 and stats.sources_truncated == 1
+    assert short.source[: len(before)] == before and short.source[-len(after) :] == after  # the assistant turn stays
+    goal = tm.tokenizer(" goal", add_special_tokens=False)["input_ids"]
+    assert short.source[len(before) : -len(after)] == goal * (40 - len(before) - len(after))
+
+
+def test_chat_is_used_where_the_model_has_a_template_and_refused_where_asked_of_one_without(tokenizer_dir, chat_model):
+    plain = load_model(tiny_model_config("gpt2", tokenizer_dir))
+    assert build_prompt(PromptConfig(), plain.tokenizer, [], False) is None  # auto, no template: plain source
+    assert build_prompt(PromptConfig(), chat_model.tokenizer, [], is_encoder_decoder=True) is None
+    with pytest.raises(ConfigError, match="^data.prompt.chat: on, but this model has no chat template"):
+        build_prompt(PromptConfig(chat="on"), plain.tokenizer, [], False)
+    few = build_prompt(PromptConfig(shots=1), plain.tokenizer, TRAIN, False)  # plain text demonstrations
+    ((source, target),) = few.demonstrations("new")
+    assert few.render("new") == f"{source} {target}\n\nnew"
+    with pytest.raises(ConfigError, match="^data.prompt.shots: 9 demonstrations, but the training split has 6"):
+        build_prompt(PromptConfig(shots=9), plain.tokenizer, TRAIN, False)
+
+
+def test_a_prompt_longer_than_max_source_length_is_refused_with_its_size(tokenizer_dir, tmp_path):
+    model_dir = tmp_path / "m"
+    tm = load_model(tiny_model_config("llama", tokenizer_dir))
+    tm.tokenizer.chat_template = CHAT
+    tm.save(model_dir)
+    data = DataConfig(task={"train_size": 8, "dev_size": 0, "test_size": 0, "unlabeled_size": 0}, max_source_length=8)
+    data = dataclasses.replace(data, prompt=PromptConfig(system="You summarise football match reports in a line."))
+    with pytest.raises(ConfigError, match=r"^data.max_source_length: 8, but the prompt alone takes \d+ tokens"):
+        load_model(ModelConfig(path=str(model_dir)), data=data)
+
+
+def test_first_line_keeps_an_outputs_first_line_in_text_and_tokens():
+    texts = ["a report\nwith two lines", "a\nb"] * 20  # a vocabulary with a line break
+    tm = load_model(ModelConfig(arch="llama", hidden_size=32, num_heads=2, vocab_size=100), texts=lambda: iter(texts))
+    newline = tm.tokenizer("a\nb", add_special_tokens=False)["input_ids"]
+    # Make the model write "a\nb..." whatever it reads: a bias on the LM head's output at each step.
+    script = iter(newline * 20)
+
+    def hook(module, args, logits):
+        biased = logits.clone()
+        biased[..., next(script)] += 1e4
+        return biased
+
+    handle = tm.model.get_output_embeddings().register_forward_hook(hook)
+    tm = dataclasses.replace(tm, prompt=build_prompt(PromptConfig(first_line=True), tm.tokenizer, [], False))
+    ((written,),) = HFGenerator(tm).generate(["a report"], GenerationSettings("greedy", max_new_tokens=3))
+    handle.remove()
+    assert written.text == "a" and written.tokens == tm.tokenizer("a", add_special_tokens=False)["input_ids"]
+    assert written.token_ids == tm.target_ids(written.tokens)
+
+
+def test_the_prompt_is_part_of_the_teacher_fingerprint_and_plain_sources_keep_theirs(chat_model):
+    plain = dataclasses.replace(chat_model, prompt=None)
+    chat = dataclasses.replace(chat_model, prompt=build_prompt(PromptConfig(), chat_model.tokenizer, [], False))
+    shots = dataclasses.replace(chat, prompt=build_prompt(PromptConfig(shots=1), chat_model.tokenizer, TRAIN, False))
+    fingerprints = {teacher_fingerprint(tm, 64) for tm in (plain, chat, shots)}
+    assert len(fingerprints) == 3
+    assert teacher_fingerprint(plain, 64) == teacher_fingerprint(dataclasses.replace(chat_model, prompt=None), 64)

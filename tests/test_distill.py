@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from distilgen.config import DistillConfig, ModelConfig, from_dict
+from distilgen.config import ConfigError, DistillConfig, ModelConfig, from_dict
 from distilgen.data import load_splits
 from distilgen.distill import (
     METHODS,
@@ -255,6 +255,16 @@ def test_joint_teaching_with_refresh_every_samples_ahead_within_each_epoch(tmp_p
     assert windows == [{1: 2, 3: 2, 5: 2}, {7: 2, 9: 2, 11: 2}]
     losses = _losses(tmp_path / "joint_teaching" / "distill")
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]), losses
+
+
+def test_a_sequence_level_student_may_train_its_own_tokenizer_and_word_level_methods_refuse_it(tmp_path, teacher_dir):
+    from transformers import AutoTokenizer
+
+    own = {"student.tokenizer": "task", "student.vocab_size": 150, "train.max_steps": 2}
+    summary = distill(_cfg(tmp_path, teacher_dir, "seq_kd", **own))
+    assert len(AutoTokenizer.from_pretrained(summary["model"])) < len(AutoTokenizer.from_pretrained(teacher_dir))
+    with pytest.raises(ConfigError, match="tokenizers differ"):
+        distill(_cfg(tmp_path, teacher_dir, "logits_kd", **own))
 
 
 def test_refresh_every_below_one_is_refused_with_its_key(tmp_path, teacher_dir):

@@ -547,8 +547,8 @@ def _joint_teaching(ctx: Context) -> Plan:
 
 
 def _load_student(cfg: DistillConfig, splits: dict[str, list[Example]]) -> TextModel:
-    """The student; one built from `arch` gets the teacher's tokenizer unless it names one (word-level KD
-    needs one vocabulary)."""
+    """The student; one built from `arch` gets the teacher's tokenizer unless it names one or asks for its own
+    (`tokenizer: task`, sequence-level methods): word-level KD needs one vocabulary."""
     model_cfg = cfg.student
     if model_cfg.path is None and model_cfg.tokenizer is None:
         model_cfg = dataclasses.replace(model_cfg, tokenizer=cfg.teacher.tokenizer or model_dir(cfg.teacher))

@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from distilgen.checkpoints import model_dir
-from distilgen.config import DECODER_ONLY_FAMILIES, ConfigError, DataConfig, ModelConfig
+from distilgen.config import DECODER_ONLY_FAMILIES, TASK_TOKENIZER, ConfigError, DataConfig, ModelConfig
 from distilgen.generation.decode import DecoderOnlySteps, EncoderDecoderSteps, forward_parameters
 from distilgen.objectives import cross_entropy, masked_sum
 from distilgen.prompts import Prompt, prompt_for
@@ -497,7 +497,7 @@ def load_model(
                 raise err.under(key) from None
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or path)
     else:
-        if cfg.tokenizer is not None:
+        if cfg.tokenizer not in (None, TASK_TOKENIZER):
             tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
         elif texts is not None:
             tokenizer = train_tokenizer(texts(), cfg.vocab_size)

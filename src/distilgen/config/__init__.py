@@ -53,6 +53,7 @@ from distilgen.config.decoding import (
 from distilgen.config.sources import (
     DECODER_ONLY_FAMILIES,
     PACKAGE_SCHEME,
+    TASK_TOKENIZER,
     BuiltinTaskConfig,
     DataConfig,
     ModelConfig,
@@ -75,6 +76,7 @@ from distilgen.config.training import (
 __all__ = [
     "DECODER_ONLY_FAMILIES",
     "PACKAGE_SCHEME",
+    "TASK_TOKENIZER",
     "SPECS",
     "AttentionKDConfig",
     "BuiltinTaskConfig",

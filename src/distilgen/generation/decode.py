@@ -309,7 +309,11 @@ class EncoderDecoderSteps:
 
 class DecoderOnlySteps:
     """The left-padded prompt, then one token at a time. The attention mask covers the new positions from the
-    start (causality hides those not yet written), so it keeps one shape under a static cache."""
+    start (causality hides those not yet written), so it keeps one shape under a static cache.
+
+    With a dynamic cache an input's `per_input` rows share one pass over its prompt, whose cache is then
+    repeated: an LLM teacher's long prompt (a chat template, demonstrations) is read once per input, not once
+    per sample. A static cache keeps its tensors for the compiled step, so there each row reads the prompt."""
 
     def __init__(
         self,
@@ -324,12 +328,16 @@ class DecoderOnlySteps:
         ids, mask = batch["source_ids"], batch["source_mask"]
         if prefix is not None:  # the output's first tokens, given: they follow the prompt
             ids, mask = torch.cat([ids, prefix], dim=1), torch.cat([mask, torch.ones_like(prefix)], dim=1)
+        self.shared = per_input if per_input > 1 and not static else 1
+        """How many rows share each prompt pass (1: every row reads its prompt)."""
+        self.prompt = (ids, mask) if self.shared > 1 else None
         ids, mask = ids.repeat_interleave(per_input, dim=0), mask.repeat_interleave(per_input, dim=0)
         self.model, self.step, self.static = model, _step_call(model, compile), static
         self.width, self.fed = ids.shape[1], 0
         self.mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens)], dim=1)
         self.positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as `DecoderOnlyLayout.target_logits` numbers them
         self.inputs = _cache_kwargs(model, static, ids.shape[0], self.width + max_new_tokens)
+        self.cache_name = next(name for name in ("cache", "past_key_values") if name in self.inputs)
         if "logits_to_keep" in forward_parameters(type(model)):
             self.inputs["logits_to_keep"] = 1  # the prompt's other positions need no (B, S, V) logits
         self.prefix = ids
@@ -338,8 +346,16 @@ class DecoderOnlySteps:
         return self.mask if self.static else self.mask[:, : self.width + self.fed]
 
     def first(self) -> torch.Tensor:
-        out = self.model(input_ids=self.prefix, attention_mask=self._mask(), position_ids=self.positions, **self.inputs)
-        return _last_logits(out)
+        if self.prompt is None:
+            out = self.model(
+                input_ids=self.prefix, attention_mask=self._mask(), position_ids=self.positions, **self.inputs
+            )
+            return _last_logits(out)
+        ids, mask = self.prompt
+        positions = self.positions[:: self.shared]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **self.inputs)
+        self.inputs[self.cache_name].batch_repeat_interleave(self.shared)  # each input's cache, once per row
+        return _last_logits(out).repeat_interleave(self.shared, dim=0)
 
     def next(self, tokens: torch.Tensor) -> torch.Tensor:
         self.fed += 1

@@ -12,7 +12,8 @@ prefixed with the names it documents so the model knows what is described:
 Only the English pages (man1 ... man8 directly under --man-root) are read, parsed from groff with regexes.
 Redirects (`.so` pages, symlinks to another page), BSD mdoc pages, pages missing NAME or DESCRIPTION, overlong or
 empty summaries, short descriptions and duplicates are skipped and counted. The split is a seeded hash of the id,
-so it is stable as pages come and go: test 500, dev 200, train 2500, the rest unlabeled, written as
+so it is stable as pages come and go: test 500, dev 200, train 2000 (one page per command: release channels of
+one command, such as gcloud's alpha and beta copies, stay together), the rest unlabeled, written as
 `test.jsonl`, `dev.jsonl`, `train.jsonl` and `unlabeled.jsonl`.
 """
 
@@ -26,7 +27,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-SPLIT_SIZES = {"test": 500, "dev": 200, "train": 2500}
+SPLIT_SIZES = {"test": 500, "dev": 200, "train": 2000}
 UNLABELED_FACTOR = 4
 MAX_TARGET_WORDS = 20
 MIN_DESCRIPTION_WORDS = 15
@@ -302,19 +303,36 @@ def collect_rows(man_root: Path, max_source_words: int) -> tuple[list[dict[str, 
         seen.add((summary, description))
         page_id = str(path.relative_to(man_root)).removesuffix(".gz")
         source = f"NAME: {names}\n\n{truncate_words(description, max_source_words)}"
-        rows.append({"id": page_id, "source": source, "target": summary})
+        rows.append({"id": page_id, "source": source, "target": summary, "group": command_group(names)})
     return rows, skipped
 
 
+def command_group(names: str) -> str:
+    """Pages of one command in several release channels (`gcloud alpha kms keys list`, `gcloud beta ...`, `gcloud
+    ...`: near-copies) share a group, which the split keeps together."""
+    return re.sub(r"^(\S+) (?:alpha|beta|preview) ", r"\1 ", names)
+
+
 def split_rows(rows: list[dict[str, str]], seed: int) -> dict[str, list[dict[str, str]]]:
-    """Fill test, dev and train in seeded-hash order of the ids; the rest is unlabeled."""
-    ordered = sorted(rows, key=lambda row: hashlib.sha256(f"{seed}:{row['id']}".encode()).hexdigest())
+    """Fill test, dev and train with one page per command group, in seeded-hash order of the groups; the rest is
+    unlabeled. The other channels' copies of a train or unlabeled command join the unlabeled pool (in-domain
+    inputs), those of a test or dev command are dropped, so no evaluation input has a near-copy elsewhere."""
+    groups: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        groups.setdefault(row.pop("group"), []).append(row)
+    order = sorted(groups, key=lambda group: hashlib.sha256(f"{seed}:{group}".encode()).hexdigest())
     splits: dict[str, list[dict[str, str]]] = {}
     start = 0
     for name, size in SPLIT_SIZES.items():
-        splits[name] = ordered[start : start + size]
+        splits[name] = [
+            min(groups[g], key=lambda row: len(row["source"].split("\n")[0])) for g in order[start : start + size]
+        ]
         start += size
-    splits["unlabeled"] = ordered[start:]
+    kept = {row["id"] for name in SPLIT_SIZES for row in splits[name]}
+    labeled_groups = set(order[: start - SPLIT_SIZES["train"]])  # test and dev
+    splits["unlabeled"] = [
+        row for group in order if group not in labeled_groups for row in groups[group] if row["id"] not in kept
+    ]
     return splits
 
 

@@ -448,3 +448,17 @@ def test_pt_diversity_reports_lengths_and_self_bleu_of_inputs_with_several_pts()
     stats = pt_diversity(records)
     assert (stats["inputs"], stats["pts"], stats["words_max"], stats["tokens_mean"]) == (2, 3, 4, 7 / 3)
     assert stats["self_bleu"] == pytest.approx(100.0)
+
+
+def test_pts_are_scored_against_the_gold_references_of_labeled_inputs():
+    from distilgen.pseudo_targets import gold_agreement
+
+    split = [
+        Example("a", "a source", "the home side won", ("the home side won", "home won")),
+        Example("b", "b", None, ()),
+    ]
+    exact = {input_key("a source"): [PTRecord(input_key("a source"), 0, "the home side won", [1])]}
+    assert gold_agreement(split, exact) == "; against gold: BLEU 100.0, chrF 100.0"
+    wrong = {input_key("a source"): [PTRecord(input_key("a source"), 0, "xyz qqq", [1])]}
+    assert gold_agreement(split, wrong).startswith("; against gold: BLEU 0.0, chrF ")
+    assert gold_agreement(split[1:], {input_key("b"): [PTRecord(input_key("b"), 0, "x", [1])]}) == ""  # unlabeled

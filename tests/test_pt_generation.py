@@ -342,6 +342,9 @@ def test_generate_command_sigkill_then_rerun_ends_with_the_uninterrupted_pts(tmp
     assert "spec s2 (sample" in shown.stdout and "240 PTs" in shown.stdout
     assert "train: 30/30 inputs with PTs, 60 PTs, 2.00 per input" in shown.stdout
     assert "unlabeled: 90/90 inputs with PTs, 180 PTs" in shown.stdout and "self-BLEU" in shown.stdout
+    lines = shown.stdout.splitlines()
+    train_line, unlabeled_line = (next(x for x in lines if f"  {n}:" in x) for n in ("train", "unlabeled"))
+    assert "against gold: BLEU" in train_line and "against gold" not in unlabeled_line  # only labeled inputs
     assert shown.stdout.count("      PT ") == 2
 
 

@@ -675,6 +675,18 @@ def pt_diversity(pts: Mapping[str, Sequence[PTRecord]]) -> dict[str, float]:
     return stats
 
 
+def gold_agreement(split: Sequence[Example], pts: Mapping[str, Sequence[PTRecord]]) -> str:
+    """ "; against gold: BLEU b, chrF c" of every PT of the labeled inputs against their references (whether a
+    teacher's PTs are worth training on: an instruct teacher's prompt and decoding are judged here), or ""."""
+    from distilgen.metrics import compute_metrics
+
+    pairs = [(r.text, list(e.references)) for e in split if e.references for r in pts.get(input_key(e.source), [])]
+    if not pairs:
+        return ""
+    scores = compute_metrics(["bleu", "chrf"], [text for text, _ in pairs], [refs for _, refs in pairs])
+    return f"; against gold: BLEU {scores['bleu']:.1f}, chrF {scores['chrf']:.1f}"
+
+
 def describe_store(store: PTStore, splits: Mapping[str, Sequence[Example]], examples: int = 2) -> list[str]:
     """`distilgen pts show`: per (teacher, spec) in the store, counts, lengths and diversity per split, and the
     PTs of a few inputs. Lines of text."""
@@ -700,6 +712,7 @@ def describe_store(store: PTStore, splits: Mapping[str, Sequence[Example]], exam
                     f"distinct-2 {div['distinct_2']:.3f}"
                 )
                 line += f"; self-BLEU {div['self_bleu']:.1f}" if "self_bleu" in div else ""
+                line += gold_agreement(split, pts)
             lines.append(line)
             for source in sources:
                 if shown >= examples:

@@ -191,6 +191,15 @@ def test_inspect_reports_cost_of_a_shrunk_copy_and_saves_it(tmp_path, tokenizer_
     assert "layers: 2 encoder, 2 decoder; vocabulary 300 tokens; chat template: no" in result.stdout
     saved = json.loads((tmp_path / "student" / "config.json").read_text())
     assert (saved["encoder_layers"], saved["decoder_layers"]) == (2, 2)
+    from transformers import OPTConfig, OPTForCausalLM
+
+    opt = OPTForCausalLM(
+        OPTConfig(vocab_size=300, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2)
+    )
+    opt.save_pretrained(tmp_path / "opt")
+    load_model(tiny_model_config("gpt2", tokenizer_dir)).tokenizer.save_pretrained(tmp_path / "opt")
+    other = _cli("inspect", str(tmp_path / "opt"), "input_length=8", "output_length=2", "latency_runs=1")
+    assert other.returncode == 0 and "layers: not known for this family" in other.stdout, other.stderr  # no shrink
     bad = _cli("inspect", str(tmp_path / "teacher"), "shrink=2:5")
     assert bad.returncode == 2 and "error: shrink: cannot keep 5 of 3 layers" in bad.stderr
 

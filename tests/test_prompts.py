@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from distilgen.config import ConfigError, DataConfig, GenerationSettings, ModelConfig, PromptConfig
+from distilgen.config import ConfigError, DataConfig, GenerationSettings, ModelConfig, PromptConfig, from_dict
 from distilgen.data import Example
 from distilgen.generation.hf import HFGenerator
 from distilgen.models import load_model
@@ -115,3 +115,38 @@ def test_the_prompt_is_part_of_the_teacher_fingerprint_and_plain_sources_keep_th
     fingerprints = {teacher_fingerprint(tm, 64) for tm in (plain, chat, shots)}
     assert len(fingerprints) == 3
     assert teacher_fingerprint(plain, 64) == teacher_fingerprint(dataclasses.replace(chat_model, prompt=None), 64)
+
+
+def test_dev_evaluation_during_training_reads_sources_through_the_same_prompt(chat_model, tmp_path, monkeypatch):
+    import distilgen.train as train_module
+    from distilgen.config import FinetuneConfig
+
+    chat_model.save(tmp_path / "chat")
+    seen = []
+    real = train_module.dev_score
+    monkeypatch.setattr(train_module, "dev_score", lambda tm, *a: seen.append(tm.prompt) or real(tm, *a))
+    from distilgen.train import finetune
+
+    cfg = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"path": str(tmp_path / "chat")},
+        "data": {
+            "task": {"train_size": 8, "unlabeled_size": 0, "dev_size": 4, "test_size": 0},
+            "max_source_length": 128,
+            "prompt": {"system": "Be brief."},
+        },
+        "train": {"max_steps": 2, "batch_size": 4, "eval_every": 1, "metric": "bleu", "dev_limit": 4},
+        "decoding": {"max_new_tokens": 4},
+    }
+    finetune(from_dict(FinetuneConfig, cfg))
+    assert len(seen) == 2 and all(p is not None and p.chat and p.system == "Be brief." for p in seen)
+
+
+def test_the_prompt_check_covers_the_spare_demonstration_an_input_may_get(chat_model):
+    from distilgen.prompts import Prompt
+
+    spare = ("a much longer report " * 30, "a summary")
+    prompt = Prompt(chat_model.tokenizer, False, None, (("short", "s"), spare), shots=1, first_line=False)
+    default, for_the_demo_itself = prompt.scaffolding_lengths()
+    assert for_the_demo_itself > 10 * default  # "short" as an input gets the spare, long demonstration
+    assert for_the_demo_itself == sum(map(len, prompt.affixes("short")))

@@ -7,13 +7,13 @@
 of the same config takes its state dict and is saved with the tokenizer (chat template included) as safetensors
 under `cache_root()/gguf/<sha256 of the file>`; later runs load that directory in about a second. The copy is
 written to a temporary directory and renamed into place under a file lock, so concurrent runs convert once and a
-killed conversion leaves nothing half-written.
+killed conversion never leaves a half-written copy (the next conversion removes its staging directory).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from distilgen.config import PACKAGE_SCHEME, ModelConfig
+from distilgen.config import PACKAGE_SCHEME, ConfigError, ModelConfig, package_file
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +32,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("DISTILGEN_CACHE") or Path.home() / ".cache" / "distilgen")
 
 
-def package_file(path: str) -> Path:
-    """The file `pkg:PACKAGE/NAME` names, inside the installed package (found without importing it)."""
-    package, _, name = path[len(PACKAGE_SCHEME) :].partition("/")
-    spec = importlib.util.find_spec(package)
-    for directory in spec.submodule_search_locations or () if spec else ():
-        if (Path(directory) / name).is_file():
-            return Path(directory) / name
-    raise FileNotFoundError(path)
-
-
 def gguf_source(cfg: ModelConfig) -> Path | None:
     """The GGUF file `cfg` names (`path` as a file or `pkg:` name, or `path` + `gguf_file`), or None."""
     if cfg.path is None:
         return None
     if cfg.path.startswith(PACKAGE_SCHEME):
-        return package_file(cfg.path)
+        found = package_file(cfg.path)
+        if found is None:
+            raise FileNotFoundError(cfg.path)
+        return Path(found)
     if cfg.gguf_file is not None:
         return Path(cfg.path) / cfg.gguf_file
     return Path(cfg.path) if cfg.path.endswith(".gguf") else None
@@ -60,8 +53,15 @@ def model_dir(cfg: ModelConfig) -> str:
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 of the file's bytes, computed once per (path, size, modification time) in a process."""
+    stat = path.stat()
+    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
@@ -76,8 +76,10 @@ def converted(source: Path) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file():  # another process converted it while we waited
             return target
+        for stale in target.parent.glob(f".converting-{target.name}-*"):  # a conversion killed before its rename
+            shutil.rmtree(stale, ignore_errors=True)
         log.info("converting %s to %s (once)", source, target)
-        staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".converting-{target.name}-", dir=target.parent))
         try:
             _convert(source, staging)
             staging.rename(target)
@@ -88,6 +90,11 @@ def converted(source: Path) -> Path:
 
 def _convert(source: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401 (transformers reads GGUF files with it)
+    except ImportError:
+        raise ConfigError("path", f"{source} is a GGUF file, which needs the gguf package: pip install gguf") from None
 
     directory, name = str(source.parent), source.name
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)

@@ -175,7 +175,7 @@ def run_inspect(cfg: InspectConfig, args: argparse.Namespace) -> int:
 
     from distilgen.cost import cost_report
     from distilgen.models import load_model
-    from distilgen.students import module_at, stacks_of
+    from distilgen.students import STACKS, module_at
 
     tm = load_model(ModelConfig(path=cfg.model, shrink=cfg.shrink), key="")
     tm.model.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -184,12 +184,14 @@ def run_inspect(cfg: InspectConfig, args: argparse.Namespace) -> int:
     report = cost_report(tm.model, cfg.input_length, cfg.output_length, cfg.batch_size, cfg.latency_runs, cfg.seed)
     report["model"] = cfg.model + (f" shrunk to {cfg.shrink}" if cfg.shrink else "")
     params, flops = report["parameters"], report["flops"]
-    report["layers"] = {name: len(module_at(tm.model, stack.path)) for name, stack in stacks_of(tm.model).items()}
+    stacks = STACKS.get(tm.model.config.model_type, {})  # a family distilgen cannot shrink has no stacks known
+    report["layers"] = {name: len(module_at(tm.model, stack.path)) for name, stack in stacks.items()}
     report["vocabulary"], report["chat_template"] = len(tm.tokenizer), bool(tm.tokenizer.chat_template)
     print(f"model: {report['model']} ({report['model_type']})")
+    layers = ", ".join(f"{n} {k}" for k, n in report["layers"].items()) or "not known for this family"
     print(
-        f"layers: {', '.join(f'{n} {k}' for k, n in report['layers'].items())}; vocabulary {report['vocabulary']} "
-        f"tokens; chat template: {'yes' if report['chat_template'] else 'no'}"
+        f"layers: {layers}; vocabulary {report['vocabulary']} tokens; "
+        f"chat template: {'yes' if report['chat_template'] else 'no'}"
     )
     print(
         f"parameters: {params['total'] / 1e6:.3f}M (embedding {params['embedding'] / 1e6:.3f}M, "

@@ -42,7 +42,7 @@ from distilgen.checkpoints import model_dir
 from distilgen.config import ConfigError, DecodingSpec, DistillConfig, ModelConfig, check, save_config, writable_dir
 from distilgen.data import Example, load_splits
 from distilgen.generation.decode import source_multiple
-from distilgen.generation.hf import HFGenerator
+from distilgen.generation.hf import HFGenerator, finished_outputs
 from distilgen.models import Batch, Encoded, TextModel, inner_model, load_model, model_inputs, pad_rows, round_up
 from distilgen.objectives import (
     attention_relation_kd,
@@ -407,7 +407,8 @@ def sample_student_pts(ctx: Context, tm: TextModel, window: dict[int, list[Batch
         generated = generator.run(sources, cfg.settings(), seeds)
     tm.model.train(was_training)
     limit = ctx.cfg.data.max_target_length
-    targets = iter([tm.target_ids(tokens)[:limit] for tokens in tm.output_tokens(generated)])
+    _, written = finished_outputs(tm, tm.output_tokens(generated))  # the task's output: its first line...
+    targets = iter([tm.target_ids(tokens)[:limit] for tokens in written])
     out: dict[int, list[Batch]] = {}
     pad = tm.tokenizer.pad_token_id
     for step, batches in window.items():

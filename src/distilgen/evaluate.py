@@ -84,7 +84,7 @@ def measure_cost(
     settings = decoding.settings()
 
     def run(chunk: list[str]) -> int:
-        return sum(len(g.token_ids) for written in generator.generate(chunk, settings) for g in written)
+        return sum(g.new_tokens for written in generator.generate(chunk, settings) for g in written)
 
     result.update(measure_latency(lambda: run(sources[:1]), cost.latency_runs))
     items = sources[: cost.throughput_examples]

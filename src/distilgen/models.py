@@ -485,6 +485,8 @@ def load_model(
         try:
             path = model_dir(cfg)
             config = AutoConfig.from_pretrained(path)
+        except ConfigError as err:
+            raise err.under(key) from None
         except (OSError, ValueError) as err:  # not a model directory, an unknown hub id, no network, a bad GGUF
             reason = str(err).strip().splitlines()[0]
             raise ConfigError("path", f"cannot load a model from {cfg.path}: {reason}").under(key) from None

@@ -45,6 +45,12 @@ class Prompt:
         """The demonstrations before `source`: never `source` itself."""
         return tuple(demo for demo in self.candidates if demo[0] != source)[: self.shots]
 
+    def scaffolding_lengths(self) -> list[int]:
+        """Tokens around the source for every set of demonstrations an input can get: the first `shots`, or (for an
+        input that is one of them) the others with the spare one."""
+        inputs = ["", *(source for source, _ in self.candidates[: self.shots])]
+        return [sum(map(len, self.affixes(source))) for source in inputs]
+
     def affixes(self, source: str) -> tuple[list[int], list[int]]:
         """Token ids before and after the source's own tokens."""
         return self._affixes(self.demonstrations(source))
@@ -114,11 +120,11 @@ def prompt_for(data: DataConfig, tokenizer: PreTrainedTokenizerBase, is_encoder_
     train = load_splits(data, ("train",)).get("train", []) if data.prompt.shots else []
     prompt = build_prompt(data.prompt, tokenizer, train, is_encoder_decoder)
     if prompt is not None:
-        before, after = prompt.affixes("")
-        if len(before) + len(after) >= data.max_source_length:
+        longest = max(prompt.scaffolding_lengths())
+        if longest >= data.max_source_length:
             raise ConfigError(
                 "data.max_source_length",
-                f"{data.max_source_length}, but the prompt alone takes {len(before) + len(after)} tokens "
+                f"{data.max_source_length}, but the prompt alone takes {longest} tokens "
                 "(chat template, system message, demonstrations): raise it or use fewer shots",
             )
     return prompt

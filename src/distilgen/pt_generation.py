@@ -73,8 +73,8 @@ class GenerationReport:
 
 
 def plan_rows(todo: Sequence[MissingPT], spec: DecodingSpec) -> list[Row]:
-    """One row per input with missing PTs, longest source first (ties in key order, so every process computes
-    the same plan); sampled rows are grouped by how many samples they lack, so a batch shares that number.
+    """One row per input with missing PTs, longest source (in characters) first (ties in key order, so every process
+    computes the same plan); sampled rows are grouped by how many samples they lack, so a batch shares that number.
 
     The PTs of an input come from one decoding: its K samples as K rows over one encoder or prompt pass, its beams
     from one beam search.

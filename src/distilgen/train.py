@@ -338,8 +338,8 @@ def train(
         num_training_steps=total_steps,
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    tm = TextModel(model, tm.tokenizer, tm.layout)
-    unwrapped = TextModel(accelerator.unwrap_model(model), tm.tokenizer, tm.layout)
+    tm = dataclasses.replace(tm, model=model)  # the same tokenizer, layout and prompt
+    unwrapped = dataclasses.replace(tm, model=accelerator.unwrap_model(model))
 
     state = TrainState()
     if accelerator.is_main_process:

@@ -59,6 +59,7 @@ from distilgen.config.sources import (
     ModelConfig,
     PromptConfig,
     TeacherConfig,
+    package_file,
 )
 from distilgen.config.training import (
     AttentionKDConfig,
@@ -104,6 +105,7 @@ __all__ = [
     "StudyConfig",
     "StudyVariant",
     "TeacherConfig",
+    "package_file",
     "TrainConfig",
     "apply_overrides",
     "check",

@@ -90,7 +90,8 @@ class DecodingConfig:
     num_beams: int = 1
     """Beam width; 1 is greedy (or plain sampling with do_sample)."""
     do_sample: bool = False
-    """Sample instead of taking the most likely token (each input's sample is seeded by its text)."""
+    """Sample instead of taking the most likely token (each input's sample is seeded by its text; a model whose
+    own generation config adds rules samples through `generate`, from torch's global generator)."""
     temperature: float = 1.0
     """Sampling temperature (with do_sample)."""
     top_p: float = 1.0

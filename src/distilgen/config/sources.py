@@ -142,7 +142,7 @@ class ModelConfig:
     """Hub id or local directory of a `transformers` model, a `.gguf` file (converted once to a cached
     safetensors copy), or `pkg:PACKAGE/FILE.gguf` (a file an installed package ships); empty: build from `arch`."""
     gguf_file: str | None = None
-    """The GGUF file inside the `path` directory (or hub repo), when `path` is not the file itself."""
+    """The GGUF file inside the `path` directory, when `path` is not the file itself."""
     arch: Architecture | None = None
     """Family of a model built from scratch: bart / t5 (encoder-decoder); gpt2, llama, qwen2, qwen3, mistral,
     gemma2, gemma3, phi3 (decoder-only)."""
@@ -181,7 +181,7 @@ class ModelConfig:
         check(self.shrink is None or self.path is not None, "shrink", "shrinking needs a teacher to copy: set `path`")
         self.shrink = None if self.shrink is None else str(self.shrink)  # `shrink=4` (a count) reads as an integer
         if self.path is not None and self.path.startswith(PACKAGE_SCHEME):
-            check_path(_package_file_exists(self.path), "path", _package_hint(self.path))
+            check_path(package_file(self.path) is not None, "path", _package_hint(self.path))
         elif self.path is not None and _looks_local(self.path):
             is_file = self.path.endswith(".gguf") and self.gguf_file is None
             found = os.path.isfile(self.path) if is_file else os.path.isdir(self.path)
@@ -209,16 +209,17 @@ class ModelConfig:
         check(self.vocab_size >= 100, "vocab_size", f"must be >= 100, got {self.vocab_size}")
 
 
-def _package_file_exists(path: str) -> bool:
+def package_file(path: str) -> str | None:
+    """The file `pkg:PACKAGE/NAME` names inside the installed package (found without importing it), or None."""
     import importlib.util
 
     package, _, name = path[len(PACKAGE_SCHEME) :].partition("/")
     try:
-        spec = importlib.util.find_spec(package)  # finds the package without importing it
+        spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
-        return False
+        return None
     directories = (spec.submodule_search_locations or ()) if spec is not None else ()
-    return any(os.path.isfile(os.path.join(d, name)) for d in directories)
+    return next((os.path.join(d, name) for d in directories if os.path.isfile(os.path.join(d, name))), None)
 
 
 def _package_hint(path: str) -> str:

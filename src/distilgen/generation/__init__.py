@@ -34,6 +34,8 @@ class Generated:
     """The text's tokens in the writer's vocabulary (no special tokens; empty where the writer gives only text)."""
     token_ids: list[int]
     """The output as the writer's training target (`tokens` within the special tokens and EOS a target holds)."""
+    new_tokens: int = 0
+    """Tokens the writer generated for it (up to and with its EOS, before any cut): what it cost."""
     seed: int | None = None
     """The sample's seed (sampling only)."""
     topk_ids: list[list[int]] | None = None

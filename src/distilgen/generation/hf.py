@@ -130,7 +130,8 @@ class HFGenerator:
     ) -> list[list[Generated]]:
         """The outputs of one batch of rows, with top-k log-probs when asked."""
         tm = self.tm
-        collated = tm.collate([Encoded("", r.source, []) for r in rows], source_multiple=source_multiple(self.static))
+        bucket = source_multiple(self.static and settings.kind != "beam")  # beams: `generate`'s own cache
+        collated = tm.collate([Encoded("", r.source, []) for r in rows], source_multiple=bucket)
         batch = {k: v.to(tm.device) for k, v in collated.items()}
         prefix = None
         if rows[0].prefix is not None:
@@ -141,18 +142,13 @@ class HFGenerator:
             seeds = [sample_seed(settings.seed, key, i) for r, key in zip(rows, keys, strict=True) for i in r.indices]
         steps_topk = StepTopK(topk) if topk and settings.kind != "beam" and not self.own_rules else None
         generated = self.run(batch, settings, seeds, prefix, on_scores=steps_topk)
+        eos = tm.tokenizer.eos_token_id
+        spent = [row.index(eos) + 1 if eos in row else len(row) for row in generated.tolist()]
         per_row = settings.num_return if settings.kind == "beam" else len(rows[0].indices)
         contents = tm.output_tokens(generated)
         if prefix is not None:
             contents = [[*rows[b // per_row].prefix, *c] for b, c in enumerate(contents)]  # type: ignore[misc]
-        texts = [tm.tokenizer.decode(c, skip_special_tokens=True).strip() for c in contents]
-        if tm.prompt is not None:  # what the task keeps of an output (its first line...): text and tokens agree
-            finished = [tm.prompt.finish(text) for text in texts]
-            contents = [
-                c if done == text else tm.tokenizer(done, add_special_tokens=False)["input_ids"]
-                for c, text, done in zip(contents, texts, finished, strict=True)
-            ]
-            texts = finished
+        texts, contents = finished_outputs(tm, contents)
         targets = [tm.target_ids(c) for c in contents]
         top_ids = top_logprobs = None
         if topk:
@@ -168,13 +164,36 @@ class HFGenerator:
                         text=texts[at],
                         tokens=contents[at],
                         token_ids=targets[at],
-                        seed=seeds[at] if seeds is not None else None,
+                        new_tokens=spent[at],
+                        seed=seeds[at] if seeds is not None and not self.own_rules else None,  # generate: unseeded
                         topk_ids=top_ids[at] if top_ids is not None else None,
                         topk_logprobs=top_logprobs[at] if top_logprobs is not None else None,
                     )
                 )
             outputs.append(mine)
         return outputs
+
+
+def finished_outputs(tm: TextModel, contents: list[list[int]]) -> tuple[list[str], list[list[int]]]:
+    """The texts of generated text tokens, and the tokens, as the task keeps them (`Prompt.finish`: stripped, cut at
+    the first line break): a cut output keeps the tokens the model wrote up to the cut."""
+    texts = [tm.tokenizer.decode(c, skip_special_tokens=True).strip() for c in contents]
+    if tm.prompt is None:
+        return texts, contents
+    kept = [tm.prompt.finish(text) for text in texts]
+    cut = [
+        c if done == text else _prefix_writing(tm, c, done) for c, text, done in zip(contents, texts, kept, strict=True)
+    ]
+    return kept, cut
+
+
+def _prefix_writing(tm: TextModel, tokens: list[int], text: str) -> list[int]:
+    """The shortest prefix of `tokens` that reads `text`; `text` tokenized anew where none does (a token that
+    straddles the cut, such as ".\n")."""
+    for n in range(len(tokens) + 1):
+        if tm.tokenizer.decode(tokens[:n], skip_special_tokens=True).strip() == text:
+            return tokens[:n]
+    return tm.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def open(tm: TextModel, **options) -> HFGenerator:  # noqa: A001 (the backend entry point, `generation.BACKENDS`)

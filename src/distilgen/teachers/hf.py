@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 
 from distilgen.config import DataConfig, ModelConfig
+from distilgen.generation import open_generator
 from distilgen.generation.hf import HFGenerator
 from distilgen.models import TextModel, avoid_cudnn_attention, load_model
 from distilgen.teachers import TEACHER_KINDS
@@ -32,7 +33,10 @@ class HFTeacher(TextModel):
     def generator(
         self, max_source_length: int, batch_size: int, static_cache: str = "off", own_rules: bool = False
     ) -> HFGenerator:
-        return HFGenerator(self, max_source_length, batch_size, static_cache, own_rules)
+        return open_generator(
+            "hf", self, max_source_length=max_source_length, batch_size=batch_size, static_cache=static_cache,
+            own_rules=own_rules,
+        )  # fmt: skip
 
 
 def teacher_fingerprint(tm: TextModel, max_source_length: int, template: str = "{source}") -> str:

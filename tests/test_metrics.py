@@ -128,5 +128,8 @@ def test_gap_closed_by_hand(kd, student, teacher, expected):
     assert gap_closed(kd, student, teacher) == pytest.approx(expected)
 
 
-def test_gap_closed_is_nan_without_a_gap():
+def test_gap_closed_is_none_without_a_gap_to_close():
     assert gap_closed(30, 25, 25) is None
+    assert gap_closed(0.2, 2.5, 2.1) is None  # the teacher scores below the fine-tuned student: nothing to close
+    assert gap_closed(8.0, 10.0, 6.0, higher_is_better=False) == pytest.approx(0.5)  # perplexity: lower is better
+    assert gap_closed(8.0, 6.0, 10.0, higher_is_better=False) is None

@@ -78,9 +78,14 @@ def test_study_trains_every_run_shares_pts_and_reports_gap_cost_and_a_plot(tmp_p
 
     per_seed = [gap_closed(score(f"logits_kd-seed{s}"), score(f"finetune-seed{s}"), score("teacher")) for s in (0, 1)]
     logits_kd = report["runs"][1]
-    assert logits_kd["chrf_gap_closed"][0] == pytest.approx(sum(per_seed) / 2)
     assert logits_kd["chrf"][0] == pytest.approx((score("logits_kd-seed0") + score("logits_kd-seed1")) / 2)
-    assert report["runs"][0]["chrf_gap_closed"][0] == 0.0
+    if None in per_seed:  # these tiny random models: the teacher may score below a fine-tuned student
+        assert logits_kd["chrf_gap_closed"] is None and report["runs"][0]["chrf_gap_closed"] is None
+        finetune_row = next(x for x in (out / "report.md").read_text().splitlines() if x.startswith("| finetune"))
+        assert "| - |" in finetune_row  # said, not a ratio of a negative gap
+    else:
+        assert logits_kd["chrf_gap_closed"][0] == pytest.approx(sum(per_seed) / 2)
+        assert report["runs"][0]["chrf_gap_closed"][0] == 0.0
     assert logits_kd["cost"]["parameters"]["total"] < report["teacher"]["cost"]["parameters"]["total"]
     table = (out / "report.md").read_text()
     assert "| teacher |" in table and "| seq_kd_labeled |" in table and "gap closed (bleu)" in table

@@ -128,13 +128,15 @@ def perplexity(nll_sum: float, num_tokens: int) -> float:
     return math.exp(nll_sum / num_tokens)
 
 
-def gap_closed(kd: float, student: float, teacher: float) -> float | None:
+def gap_closed(kd: float, student: float, teacher: float, higher_is_better: bool = True) -> float | None:
     """Fraction of the student-teacher gap that distillation closed, (KD - S) / (T - S): the study's headline.
 
     1.0 means the distilled student matches the teacher, 0.0 that KD did no better than fine-tuning the
-    student; it exceeds 1 or goes negative when KD beats the teacher or hurts. None when there is no gap (a
-    report says so rather than divide by zero; JSON has no NaN).
+    student; it exceeds 1 or goes negative when KD beats the teacher or hurts. None when there is no gap to
+    close: the teacher is no better than the fine-tuned student (a report says so rather than divide by zero or
+    give a ratio whose sign means the opposite; JSON has no NaN).
     """
-    if teacher == student:
+    gap = teacher - student
+    if gap == 0 or (gap < 0) == higher_is_better:
         return None
-    return (kd - student) / (teacher - student)
+    return (kd - student) / gap

@@ -132,6 +132,7 @@ def summarize(
                         results[(name, s)]["scores"][metric],
                         results[("finetune", s)]["scores"][metric],
                         teacher["scores"][metric],
+                        higher_is_better=metric != "perplexity",
                     )
                     for s in cfg.seeds
                 ]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from distilgen.config.base import ConfigError, _merge, check, check_path, from_dict
+from distilgen.config.base import ConfigError, _merge, check, from_dict
 from distilgen.config.decoding import SPECS, DecodingConfig, DecodingSpec
-from distilgen.config.sources import DataConfig, ModelConfig, TeacherConfig, _looks_local, as_teacher
+from distilgen.config.sources import DataConfig, ModelConfig, TeacherConfig, as_teacher, check_model_path
 from distilgen.config.training import (
     AttentionKDConfig,
     CostConfig,
@@ -110,7 +109,7 @@ class EvaluateConfig:
 
         check(len(self.models) >= 1, "models", "name at least one model directory or hub id")
         for i, path in enumerate(self.models):
-            check_path(not _looks_local(path) or os.path.isdir(path), f"models[{i}]", f"directory not found: {path}")
+            check_model_path(path, f"models[{i}]")
         valid = sorted([*METRICS, *MODEL_METRICS])
         for metric in self.metrics:
             check(metric in valid, "metrics", f"unknown metric '{metric}'; choose from: {', '.join(valid)}")
@@ -321,7 +320,7 @@ class DiagnoseConfig:
         self.teacher.require(frozenset({"logits"}), "diagnose (the teacher completes the student's prefixes)")
         check(len(self.students) >= 1, "students", "name at least one student directory")
         for i, path in enumerate(self.students):
-            check_path(not _looks_local(path) or os.path.isdir(path), f"students[{i}]", f"directory not found: {path}")
+            check_model_path(path, f"students[{i}]")
         check(all(0.0 <= f <= 1.0 for f in self.fractions), "fractions", "every fraction must be in [0, 1]")
         check(self.metric in METRICS, "metric", f"choose one of: {', '.join(sorted(METRICS))}")
         check(self.limit is None or self.limit > 0, "limit", f"must be > 0, got {self.limit}")

@@ -180,15 +180,12 @@ class ModelConfig:
         check(self.path is None or self.arch is None, "arch", "set either `path` or `arch`, not both")
         check(self.shrink is None or self.path is not None, "shrink", "shrinking needs a teacher to copy: set `path`")
         self.shrink = None if self.shrink is None else str(self.shrink)  # `shrink=4` (a count) reads as an integer
-        if self.path is not None and self.path.startswith(PACKAGE_SCHEME):
-            check_path(package_file(self.path) is not None, "path", _package_hint(self.path))
-        elif self.path is not None and _looks_local(self.path):
-            is_file = self.path.endswith(".gguf") and self.gguf_file is None
-            found = os.path.isfile(self.path) if is_file else os.path.isdir(self.path)
-            check_path(found, "path", f"{'file' if is_file else 'directory'} not found: {self.path}")
-            if self.gguf_file is not None:
-                where = os.path.join(self.path, self.gguf_file)
-                check_path(os.path.isfile(where), "gguf_file", f"file not found: {where}")
+        if self.path is not None and self.gguf_file is not None:
+            check_path(os.path.isdir(self.path), "path", f"directory not found: {self.path}")
+            where = os.path.join(self.path, self.gguf_file)
+            check_path(os.path.isfile(where), "gguf_file", f"file not found: {where}")
+        elif self.path is not None:
+            check_model_path(self.path, "path")
         check(self.gguf_file is None or self.path is not None, "gguf_file", "names a file in `path`: set `path`")
         check(
             self.tokenizer != TASK_TOKENIZER or self.path is None,
@@ -207,6 +204,17 @@ class ModelConfig:
         )
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.vocab_size >= 100, "vocab_size", f"must be >= 100, got {self.vocab_size}")
+
+
+def check_model_path(path: str, key: str) -> None:
+    """`check_path` for a model path: a package's file (`pkg:`), a `.gguf` file or a directory must exist; a hub id
+    is looked up when the model loads."""
+    if path.startswith(PACKAGE_SCHEME):
+        check_path(package_file(path) is not None, key, _package_hint(path))
+    elif _looks_local(path):
+        is_file = path.endswith(".gguf")
+        found = os.path.isfile(path) if is_file else os.path.isdir(path)
+        check_path(found, key, f"{'file' if is_file else 'directory'} not found: {path}")
 
 
 def package_file(path: str) -> str | None:

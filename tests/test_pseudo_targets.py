@@ -106,7 +106,7 @@ def test_a_bad_spec_value_is_a_config_error_naming_the_key(kwargs, key):
 
 
 def test_an_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="beam4, greedy, sample, sample_t15"):
+    with pytest.raises(ValueError, match="beam4, greedy, sample, sample_t07, sample_t15"):
         get_spec("nucleus")
 
 

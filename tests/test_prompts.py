@@ -4,6 +4,7 @@ prompt in the teacher's fingerprint."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -150,3 +151,26 @@ def test_the_prompt_check_covers_the_spare_demonstration_an_input_may_get(chat_m
     default, for_the_demo_itself = prompt.scaffolding_lengths()
     assert for_the_demo_itself > 10 * default  # "short" as an input gets the spare, long demonstration
     assert for_the_demo_itself == sum(map(len, prompt.affixes("short")))
+
+
+def test_a_saved_model_keeps_its_prompt_and_a_run_with_another_is_warned(chat_model, tmp_path, caplog):
+    task = {"train_size": 8, "dev_size": 0, "test_size": 0, "unlabeled_size": 0}
+    data = from_dict(DataConfig, {"task": task, "max_source_length": 512})
+    chat_data = dataclasses.replace(data, prompt=PromptConfig(system="Be brief.", shots=1))
+    chat_model.save(tmp_path / "plain")
+    tm = load_model(ModelConfig(path=str(tmp_path / "plain")), data=chat_data)
+    tm.save(tmp_path / "tuned")
+    saved = json.loads((tmp_path / "tuned" / "prompt.json").read_text())
+    assert saved["fingerprint"] == tm.prompt.fingerprint() and saved["system"] == "Be brief."
+    assert len(saved["demonstrations"]) == 1 and saved["spare_demonstration"] is not None
+    with caplog.at_level("WARNING", logger="distilgen.models"):
+        load_model(ModelConfig(path=str(tmp_path / "tuned")), data=chat_data)
+        assert not caplog.records  # the same prompt: nothing to say
+        load_model(
+            ModelConfig(path=str(tmp_path / "tuned")), data=dataclasses.replace(chat_data, prompt=PromptConfig())
+        )
+    (record,) = caplog.records
+    assert (
+        "was trained to read sources through the prompt in" in record.getMessage()
+        and "another one" in record.getMessage()
+    )

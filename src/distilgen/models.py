@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,8 @@ from distilgen.generation.decode import DecoderOnlySteps, EncoderDecoderSteps, f
 from distilgen.objectives import cross_entropy, masked_sum
 from distilgen.prompts import Prompt, prompt_for
 from distilgen.students import shrink_layers
+
+log = logging.getLogger(__name__)
 
 PAD, BOS, EOS, UNK, SEP = "<pad>", "<s>", "</s>", "<unk>", "<sep>"
 
@@ -449,11 +453,14 @@ class TextModel:
         return self.layout.target_logits(self.model, batch)
 
     def save(self, path: str | Path) -> None:
-        """Write the model and tokenizer so plain `transformers` loads them (`Auto*.from_pretrained`)."""
+        """Write the model and tokenizer so plain `transformers` loads them (`Auto*.from_pretrained`), and the prompt
+        it reads sources through (`prompt.json`: what a user must send it, and what a later run checks)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        if self.prompt is not None:
+            (path / PROMPT_FILE).write_text(json.dumps(self.prompt.describe(), indent=2))
 
 
 def _layout_for(config: Any) -> Layout:
@@ -510,7 +517,29 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     prompt = prompt_for(data, tokenizer, model.config.is_encoder_decoder) if data is not None else None
+    if data is not None and cfg.path is not None:
+        _check_saved_prompt(Path(path), prompt, key)
     return TextModel(model, tokenizer, _layout_for(model.config), prompt)
+
+
+PROMPT_FILE = "prompt.json"
+"""Beside a saved model: the prompt it was trained to read (`Prompt.describe()`)."""
+
+
+def _check_saved_prompt(directory: Path, prompt: Prompt | None, key: str) -> None:
+    """Warn when a model saved with one prompt is about to read sources through another (or none): its scores would
+    measure the mismatch, not the model."""
+    saved = directory / PROMPT_FILE
+    if not saved.is_file():
+        return
+    trained = json.loads(saved.read_text())
+    now = prompt.describe() if prompt is not None else None
+    if now is None or now["fingerprint"] != trained.get("fingerprint"):
+        log.warning(
+            "%s: %s was trained to read sources through the prompt in %s, but this run's data.prompt gives %s: "
+            "set data.prompt (and data.template, data.train for demonstrations) as in its training run",
+            key or "model", directory, saved, "none" if now is None else "another one",
+        )  # fmt: skip
 
 
 def target_nll(tm: TextModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -77,6 +77,17 @@ class Prompt:
         text = text.strip()
         return text.split("\n", 1)[0].strip() if self.first_line else text
 
+    def describe(self) -> dict:
+        """The prompt as JSON: its settings, demonstrations and fingerprint (saved beside a model)."""
+        return {
+            "fingerprint": self.fingerprint(),
+            "chat": self.chat,
+            "system": self.system,
+            "demonstrations": [list(demo) for demo in self.candidates[: self.shots]],
+            "spare_demonstration": list(self.candidates[self.shots]) if len(self.candidates) > self.shots else None,
+            "first_line": self.first_line,
+        }
+
     def fingerprint(self) -> str:
         """sha256 of everything that changes what the model reads or what is kept of its output."""
         fields = {

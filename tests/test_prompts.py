@@ -92,8 +92,8 @@ def test_a_prompt_longer_than_max_source_length_is_refused_with_its_size(tokeniz
 def test_first_line_keeps_an_outputs_first_line_in_text_and_tokens():
     texts = ["a report\nwith two lines", "a\nb"] * 20  # a vocabulary with a line break
     tm = load_model(ModelConfig(arch="llama", hidden_size=32, num_heads=2, vocab_size=100), texts=lambda: iter(texts))
-    newline = tm.tokenizer("a\nb", add_special_tokens=False)["input_ids"]
-    # Make the model write "a\nb..." whatever it reads: a bias on the LM head's output at each step.
+    newline = tm.tokenizer("\na\nb", add_special_tokens=False)["input_ids"]  # a blank first line, then "a", "\nb"
+    # Make the model write "\na\nb..." whatever it reads: a bias on the LM head's output at each step.
     script = iter(newline * 20)
 
     def hook(module, args, logits):
@@ -103,10 +103,11 @@ def test_first_line_keeps_an_outputs_first_line_in_text_and_tokens():
 
     handle = tm.model.get_output_embeddings().register_forward_hook(hook)
     tm = dataclasses.replace(tm, prompt=build_prompt(PromptConfig(first_line=True), tm.tokenizer, [], False))
-    ((written,),) = HFGenerator(tm).generate(["a report"], GenerationSettings("greedy", max_new_tokens=3))
+    ((written,),) = HFGenerator(tm).generate(["a report"], GenerationSettings("greedy", max_new_tokens=12))
     handle.remove()
-    assert written.text == "a" and written.tokens == tm.tokenizer("a", add_special_tokens=False)["input_ids"]
+    assert written.text == "a" and tm.tokenizer.decode(written.tokens).strip() == "a"
     assert written.token_ids == tm.target_ids(written.tokens)
+    assert written.new_tokens == len(newline)  # ended at the line break after "a", not at 12 tokens
 
 
 def test_the_prompt_is_part_of_the_teacher_fingerprint_and_plain_sources_keep_theirs(chat_model):

@@ -72,6 +72,15 @@ class Prompt:
         messages.append({"role": "user", "content": source})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    @functools.cache  # noqa: B019 (once per prompt: a pass over the vocabulary)
+    def line_breaks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Ids of the tokens that hold a line break, and of those that write only whitespace: with `first_line` an
+        output ends at the first line break after some text, instead of running on to `max_new_tokens` for text
+        that is cut anyway."""
+        texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+        breaks = tuple(i for i, text in enumerate(texts) if "\n" in text)
+        return breaks, tuple(i for i, text in enumerate(texts) if not text.strip())
+
     def finish(self, text: str) -> str:
         """An output as the task wants it: stripped, and cut at its first line break with `first_line`."""
         text = text.strip()

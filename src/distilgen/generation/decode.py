@@ -405,13 +405,18 @@ def decode(
     compile: bool | None = None,
     on_scores: Callable[[torch.Tensor], None] | None = None,
     prefix: torch.Tensor | None = None,
+    stops: Sequence[int] = (),
+    blanks: Sequence[int] = (),
 ) -> torch.Tensor:
     """(B * per_input, N) new token ids of greedy or sampling `settings`: input b's rows together, padding after
-    EOS, N the longest output (at most `settings.max_new_tokens`).
+    EOS (or a `stops` token), N the longest output (at most `settings.max_new_tokens`).
 
     Args:
         seeds: sampling: one seed per output row, `per_input` = len(seeds) / B rows per input; greedy: None.
         prefix: (B, P) target tokens the outputs start with (given, not returned; the diagnostic's student prefix).
+        stops: tokens that end a row as EOS does once it has written text, kept in its output (line breaks, when
+            only the first line counts).
+        blanks: tokens that write no text (whitespace): a stop after only these does not end a row.
         static: a static KV cache (fixed shapes), as `generate`'s `cache_implementation="static"`.
         compile: compile the decoder step and the sampler (default: with a static cache on a GPU).
         on_scores: called at each step, before the step's tokens are chosen, with the model's (B * per_input, V)
@@ -428,6 +433,8 @@ def decode(
     compile = compiles_decoding(static, device) if compile is None else compile
     state = tm.layout.steps(tm.model, batch, per_input, settings.max_new_tokens, static, compile, prefix)
     pad_id, eos_id = tm.tokenizer.pad_token_id, tm.tokenizer.eos_token_id
+    breaks = torch.tensor(stops, dtype=torch.long, device=device)
+    blank = torch.tensor(blanks, dtype=torch.long, device=device)
     choose = _chooser(settings, seeds, device, compile)
     no_repeat = None
     if settings.no_repeat_ngram_size:
@@ -437,6 +444,8 @@ def decode(
     rows, width = inputs * per_input, settings.max_new_tokens
     out = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    written = torch.zeros(rows, dtype=torch.bool, device=device)  # a row has written text (not only blanks)
+    lengths = torch.full((rows,), width, dtype=torch.long, device=device)
     all_finished = _AllFinished(device)
     step = torch.zeros((), dtype=torch.int64, device=device)
     scores = state.first()
@@ -447,14 +456,15 @@ def decode(
             scores = no_repeat(torch.cat([state.prefix, out[:, :t]], dim=1), scores)
         tokens = choose(scores, step).masked_fill_(finished, pad_id)  # finished rows write padding
         out[:, t] = tokens
-        finished |= tokens == eos_id
+        ends = ~finished & ((tokens == eos_id) | (torch.isin(tokens, breaks) & written))  # not before any text
+        lengths = torch.where(ends, t + 1, lengths)
+        finished |= ends
+        written |= ~torch.isin(tokens, blank)
         step += 1
         if t + 1 == width or all_finished(finished):
             break
         scores = state.next(tokens)
-    ends = out == eos_id
-    lengths = torch.where(ends.any(1), ends.int().argmax(1) + 1, width)  # up to and with each row's EOS
-    return out[:, : int(lengths.max())]
+    return out[:, : int(lengths.max())]  # up to and with each row's end
 
 
 def _chooser(

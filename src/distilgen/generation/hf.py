@@ -123,7 +123,11 @@ class HFGenerator:
                 kwargs["num_return_sequences"] = len(seeds) // batch["source_ids"].shape[0]
             kwargs.update(pad_token_id=tm.tokenizer.pad_token_id, eos_token_id=tm.tokenizer.eos_token_id)
             return tm.layout.generate(tm.model, batch, prefix, **kwargs)
-        return decode(tm, batch, settings, seeds, static=self.static, on_scores=on_scores, prefix=prefix)
+        stops, blanks = tm.prompt.line_breaks() if tm.prompt is not None and tm.prompt.first_line else ((), ())
+        return decode(
+            tm, batch, settings, seeds, static=self.static, on_scores=on_scores, prefix=prefix, stops=stops,
+            blanks=blanks,
+        )  # fmt: skip
 
     def _batch(
         self, rows: Sequence[_Row], keys: Sequence[str], settings: GenerationSettings, topk: int

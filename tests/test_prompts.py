@@ -175,3 +175,12 @@ def test_a_saved_model_keeps_its_prompt_and_a_run_with_another_is_warned(chat_mo
         "was trained to read sources through the prompt in" in record.getMessage()
         and "another one" in record.getMessage()
     )
+
+
+def test_a_row_ended_at_a_line_break_costs_the_tokens_before_its_padding():
+    from distilgen.generation.hf import _generated_length
+
+    eos, pad = 2, 0
+    assert _generated_length([7, 8, eos, pad], eos, pad) == 3  # up to and with EOS
+    assert _generated_length([7, 5, pad, pad], eos, pad) == 2  # stopped at the line break (5), then padding
+    assert _generated_length([7, 8, 9], eos, pad) == 3  # ran to the limit

@@ -146,8 +146,9 @@ class HFGenerator:
             seeds = [sample_seed(settings.seed, key, i) for r, key in zip(rows, keys, strict=True) for i in r.indices]
         steps_topk = StepTopK(topk) if topk and settings.kind != "beam" and not self.own_rules else None
         generated = self.run(batch, settings, seeds, prefix, on_scores=steps_topk)
-        eos = tm.tokenizer.eos_token_id
-        spent = [row.index(eos) + 1 if eos in row else len(row) for row in generated.tolist()]
+        spent = [
+            _generated_length(row, tm.tokenizer.eos_token_id, tm.tokenizer.pad_token_id) for row in generated.tolist()
+        ]
         per_row = settings.num_return if settings.kind == "beam" else len(rows[0].indices)
         contents = tm.output_tokens(generated)
         if prefix is not None:
@@ -176,6 +177,14 @@ class HFGenerator:
                 )
             outputs.append(mine)
         return outputs
+
+
+def _generated_length(row: list[int], eos: int, pad: int) -> int:
+    """Tokens a row cost: up to and with its EOS; a row that `decode` ended at a stop token (a line break) is
+    padded from there on, so it cost the tokens before its padding."""
+    if eos in row:
+        return row.index(eos) + 1
+    return row.index(pad) if pad in row else len(row)
 
 
 def finished_outputs(tm: TextModel, contents: list[list[int]]) -> tuple[list[str], list[list[int]]]:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from distilgen.config import BuiltinTaskConfig, DataConfig
+from distilgen.config import BuiltinTaskConfig, ConfigError, DataConfig, SplitLimits
 from distilgen.data import DataError, Example, load_split, load_splits, split_stats, write_jsonl
 
 RECORDS = [
@@ -290,6 +290,35 @@ def test_id_field_is_used_and_must_be_unique(tmp_path):
         load(duplicated, id_field="key")
     with pytest.raises(DataError, match=r"d.jsonl line 1: missing id field 'name'"):
         load(path, id_field="name")
+
+
+def test_dedupe_keeps_the_first_record_of_each_id_or_source(tmp_path, caplog):
+    rows = [("a", "x", "1"), ("b", "y", "2"), ("a", "z", "3"), ("c", "x", "4")]
+    path = write_lines(tmp_path / "d.jsonl", *(json.dumps({"key": k, "source": s, "target": t}) for k, s, t in rows))
+    by_id = load(path, id_field="key", dedupe="id")
+    assert [(e.id, e.target) for e in by_id] == [("a", "1"), ("b", "2"), ("c", "4")]
+    assert "dropped 1 repeated records, kept 3" in caplog.text
+    by_source = load(path, dedupe="source")
+    assert [e.target for e in by_source] == ["1", "2", "3"]  # the second "x" goes; ids stay the plain hashes
+    assert [e.id for e in by_source] == [hashlib.sha256(s.encode()).hexdigest()[:16] for s in "xyz"]
+    with pytest.raises(ConfigError, match="dedupe: id needs data.id_field"):
+        DataConfig(train=str(path), dedupe="id")
+
+
+def test_limits_take_the_first_examples_of_each_split(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", *(json.dumps({"source": f"s{i}", "target": "t"}) for i in range(5)))
+    cfg = DataConfig(train=str(path), unlabeled=str(path), test=str(path), limits=SplitLimits(unlabeled=2, test=3))
+    splits = load_splits(cfg)
+    assert {name: [e.source for e in split] for name, split in splits.items()} == {
+        "train": [f"s{i}" for i in range(5)], "unlabeled": ["s0", "s1"], "test": ["s0", "s1", "s2"]
+    }  # fmt: skip
+    task = DataConfig(task=BuiltinTaskConfig(train_size=6, unlabeled_size=0, dev_size=0, test_size=0))
+    task.limits.train = 4
+    assert [e.id for e in load_splits(task)["train"]] == [
+        e.id for e in load_splits(DataConfig(task=task.task))["train"]
+    ][:4]
+    with pytest.raises(ConfigError, match="unlabeled: must be > 0"):
+        SplitLimits(unlabeled=0)
 
 
 def test_template_is_applied_and_braces_in_data_survive(tmp_path):

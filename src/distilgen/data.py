@@ -16,6 +16,7 @@ import codecs
 import csv
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from typing import Any
 
 from distilgen.config import ConfigError, DataConfig
 from distilgen.tasks import generate_split
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "unlabeled", "dev", "test")
 FORMATS = ".jsonl, .json, .csv, .parquet, a datasets.save_to_disk directory (dir or dir@split) or hub:owner/name@split"
@@ -48,7 +51,8 @@ class DataError(ValueError):
 
 
 def load_splits(cfg: DataConfig, names: Sequence[str] = SPLITS) -> dict[str, list[Example]]:
-    """The configured splits among `names` (all from `cfg.task` when set); `unlabeled` loses its targets."""
+    """The configured splits among `names` (all from `cfg.task` when set), each cut to `cfg.limits`; `unlabeled`
+    loses its targets."""
     splits = {}
     for name in names:
         if name not in SPLITS:
@@ -59,6 +63,8 @@ def load_splits(cfg: DataConfig, names: Sequence[str] = SPLITS) -> dict[str, lis
                 splits[name] = [_task_example(record, cfg, labeled) for record in generate_split(cfg.task, name)]
         elif getattr(cfg, name) is not None:
             splits[name] = load_split(getattr(cfg, name), cfg, labeled)
+        if name in splits:
+            splits[name] = splits[name][: getattr(cfg.limits, name)]
     return splits
 
 
@@ -85,16 +91,27 @@ def load_split(spec: str, cfg: DataConfig, labeled: bool) -> list[Example]:
     examples = []
     seen_ids: dict[str, str] = {}  # id -> where it first appeared
     seen_sources: dict[str, int] = {}  # source -> times seen so far
+    dropped = 0
     for where, record in records:
         where = f"{name} {where}"
         source, references = _fields(record, where, cfg, labeled)
+        if cfg.dedupe == "source" and source in seen_sources:
+            dropped += 1
+            continue
         if cfg.id_field is not None:
             if record.get(cfg.id_field) is None:
                 raise DataError(f"{where}: missing id field '{cfg.id_field}' (set data.id_field, or leave it empty)")
             id_ = str(record[cfg.id_field])
+            if id_ in seen_ids and cfg.dedupe == "id":
+                dropped += 1
+                continue
             if id_ in seen_ids:
-                raise DataError(f"{where}: duplicate id '{id_}' (first at {seen_ids[id_]}); ids must be unique")
+                raise DataError(
+                    f"{where}: duplicate id '{id_}' (first at {seen_ids[id_]}); ids must be unique, or set "
+                    "data.dedupe to keep the first record of each id (or source)"
+                )
             seen_ids[id_] = where
+            seen_sources[source] = 1
         else:
             # Hash of the raw source: stable across runs, files and templates; repeats get -1, -2, ...
             id_ = hashlib.sha256(source.encode()).hexdigest()[:16]
@@ -105,6 +122,8 @@ def load_split(spec: str, cfg: DataConfig, labeled: bool) -> list[Example]:
         examples.append(Example(id_, cfg.template.replace("{source}", source), target, references))
     if not examples:
         raise DataError(f"{name}: no records (an empty split; remove it from the config or add data)")
+    if dropped:
+        log.warning("%s: data.dedupe=%s dropped %d repeated records, kept %d", name, cfg.dedupe, dropped, len(examples))
     return examples
 
 

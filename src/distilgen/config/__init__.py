@@ -58,6 +58,7 @@ from distilgen.config.sources import (
     DataConfig,
     ModelConfig,
     PromptConfig,
+    SplitLimits,
     TeacherConfig,
     package_file,
 )
@@ -97,6 +98,7 @@ __all__ = [
     "KDConfig",
     "ModelConfig",
     "PromptConfig",
+    "SplitLimits",
     "NoiseConfig",
     "PTConfig",
     "Precision",

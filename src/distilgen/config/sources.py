@@ -36,6 +36,20 @@ class BuiltinTaskConfig:
 
 
 @dataclass
+class SplitLimits:
+    """At most this many examples of a split: its first N, after `dedupe` (empty: all of it)."""
+
+    train: int | None = None
+    unlabeled: int | None = None
+    dev: int | None = None
+    test: int | None = None
+
+    def __post_init__(self):
+        for key, value in dataclasses.asdict(self).items():
+            check(value is None or value > 0, key, f"must be > 0 (or empty for all), got {value}")
+
+
+@dataclass
 class PromptConfig:
     """How a decoder-only model reads a source: through its chat template or as plain text, with k labeled
     demonstrations before it. The same prompt serves teacher PTs, training and evaluation, and is part of the
@@ -90,6 +104,12 @@ class DataConfig:
     """Prompt template applied to every source, e.g. 'summarize: {source}'."""
     prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
     """How decoder-only models read the templated source: chat template, demonstrations, output's first line."""
+    limits: SplitLimits = dataclasses.field(default_factory=SplitLimits)
+    """The first N examples of a split, e.g. `{unlabeled: 2000, test: 500}`: a smaller run without cutting files.
+    Every command reads the same examples (PTs already stored for them are reused)."""
+    dedupe: Literal["off", "id", "source"] = "off"
+    """Repeated records: off refuses a repeated `id_field` value (repeated sources get ids -1, -2, ...); id or
+    source keeps the first record of each id or source text and logs how many it dropped."""
     max_source_length: int = 256
     """Source tokens kept (longer sources are truncated and counted)."""
     max_target_length: int = 64
@@ -111,6 +131,12 @@ class DataConfig:
             if spec is not None and not spec.startswith("hub:"):
                 path = spec.split("@", 1)[0] if not os.path.exists(spec) else spec
                 check_path(os.path.exists(path), key, f"file not found: {path}")
+        check(self.dedupe in ("off", "id", "source"), "dedupe", f"must be off, id or source, got {self.dedupe!r}")
+        check(
+            self.dedupe != "id" or self.task is not None or self.id_field is not None,
+            "dedupe",
+            "id needs data.id_field (the column that names a record)",
+        )
         check("{source}" in self.template, "template", f"must contain '{{source}}', got {self.template!r}")
         check(self.max_source_length > 0, "max_source_length", f"must be > 0, got {self.max_source_length}")
         check(self.max_target_length > 0, "max_target_length", f"must be > 0, got {self.max_target_length}")

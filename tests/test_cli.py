@@ -126,6 +126,30 @@ def test_data_command_exports_the_built_in_task_as_jsonl(tmp_path, run_cli):
     assert len(rows) == 5 and all(isinstance(r["target"], list) and len(r["target"]) > 1 for r in rows)
 
 
+def test_data_command_counts_tokens_and_what_the_max_lengths_would_cut(tmp_path, run_cli, teacher_dir):
+    from distilgen.config import ModelConfig
+    from distilgen.models import load_model
+
+    rows = [{"source": "word " * n, "target": "t " * m, "id": str(n)} for n, m in ((2, 1), (9, 3), (30, 12))]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = {"train": "train.jsonl", "max_source_length": 12, "max_target_length": 6, "id_field": "id"}
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({"data": data}))
+    code, out, err = run_cli("data", tmp_path / "data.yaml", "--model", teacher_dir, cwd=tmp_path)
+    assert code == 0, err
+    stats = json.loads(out.split("train: ", 1)[1].splitlines()[0])
+    tm = load_model(ModelConfig(path=str(teacher_dir)))
+    sources = [
+        len(tm.source_ids(tm.tokenizer(r["source"].strip(), add_special_tokens=False)["input_ids"])) for r in rows
+    ]
+    targets = [
+        len(tm.target_ids(tm.tokenizer(r["target"].strip(), add_special_tokens=False)["input_ids"])) for r in rows
+    ]
+    assert stats["source_tokens_max"] == max(sources) and stats["target_tokens_max"] == max(targets)
+    assert stats["sources_cut"] == sum(n > 12 for n in sources) >= 1
+    assert stats["targets_cut"] == sum(n > 6 for n in targets) >= 1
+    assert stats["examples"] == 3 and stats["source_words_max"] == 30
+
+
 def test_a_one_process_command_under_a_two_process_launch_is_refused_before_it_starts(tmp_path):
     cfg = tmp_path / "data.yaml"
     cfg.write_text(yaml.safe_dump({"data": {"task": {"train_size": 5, "unlabeled_size": 0, "dev_size": 2}}}))

@@ -6,7 +6,14 @@ import torch
 from transformers import BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel
 
 from distilgen import cost
-from distilgen.cost import count_parameters, measure_latency, measure_throughput, peak_memory, size_on_disk
+from distilgen.cost import (
+    count_parameters,
+    measure_latency,
+    measure_sample_latency,
+    measure_throughput,
+    peak_memory,
+    size_on_disk,
+)
 
 
 @pytest.fixture
@@ -109,6 +116,46 @@ def test_latency_is_the_median_and_p90_of_the_timed_runs_after_warmup(monkeypatc
     latency = measure_latency(generate_one, runs=5, warmup=1)
     assert latency == {"latency_median_s": pytest.approx(0.3), "latency_p90_s": pytest.approx(0.46)}
     assert next(durations, None) is None  # every duration consumed: 1 warm-up + 5 runs
+
+
+def test_sample_latency_is_the_mean_of_each_inputs_median_and_per_token(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    lengths = {"a": 2, "b": 10, "c": 6}
+    jitter = iter([0.0] + [0.0, 0.5, 0.0] + [0.0] * 6)  # the warm-up, then one slow pass of "b": its median drops it
+
+    def generate_one(item):
+        clock.now += 0.01 * lengths[item] + next(jitter)
+        return lengths[item]
+
+    latency = measure_sample_latency(generate_one, ["a", "b", "c"], runs=3, warmup=1)
+    assert latency["latency_s"] == pytest.approx(0.06) and latency["latency_per_token_ms"] == pytest.approx(10.0)
+    assert latency["latency_examples"] == 3 and latency["output_tokens_mean"] == pytest.approx(6.0)
+    assert latency["latency_p90_s"] == pytest.approx(0.092)
+
+
+def test_models_of_one_architecture_get_one_latency_whatever_their_first_output():
+    """The defect this protocol fixes: timed on one input, a model whose first output is long looked 5x slower
+    than a model of the same architecture whose first output is short."""
+    clock = FakeClock()
+
+    def model(lengths: list[int]):
+        def generate_one(i):
+            clock.now += 0.002 + 0.01 * lengths[i]  # the same cost per token: one architecture
+            return lengths[i]
+
+        return generate_one
+
+    long_first, short_first = [10, 2, 6, 6], [2, 10, 6, 6]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(time, "perf_counter", clock)
+        a = measure_sample_latency(model(long_first), [0, 1, 2, 3], runs=2)
+        b = measure_sample_latency(model(short_first), [0, 1, 2, 3], runs=2)
+        first_a = measure_latency(lambda: model(long_first)(0), runs=2)["latency_median_s"]
+        first_b = measure_latency(lambda: model(short_first)(0), runs=2)["latency_median_s"]
+    assert a["latency_s"] == pytest.approx(b["latency_s"])
+    assert a["latency_per_token_ms"] == pytest.approx(b["latency_per_token_ms"])
+    assert first_a / first_b > 4  # what one input said
 
 
 def test_latency_of_real_sleeps_is_close_to_the_sleep():

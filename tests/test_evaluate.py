@@ -52,7 +52,9 @@ def test_evaluate_compares_models_side_by_side_and_writes_the_report(finetuned, 
     assert [m["name"][:4] for m in report["models"]] == ["bart", "gpt2"] and report["examples"] == 8
     for model in report["models"]:
         assert {"bleu", "rouge", "rouge1", "chrf", "exact_match", "perplexity"} <= set(model["scores"])
-        assert model["cost"]["parameters"]["total"] > 0 and model["cost"]["latency_median_s"] > 0
+        assert model["cost"]["parameters"]["total"] > 0 and model["cost"]["latency_s"] > 0
+        assert model["cost"]["latency_examples"] == 8 and model["cost"]["latency_per_token_ms"] > 0
+        assert "peak_memory_mb" not in model["cost"]  # a CPU's resident set says nothing about one model
         assert model["cost"]["throughput"]["examples_per_s"] > 0 and model["cost"]["size_on_disk_mb"] > 0
     assert "| bart" in result["table"] and "1.00x" in result["table"]
     assert (tmp_path / "report.md").read_text().count("\n|---") == 1
@@ -95,12 +97,17 @@ def test_model_label_and_speed_up_column():
         {
             "name": n,
             "scores": {"bleu": b},
-            "cost": {"parameters": {"total": 1e6}, "latency_median_s": lat, "throughput": {"examples_per_s": 3.0}},
+            "cost": {
+                "parameters": {"total": 1e6},
+                "latency_s": lat,
+                "latency_per_token_ms": lat * 100,
+                "throughput": {"examples_per_s": 3.0},
+            },  # fmt: skip
         }
         for n, b, lat in (("t", 30.0, 0.2), ("s", 20.0, 0.05))
     ]
     table = markdown_table(results)
-    assert "| s | 20.00 | 1.00 | 50.0 | 4.00x | 3.0 |" in table
+    assert "| s | 20.00 | 1.00 | 50.0 | 5.00 | 4.00x | 3.0 |" in table
 
 
 @pytest.mark.parametrize("arch", ["bart", "gpt2"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 
@@ -15,7 +16,7 @@ from distilgen.diagnose import diagnose, student_outputs, teacher_completions
 from distilgen.evaluate import generate
 from distilgen.metrics import compute_metrics, gap_closed
 from distilgen.models import load_model
-from distilgen.study import study
+from distilgen.study import markdown, run_line, run_steps, study, summarize
 from distilgen.teachers import load_teacher
 from tests.conftest import TINY, cli_env, launch_two_processes
 
@@ -52,6 +53,49 @@ def test_gap_closed_is_zero_at_the_student_and_one_at_the_teacher():
     assert gap_closed(26.0, 20.0, 30.0) == pytest.approx(0.6) and gap_closed(1.0, 2.0, 2.0) is None
 
 
+def _fake_results(finetune: list[float], kd: list[float]) -> dict:
+    cost = {"parameters": {"total": 1e6}, "latency_s": 0.01, "latency_per_token_ms": 1.0, "output_tokens_mean": 10.0,
+            "latency_examples": 32, "throughput": {"examples_per_s": 5.0}}  # fmt: skip
+    results = {}
+    for seed, (f, k) in enumerate(zip(finetune, kd, strict=True)):
+        results[("finetune", seed)] = {"scores": {"bleu": f}, "cost": cost}
+        results[("seq_kd", seed)] = {"scores": {"bleu": k}, "cost": cost}
+    return results
+
+
+def test_a_gap_within_the_seed_spread_is_called_noise_and_a_clear_one_is_not(tmp_path, teacher_dir):
+    cfg = _study_cfg(tmp_path, teacher_dir, seeds=[0, 1], metrics=["bleu"], methods=["finetune", "seq_kd"])
+    cfg.variants = []
+    cost = _fake_results([0], [0])[("finetune", 0)]["cost"]
+    # teacher 20.5 against students 19.8 and 20.2 (mean 20.0): a 0.5 gap; KD runs 20.6 and 19.4: a spread of ~0.6
+    noisy = summarize(cfg, {"scores": {"bleu": 20.5}, "cost": cost}, _fake_results([19.8, 20.2], [20.6, 19.4]), {})
+    assert noisy["gaps"]["bleu"]["gap"] == pytest.approx(0.5)
+    assert noisy["gaps"]["bleu"]["spread"] == pytest.approx(((0.08 + 0.72) / 2) ** 0.5)
+    assert noisy["gaps"]["bleu"]["meaningful"] is False
+    table = markdown(noisy)
+    assert "| seq_kd | noise |" in table and "gap closed is not meaningful (noise)" in table
+    clear = summarize(cfg, {"scores": {"bleu": 30.0}, "cost": cost}, _fake_results([20, 20], [26, 24]), {})
+    assert clear["gaps"]["bleu"]["meaningful"] is True
+    assert clear["gaps"]["bleu"]["spread"] == pytest.approx(1.0)  # pooled: variances 0 and 2
+    assert "| seq_kd | 50.0% ± 14.1 |" in markdown(clear)  # per seed 60% and 40%
+    one_seed = summarize(
+        dataclasses.replace(cfg, seeds=[0]), {"scores": {"bleu": 30.0}, "cost": cost}, _fake_results([20], [25]), {}
+    )
+    assert one_seed["gaps"]["bleu"]["meaningful"] is None and "| seq_kd | 50.0% |" in markdown(one_seed)
+    assert "spread is unknown" in markdown(one_seed)
+
+
+def test_each_finished_run_says_its_best_dev_score_and_steps():
+    summary = {
+        "distill": {"steps": 300, "best_step": 200, "best_dev_bleu": 12.345},
+        "finetune": {"steps": 250, "best_step": 250, "best_dev_bleu": None},
+    }
+    assert run_steps(summary) == 550
+    assert run_line(summary, "bleu") == (
+        "distill: best dev bleu 12.35 at step 200 of 300; finetune: no dev score of 250 (550 steps)"
+    )
+
+
 def test_study_settings_are_checked_per_run_before_anything_trains(tmp_path, teacher_dir):
     with pytest.raises(ConfigError) as err:
         _study_cfg(tmp_path, teacher_dir, common={"train": {"lr": -1}})
@@ -79,16 +123,27 @@ def test_study_trains_every_run_shares_pts_and_reports_gap_cost_and_a_plot(tmp_p
     per_seed = [gap_closed(score(f"logits_kd-seed{s}"), score(f"finetune-seed{s}"), score("teacher")) for s in (0, 1)]
     logits_kd = report["runs"][1]
     assert logits_kd["chrf"][0] == pytest.approx((score("logits_kd-seed0") + score("logits_kd-seed1")) / 2)
+    table = (out / "report.md").read_text()
     if None in per_seed:  # these tiny random models: the teacher may score below a fine-tuned student
         assert logits_kd["chrf_gap_closed"] is None and report["runs"][0]["chrf_gap_closed"] is None
-        finetune_row = next(x for x in (out / "report.md").read_text().splitlines() if x.startswith("| finetune"))
-        assert "| - |" in finetune_row  # said, not a ratio of a negative gap
+        assert "- chrf: teacher - fine-tuned student" in table and "no gap to close" in table
     else:
         assert logits_kd["chrf_gap_closed"][0] == pytest.approx(sum(per_seed) / 2)
         assert report["runs"][0]["chrf_gap_closed"][0] == 0.0
+    # every score the metrics give has its row cell and its gap closed: ROUGE's parts too, 2 decimals everywhere
+    assert report["scores"] == ["bleu", "rouge", "rouge1", "rouge2", "rougeL", "chrf", "exact_match"]
+    assert set(report["gaps"]) == set(report["scores"]) and "rougeL_gap_closed" in logits_kd
+    scores_table = table.split("## Scores")[1].split("##")[0]
+    assert (
+        "| model | bleu | rouge | rouge1 | rouge2 | rougeL | chrf | exact_match | steps | train (s) |" in scores_table
+    )
+    teacher_row = next(line for line in scores_table.splitlines() if line.startswith("| teacher"))
+    assert teacher_row.split(" | ")[1] == f"{report['teacher']['scores']['bleu']:.2f}"
+    assert f"| {logits_kd['bleu'][0]:.2f} ± {logits_kd['bleu'][1]:.2f} |" in table
+    assert "| finetune | 4 | 4 | 4 |" not in table and "| 4 |" in scores_table  # steps of each run
+    assert [row["steps"] for row in report["runs"]] == [(4, 0.0)] * 3
     assert logits_kd["cost"]["parameters"]["total"] < report["teacher"]["cost"]["parameters"]["total"]
-    table = (out / "report.md").read_text()
-    assert "| teacher |" in table and "| seq_kd_labeled |" in table and "gap closed (bleu)" in table
+    assert "| teacher |" in table and "| seq_kd_labeled |" in table and "## Gap closed" in table
     assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     times = (out / "train_seconds.json").read_text()
@@ -102,7 +157,8 @@ def test_study_trains_every_run_shares_pts_and_reports_gap_cost_and_a_plot(tmp_p
     report = study(cfg)
     assert [row["train_seconds"] is None for row in report["runs"]] == [False, False, True]
     assert json.loads((out / "report.json").read_text())["runs"][2]["train_seconds"] is None
-    assert (out / "report.md").read_text().splitlines()[-1].endswith("| - |")
+    seq_row = next(x for x in (out / "report.md").read_text().splitlines() if x.startswith("| seq_kd_labeled |"))
+    assert seq_row.endswith("| 4 | - |")  # steps known, no time
 
 
 def test_a_study_under_accelerate_launch_trains_in_both_processes_and_reports_once(tmp_path, teacher_dir):

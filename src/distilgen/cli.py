@@ -57,6 +57,9 @@ class DataCommandConfig:
     """`distilgen data`: load the splits, report their statistics, optionally export them as JSONL."""
 
     data: DataConfig
+    model: str | None = None
+    """A model (path, hub id or `pkg:` file) whose tokenizer and prompt count tokens, and how many sources and
+    targets `data.max_source_length` / `max_target_length` would cut, before any training (`--model`)."""
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -157,11 +160,20 @@ def run_evaluate(cfg: EvaluateConfig, args: argparse.Namespace) -> int:
 
 
 def run_data(cfg: DataCommandConfig, args: argparse.Namespace) -> int:
-    from distilgen.data import load_splits, split_stats, write_jsonl
+    from distilgen.data import load_splits, split_stats, token_stats, write_jsonl
 
     splits = load_splits(cfg.data)
+    model = args.model or cfg.model
+    tm = None
+    if model is not None:
+        from distilgen.models import load_model
+
+        tm = load_model(ModelConfig(path=model), key="model", data=cfg.data)
     for name, examples in splits.items():
-        print(f"{name}: {json.dumps(split_stats(examples))}")
+        stats = split_stats(examples)
+        if tm is not None:
+            stats |= token_stats(tm.encode, examples, cfg.data.max_source_length, cfg.data.max_target_length)
+        print(f"{name}: {json.dumps(stats)}")
         if args.export:
             Path(args.export).mkdir(parents=True, exist_ok=True)
             write_jsonl(examples, Path(args.export) / f"{name}.jsonl")
@@ -271,6 +283,7 @@ def _pts_arguments(p: argparse.ArgumentParser) -> None:
 
 def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export", metavar="DIR", help="write each split as DIR/<split>.jsonl")
+    p.add_argument("--model", metavar="PATH", help="count tokens with this model's tokenizer and prompt (model=)")
 
 
 COMMANDS: dict[str, Command] = {

@@ -77,6 +77,43 @@ def measure_latency(generate_one: Callable[[], Any], runs: int, warmup: int = 1)
     return {"latency_median_s": statistics.median(seconds), "latency_p90_s": p90}
 
 
+def measure_sample_latency(
+    generate_one: Callable[[T], int], items: list[T], runs: int, warmup: int = 1
+) -> dict[str, float]:
+    """Latency of a model on its task: each of `items` generated alone, `runs` timed passes over all of them.
+
+    `generate_one(item)` returns the tokens it generated. Each item's time is its median over the passes, so an
+    item's own output length counts, but no one item decides the figure: `latency_s` is the mean over items (the
+    expected cost of a request), `latency_p90_s` their 90th percentile, `latency_per_token_ms` the total time over
+    the total tokens (equal for models of one architecture, whatever their outputs' lengths). The first `warmup`
+    items are generated once, untimed, first.
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    if not items:
+        raise ValueError("no items to time")
+    for item in items[:warmup]:
+        generate_one(item)
+    seconds: list[list[float]] = [[] for _ in items]
+    tokens = [0] * len(items)
+    for _ in range(runs):
+        for i, item in enumerate(items):
+            _synchronize()
+            start = time.perf_counter()
+            tokens[i] = generate_one(item)
+            _synchronize()
+            seconds[i].append(time.perf_counter() - start)
+    medians = [statistics.median(s) for s in seconds]
+    p90 = statistics.quantiles(medians, n=10, method="inclusive")[-1] if len(medians) > 1 else medians[0]
+    return {
+        "latency_s": statistics.fmean(medians),
+        "latency_p90_s": p90,
+        "latency_per_token_ms": 1e3 * sum(medians) / max(sum(tokens), 1),
+        "latency_examples": len(items),
+        "output_tokens_mean": statistics.fmean(tokens),
+    }
+
+
 def measure_throughput(generate_batch: Callable[[list], int], items: list, batch_size: int) -> dict[str, float]:
     """Examples and generated tokens per second over `items`, generated in chunks of `batch_size`.
 

@@ -314,6 +314,25 @@ def write_jsonl(examples: Iterable[Example], path: str | os.PathLike) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+def token_stats(
+    encode, examples: Sequence[Example], max_source_length: int, max_target_length: int
+) -> dict[str, float]:
+    """Lengths in tokens of a split as a model reads it (`encode` is its `TextModel.encode`: prompt and special
+    tokens included), and how many sources and targets the configured maximum lengths would cut."""
+    whole, _ = encode(examples, 1 << 30, 1 << 30)
+    _, cut = encode(examples, max_source_length, max_target_length)
+    sources = [len(e.source) for e in whole]
+    targets = [len(e.target) for e in whole if e.target] or [0]
+    return {
+        "source_tokens_mean": sum(sources) / len(sources),
+        "source_tokens_max": max(sources),
+        "target_tokens_mean": sum(targets) / len(targets),
+        "target_tokens_max": max(targets),
+        "sources_cut": cut.sources_truncated,
+        "targets_cut": cut.targets_truncated,
+    }
+
+
 def split_stats(examples: Sequence[Example]) -> dict[str, float]:
     """Size and lengths (in words) of a split, as `distilgen data` prints them."""
     labeled = [e for e in examples if e.target is not None]

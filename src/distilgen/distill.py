@@ -618,7 +618,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     )
     summary = {"method": cfg.method, "distill": stage_summary(state, stage, cfg.train.metric)}
     final = stage / "model"
-    if cfg.final_finetune_epochs > 0 and cfg.method != "finetune":
+    if cfg.final_finetune_epochs > 0 and (cfg.method != "finetune" or cfg.equal_budget):
         tuned = load_model(ModelConfig(path=str(final)), data=cfg.data)
         train_cfg = dataclasses.replace(cfg.train, epochs=cfg.final_finetune_epochs, max_steps=None)
         stage = output_dir / "finetune"

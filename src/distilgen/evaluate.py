@@ -26,7 +26,7 @@ from distilgen.config import (
     save_config,
     writable_dir,
 )
-from distilgen.cost import count_parameters, measure_latency, measure_throughput, peak_memory, size_on_disk
+from distilgen.cost import count_parameters, measure_sample_latency, measure_throughput, peak_memory, size_on_disk
 from distilgen.data import Example, scored_split
 from distilgen.generation.hf import HFGenerator
 from distilgen.metrics import compute_metrics, perplexity
@@ -74,8 +74,10 @@ def measure_cost(
     data: DataConfig,
     path: str | None = None,
 ) -> dict[str, Any]:
-    """Parameters, size on disk, latency of one generation at batch 1, throughput at batch N, peak memory: timed
-    through the model's generator, the loop distilgen itself runs (tokenizing and detokenizing included)."""
+    """Parameters, size on disk, latency at batch 1 over the first `cost.latency_examples` inputs, throughput at
+    batch N, and peak memory on a GPU: timed through the model's generator, the loop distilgen itself runs
+    (tokenizing and detokenizing included). On a CPU no peak memory is reported: the process's resident set
+    only grows, so a later model's figure would say nothing about it."""
     result: dict[str, Any] = {"parameters": count_parameters(tm.model)}
     if path is not None and Path(path).is_dir():
         result["size_on_disk_mb"] = size_on_disk(path)["weights"] / 2**20
@@ -86,10 +88,14 @@ def measure_cost(
     def run(chunk: list[str]) -> int:
         return sum(g.new_tokens for written in generator.generate(chunk, settings) for g in written)
 
-    result.update(measure_latency(lambda: run(sources[:1]), cost.latency_runs))
+    sample = sources[: cost.latency_examples]
+    result.update(measure_sample_latency(lambda source: run([source]), sample, cost.latency_runs))
     items = sources[: cost.throughput_examples]
-    result["throughput"], peak = peak_memory(lambda: measure_throughput(run, items, cost.throughput_batch), tm.device)
-    result["peak_memory_mb"] = peak / 2**20
+    if tm.device.type == "cuda":
+        result["throughput"], peak = peak_memory(lambda: measure_throughput(run, items, cost.throughput_batch))
+        result["peak_memory_mb"] = peak / 2**20
+    else:
+        result["throughput"] = measure_throughput(run, items, cost.throughput_batch)
     return result
 
 
@@ -137,17 +143,18 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     has_cost = all("cost" in r for r in results)
     header = ["model", *(name for _, name in score_cols)]
     if has_cost:
-        header += ["params (M)", "latency (ms)", "speed-up", "throughput (ex/s)"]
+        header += ["params (M)", "latency (ms)", "ms/token", "speed-up", "throughput (ex/s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    base_latency = results[0]["cost"]["latency_median_s"] if has_cost else None
+    base_latency = results[0]["cost"]["latency_s"] if has_cost else None
     for r in results:
         row = [r["name"], *(f"{r['scores'][k]:.2f}" if k in r["scores"] else "-" for k, _ in score_cols)]
         if has_cost:
             c = r["cost"]
-            latency = c["latency_median_s"]
+            latency = c["latency_s"]
             row += [
                 f"{c['parameters']['total'] / 1e6:.2f}",
                 f"{latency * 1e3:.1f}",
+                f"{c['latency_per_token_ms']:.2f}",
                 f"{base_latency / latency:.2f}x",
                 f"{c['throughput']['examples_per_s']:.1f}",
             ]

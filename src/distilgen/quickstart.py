@@ -97,7 +97,7 @@ class QuickstartConfig:
     """How the Joint-Teaching student is trained (each epoch: the gold targets plus one PT per input)."""
     decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(max_new_tokens=48, batch_size=64))
     """Decoding for dev and test evaluation."""
-    cost: CostConfig = field(default_factory=lambda: CostConfig(latency_runs=5, throughput_examples=64))
+    cost: CostConfig = field(default_factory=lambda: CostConfig(throughput_examples=64))
     """How cost is measured in the final report."""
     seed: int = 0
     """Seed of model initialisation, dropout and data order."""

@@ -45,9 +45,12 @@ def _study_error(cfg: StudyConfig, run: str, err: ConfigError) -> ConfigError:
 
 
 def _evaluate_cached(path: str, cache: Path, examples, cfg: StudyConfig, with_cost: bool) -> dict[str, Any]:
-    """Scores (and cost) of the model at `path`, computed once and kept in `cache` (a study reruns cheaply)."""
+    """Scores (and cost) of the model at `path`, computed once and kept in `cache` (a study reruns cheaply); a
+    cache from before latency was timed over a sample of inputs is measured again."""
     if cache.exists():
-        return json.loads(cache.read_text())
+        cached = json.loads(cache.read_text())
+        if not with_cost or "latency_s" in cached.get("cost", {}):
+            return cached
     tm = load_model(ModelConfig(path=path), data=cfg.data)
     tm.model.to("cuda" if torch.cuda.is_available() else "cpu")
     result, _ = evaluate_model(tm, examples, cfg.metrics, cfg.decoding, cfg.data, cfg.cost if with_cost else None, path)
@@ -78,114 +81,215 @@ def study(cfg: StudyConfig) -> dict[str, Any]:
         writable_dir(out)
         save_config(cfg, out / "study.yaml")
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
-    finals: dict[tuple[str, int], str] = {}
+    summaries: dict[tuple[str, int], dict[str, Any]] = {}
     for i, (name, seed, run_cfg) in enumerate(runs):
         state.print(f"[{i + 1}/{len(runs)}] {name}, seed {seed}")
         key = f"{name}/seed{seed}"
         finished_before = (Path(run_cfg.output_dir) / "summary.json").exists()
         start = time.perf_counter()
-        finals[(name, seed)] = distill(run_cfg)["model"]
+        summaries[(name, seed)] = distill(run_cfg)
         if not finished_before and state.is_main_process:  # a resumed run records the time of its last part only
             times[key] = round(time.perf_counter() - start, 1)
             times_file.write_text(json.dumps(times, indent=2))
+        state.print(f"    {run_line(summaries[(name, seed)], run_cfg.train.metric)}")
 
     if state.is_main_process:
-        _report(cfg, examples, finals, times)
+        _report(cfg, examples, summaries, times)
     state.wait_for_everyone()
     return json.loads((out / "report.json").read_text())
 
 
-def _report(cfg: StudyConfig, examples: list, finals: dict[tuple[str, int], str], times: dict[str, float]) -> None:
+STAGES = ("distill", "finetune")
+
+
+def run_steps(summary: dict[str, Any]) -> int:
+    """Optimizer steps a finished run took, over its stages (the method's, then the final fine-tuning)."""
+    return sum(summary[stage]["steps"] for stage in STAGES if stage in summary)
+
+
+def run_line(summary: dict[str, Any], metric: str) -> str:
+    """One line per finished run: each stage's best dev score and where it was reached, and the total steps."""
+    parts = []
+    for stage in STAGES:
+        if stage in summary:
+            best, at = summary[stage].get(f"best_dev_{metric}"), summary[stage]["best_step"]
+            score = "no dev score" if best is None else f"best dev {metric} {best:.2f} at step {at}"
+            parts.append(f"{stage}: {score} of {summary[stage]['steps']}")
+    return "; ".join(parts) + f" ({run_steps(summary)} steps)"
+
+
+def _report(
+    cfg: StudyConfig, examples: list, summaries: dict[tuple[str, int], dict[str, Any]], times: dict[str, float]
+) -> None:
     """Evaluate the teacher and every final model on `examples`; write and print the report."""
     out = Path(cfg.output_dir)
-    print(f"evaluating {len(finals) + 1} models on {len(examples)} {cfg.split} examples")
+    print(f"evaluating {len(summaries) + 1} models on {len(examples)} {cfg.split} examples")
     teacher = _evaluate_cached(cfg.teacher.path, out / "eval" / "teacher.json", examples, cfg, with_cost=True)
     results = {
         (name, seed): _evaluate_cached(
-            path, out / "eval" / f"{name}-seed{seed}.json", examples, cfg, with_cost=seed == cfg.seeds[0]
+            summary["model"], out / "eval" / f"{name}-seed{seed}.json", examples, cfg, with_cost=seed == cfg.seeds[0]
         )
-        for (name, seed), path in finals.items()
+        for (name, seed), summary in summaries.items()
     }
-    report = summarize(cfg, teacher, results, times)
+    steps = {f"{name}/seed{seed}": run_steps(summary) for (name, seed), summary in summaries.items()}
+    report = summarize(cfg, teacher, results, times, steps)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    table = markdown(report, cfg.metrics)
-    (out / "report.md").write_text(f"# Study on {cfg.split} ({len(examples)} examples, seeds {cfg.seeds})\n\n{table}")
-    plot(report, cfg.metrics[0], out / "study.png")
-    print(table)
+    text = f"# Study on {cfg.split} ({len(examples)} examples, seeds {cfg.seeds})\n\n{markdown(report)}"
+    (out / "report.md").write_text(text)
+    plot(report, report["scores"][0], out / "study.png")
+    print(text)
     print(f"report: {out}/report.md, plot: {out}/study.png")
 
 
+NOISE_FACTOR = 2.0
+"""A teacher-student gap under this many seed-to-seed standard deviations is reported as noise."""
+
+
+def gap_noise(teacher: float, students: list[float], spread: float | None, higher_is_better: bool) -> dict[str, Any]:
+    """The gap the methods close on one metric (teacher against the fine-tuned student, mean over seeds), the
+    seed-to-seed spread, and whether the gap stands out of it (None with one seed: the spread is unknown)."""
+    gap = (teacher - statistics.fmean(students)) * (1 if higher_is_better else -1)
+    meaningful = None if spread is None else gap > NOISE_FACTOR * spread
+    return {"gap": gap, "spread": spread, "meaningful": meaningful}
+
+
+def pooled_spread(runs: list[list[float]]) -> float | None:
+    """The seed-to-seed standard deviation, pooled over the runs (each a list of per-seed scores); None with one
+    seed."""
+    variances = [statistics.variance(values) for values in runs if len(values) > 1]
+    return statistics.fmean(variances) ** 0.5 if variances else None
+
+
 def summarize(
-    cfg: StudyConfig, teacher: dict[str, Any], results: dict[tuple[str, int], dict[str, Any]], times: dict[str, float]
+    cfg: StudyConfig,
+    teacher: dict[str, Any],
+    results: dict[tuple[str, int], dict[str, Any]],
+    times: dict[str, float],
+    steps: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Per run: mean and std over seeds of each metric and of its gap closed; cost of seed 0's model."""
+    """Per run: mean and std over seeds of every score (each metric's parts too: ROUGE-1/2/L) and of its gap
+    closed, the steps and time it trained; cost of seed 0's model. Per score: the gap and its noise."""
+    steps = steps or {}
     names = list(dict.fromkeys(name for name, _ in results))
+    keys = list(teacher["scores"])  # every score the metrics gave, in the order asked
     rows = []
     for name in names:
         row: dict[str, Any] = {"name": name, "seeds": cfg.seeds}
-        for metric in cfg.metrics:
-            values = [results[(name, s)]["scores"][metric] for s in cfg.seeds]
-            row[metric] = _mean_std(values)
+        for key in keys:
+            row[key] = _mean_std([results[(name, s)]["scores"][key] for s in cfg.seeds])
             if "finetune" in names:
                 gaps = [
                     gap_closed(
-                        results[(name, s)]["scores"][metric],
-                        results[("finetune", s)]["scores"][metric],
-                        teacher["scores"][metric],
-                        higher_is_better=metric != "perplexity",
+                        results[(name, s)]["scores"][key],
+                        results[("finetune", s)]["scores"][key],
+                        teacher["scores"][key],
+                        higher_is_better=key != "perplexity",
                     )
                     for s in cfg.seeds
                 ]
-                row[f"{metric}_gap_closed"] = None if None in gaps else _mean_std(gaps)
+                row[f"{key}_gap_closed"] = None if None in gaps else _mean_std(gaps)
         row["cost"] = results[(name, cfg.seeds[0])].get("cost")
         # a run trained outside the study (or before its times were kept) has no time: none rather than a guess
         run_times = [times.get(f"{name}/seed{s}") for s in cfg.seeds]
         row["train_seconds"] = None if None in run_times else _mean_std(run_times)
+        counts = [steps.get(f"{name}/seed{s}") for s in cfg.seeds]
+        row["steps"] = None if None in counts else _mean_std(counts)
         rows.append(row)
-    return {"split": cfg.split, "teacher": teacher, "runs": rows}
+    gaps = {}
+    if "finetune" in names:
+        for key in keys:
+            spread = pooled_spread([[results[(n, s)]["scores"][key] for s in cfg.seeds] for n in names])
+            finetune = [results[("finetune", s)]["scores"][key] for s in cfg.seeds]
+            gaps[key] = gap_noise(teacher["scores"][key], finetune, spread, key != "perplexity")
+    return {"split": cfg.split, "scores": keys, "teacher": teacher, "runs": rows, "gaps": gaps}
 
 
 def _fmt(value: tuple[float, float] | None, percent: bool = False) -> str:
+    """`mean ± std` (std only over several seeds): scores with 2 decimals, a gap closed as a percentage with 1."""
     if value is None:
         return "-"
     mean, std = value
-    scale = 100 if percent else 1
-    text = f"{mean * scale:.1f}" + ("%" if percent else "")
-    return text + (f" ± {std * scale:.1f}" if std else "")
+    scale, digits = (100, 1) if percent else (1, 2)
+    text = f"{mean * scale:.{digits}f}" + ("%" if percent else "")
+    return text + (f" ± {std * scale:.{digits}f}" if std else "")
 
 
-def markdown(report: dict[str, Any], metrics: list[str]) -> str:
-    """The study table: scores, gap closed per metric, cost and training time; the teacher first."""
-    header = ["model", *metrics, *(f"gap closed ({m})" for m in metrics[:1])]
-    header += ["params (M)", "latency (ms)", "speed-up", "throughput (ex/s)", "train (s)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    teacher = report["teacher"]
-    t_cost = teacher["cost"]
-    base_latency = t_cost["latency_median_s"]
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
-    def cost_cells(cost: dict[str, Any] | None) -> list[str]:
-        if cost is None:
-            return ["-"] * 4
-        return [
-            f"{cost['parameters']['total'] / 1e6:.2f}",
-            f"{cost['latency_median_s'] * 1e3:.1f}",
-            f"{base_latency / cost['latency_median_s']:.2f}x",
-            f"{cost['throughput']['examples_per_s']:.1f}",
-        ]
 
-    lines.append(
-        "| teacher | "
-        + " | ".join(f"{teacher['scores'][m]:.2f}" for m in metrics)
-        + " | 100% | "
-        + " | ".join(cost_cells(t_cost))
-        + " | - |"
-    )
+def markdown(report: dict[str, Any]) -> str:
+    """The study report: scores, gap closed per score with the noise it stands in, and cost; the teacher first."""
+    keys, teacher, gaps = report["scores"], report["teacher"], report["gaps"]
+    lines = ["## Scores", ""]
+    rows = [["teacher", *(f"{teacher['scores'][k]:.2f}" for k in keys), "-", "-"]]
     for row in report["runs"]:
-        cells = [row["name"], *(_fmt(row[m]) for m in metrics), _fmt(row.get(f"{metrics[0]}_gap_closed"), True)]
         train = row["train_seconds"]
-        cells += [*cost_cells(row["cost"]), "-" if train is None else f"{train[0]:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        steps = "-" if row["steps"] is None else f"{row['steps'][0]:.0f}"
+        rows.append([row["name"], *(_fmt(row[k]) for k in keys), steps, "-" if train is None else f"{train[0]:.0f}"])
+    lines += _table(["model", *keys, "steps", "train (s)"], rows)
+    if gaps:
+        lines += [
+            "",
+            "## Gap closed",
+            "",
+            "(KD - S) / (T - S): S is the `finetune` run of the same seed, T the teacher.",
+            "",
+        ]
+        rows = []
+        for row in report["runs"]:
+            cells = [row["name"]]
+            for k in keys:
+                cells.append("noise" if gaps[k]["meaningful"] is False else _fmt(row.get(f"{k}_gap_closed"), True))
+            rows.append(cells)
+        lines += _table(["model", *keys], rows)
+        lines += ["", *(_gap_note(k, gaps[k], len(report["runs"][0]["seeds"])) for k in keys)]
+    lines += ["", "## Cost", ""] + _cost_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def _gap_note(key: str, gap: dict[str, Any], seeds: int) -> str:
+    """One line per score: how big the gap is against the noise, and what that makes of its gap closed."""
+    text = f"- {key}: teacher - fine-tuned student = {gap['gap']:.2f}"
+    if gap["gap"] <= 0:
+        return text + ": the teacher is no better, so there is no gap to close (-)."
+    if gap["spread"] is None:
+        return (
+            text
+            + f"; {seeds} seed: the seed-to-seed spread is unknown, run more seeds to tell a gap closed from noise."
+        )
+    text += f", seed-to-seed spread (std) {gap['spread']:.2f}"
+    if gap["meaningful"]:
+        return text + "."
+    return text + f": the gap is within {NOISE_FACTOR:g} spreads, so its gap closed is not meaningful (noise)."
+
+
+def _cost_lines(report: dict[str, Any]) -> list[str]:
+    models = [("teacher", report["teacher"]["cost"])] + [(row["name"], row["cost"]) for row in report["runs"]]
+    base = report["teacher"]["cost"]
+    sample = base.get("latency_examples", 0)
+    rows = []
+    for name, cost in models:
+        if cost is None:
+            rows.append([name, *["-"] * 6])
+            continue
+        rows.append(
+            [
+                name,
+                f"{cost['parameters']['total'] / 1e6:.2f}",
+                f"{cost['latency_s'] * 1e3:.1f}",
+                f"{cost['latency_per_token_ms']:.2f}",
+                f"{cost['output_tokens_mean']:.1f}",
+                f"{base['latency_s'] / cost['latency_s']:.2f}x",
+                f"{cost['throughput']['examples_per_s']:.1f}",
+            ]
+        )
+    header = ["model", "params (M)", "latency (ms)", "ms/token", "tokens out", "speed-up", "throughput (ex/s)"]
+    note = (
+        f"Latency: batch 1, the mean over the first {sample} {report['split']} inputs of each one's median time, with "
+        "the outputs the model writes (tokens out: their mean length); speed-up against the teacher's."
+    )
+    return [note, "", *_table(header, rows)]
 
 
 def plot(report: dict[str, Any], metric: str, path: Path) -> None:
@@ -199,7 +303,7 @@ def plot(report: dict[str, Any], metric: str, path: Path) -> None:
     points += [(row["name"], row["cost"], row[metric][0]) for row in report["runs"] if row["cost"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, cost, score in points:
-        latency = cost["latency_median_s"] * 1e3
+        latency = cost["latency_s"] * 1e3
         ax.scatter(latency, score, color="tab:red" if name == "teacher" else "tab:blue")
         ax.annotate(name, (latency, score), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("latency at batch 1 (ms)")

@@ -192,6 +192,9 @@ class DistillConfig:
     """Attention-relation KD settings."""
     final_finetune_epochs: float = 1.0
     """Epochs of plain fine-tuning on the labeled data after the method (the study's final stage); 0 skips."""
+    equal_budget: bool = False
+    """The `finetune` method runs the final fine-tuning stage too (a second one, on the same gold data), so that it
+    trains for as many steps as the other methods: a baseline that is not behind only for training less."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation, dev evaluation and checkpoints (both stages)."""
     decoding: DecodingConfig = field(default_factory=DecodingConfig)

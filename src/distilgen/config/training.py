@@ -85,8 +85,11 @@ class CostConfig:
 
     enabled: bool = True
     """Measure cost at all (it takes extra generations)."""
-    latency_runs: int = 10
-    """Single-example generations whose median is the latency."""
+    latency_examples: int = 32
+    """The first N inputs of the split, each generated alone: the latency is their mean (outputs of the model's
+    own lengths), and per token."""
+    latency_runs: int = 3
+    """Timed passes over those inputs; each input's time is its median over the passes."""
     throughput_batch: int = 32
     """Batch size of the throughput measurement."""
     throughput_examples: int = 128
@@ -94,6 +97,7 @@ class CostConfig:
 
     def __post_init__(self):
         check(self.latency_runs >= 1, "latency_runs", f"must be >= 1, got {self.latency_runs}")
+        check(self.latency_examples >= 1, "latency_examples", f"must be >= 1, got {self.latency_examples}")
         check(self.throughput_batch >= 1, "throughput_batch", f"must be >= 1, got {self.throughput_batch}")
         check(self.throughput_examples >= 1, "throughput_examples", "must be >= 1")
 

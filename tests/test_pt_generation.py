@@ -92,6 +92,24 @@ def test_generation_fills_the_store_once_and_only_tops_up(teacher, splits, tmp_p
     }
 
 
+def test_a_slow_teacher_writes_a_shard_per_interval_not_per_shard_size(teacher, splits, tmp_path, monkeypatch):
+    """On a CPU a large teacher takes minutes per shard_size PTs: they reach the store every flush_seconds, so a
+    kill loses at most that much work."""
+    sources = [e.source for e in splits["train"][:10]]
+    store, fp = PTStore(tmp_path / "pts"), teacher_fingerprint(teacher, 256)
+    writes = []
+    add = store.add
+    monkeypatch.setattr(store, "add", lambda *args: writes.append(len(args[2])) or add(*args))
+    generate_pts(_gen(teacher), store, fp, SAMPLE2, sources, batch_size=4, flush_seconds=0)
+    assert writes == [4] * 5  # every batch of 4 rows, at once
+    other = PTStore(tmp_path / "other")
+    add_other = other.add
+    monkeypatch.setattr(other, "add", lambda *args: writes.append(len(args[2])) or add_other(*args))
+    writes.clear()
+    generate_pts(_gen(teacher), other, fp, SAMPLE2, sources, batch_size=4)
+    assert writes == [20]  # within a minute and under shard_size: one shard at the end
+
+
 @pytest.mark.parametrize("arch", ["bart", "gpt2"])
 def test_the_same_pts_come_out_whatever_the_batching_or_sharding(teacher, splits, tmp_path):
     sources = [e.source for e in splits["train"][:12]]

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from distilgen.config import DiagnoseConfig, ModelConfig, save_config, writable_dir
 from distilgen.data import Example, scored_split
@@ -25,6 +24,7 @@ from distilgen.generation import Generated
 from distilgen.generation.hf import HFGenerator
 from distilgen.metrics import compute_metrics
 from distilgen.models import TextModel, load_model
+from distilgen.progress import progress_bar
 from distilgen.students import require_same_vocab
 from distilgen.teachers import Teacher, load_teacher
 
@@ -71,7 +71,7 @@ def diagnose(cfg: DiagnoseConfig) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_teacher(cfg.teacher, "fp32", device, cfg.data)
     results = {}
-    for index, path in enumerate(tqdm(cfg.students, desc="students", disable=len(cfg.students) < 2)):
+    for index, path in enumerate(progress_bar(cfg.students, desc="students", disable=len(cfg.students) < 2)):
         student = load_model(ModelConfig(path=path), key=f"students[{index}]", data=cfg.data)
         require_same_vocab(student.tokenizer, teacher.tokenizer, "diagnose", key="students")
         student.model.to(device)

@@ -6,8 +6,9 @@
 `generate_pts` is the library call. It asks the store which PTs are missing, turns them into rows (one
 per sampled PT, one per input for greedy and beam search), sorts the rows by source length so that each
 batch holds inputs of similar length (little padding, and outputs that finish together), and adds the
-results to the store every `shard_size` PTs. A run killed at any point loses at most the PTs not yet in a
-shard; rerunning generates exactly those, with the same per-PT seeds, so it ends with the same PTs.
+results to the store every `shard_size` PTs, or every `flush_seconds` (a slow teacher: a large model on a
+CPU). A run killed at any point loses at most the PTs not yet in a shard; rerunning generates exactly those,
+with the same per-PT seeds, so it ends with the same PTs.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from distilgen.config import ConfigError, DecodingSpec, GenerateConfig
 from distilgen.data import load_splits
 from distilgen.generation import Generator
 from distilgen.generation import plan_batches as batches_of
+from distilgen.progress import progress_bar
 from distilgen.pseudo_targets import MissingPT, PTRecord, PTStore, get_spec
 from distilgen.teachers import load_teacher
 from distilgen.teachers.hf import teacher_fingerprint  # noqa: F401 (its earlier home: imports keep working)
@@ -110,6 +110,7 @@ def generate_pts(
     batch_size: int = 64,
     topk: int = 0,
     shard_size: int = 2048,
+    flush_seconds: float = 60.0,
     process_index: int = 0,
     num_processes: int = 1,
     barrier=None,
@@ -123,6 +124,7 @@ def generate_pts(
         teacher_fp: the teacher's `fingerprint(...)`, the store's key of its PTs.
         topk: also store the teacher's top-k log-probs at every PT token (0: none).
         shard_size: PTs buffered before they are written as one shard.
+        flush_seconds: ... or seconds since the last write, whichever comes first.
         process_index, num_processes: this process takes rows process_index, process_index + n, ... of the plan.
         barrier: called after every process has read the store and before any writes (`wait_for_everyone`), so
             that all processes plan the same rows.
@@ -135,11 +137,11 @@ def generate_pts(
     rows = plan_rows(todo, spec)[process_index::num_processes]
     mine = list(dict.fromkeys(r.source for r in rows))  # this process's share of the inputs
     report = GenerationReport(requested, len(todo), 0, 0, 0, 0.0)
-    bar = tqdm(total=sum(_sequences(spec, r) for r in rows), desc=f"generate {spec.name}", unit="seq",
+    bar = progress_bar(total=sum(_sequences(spec, r) for r in rows), desc=f"generate {spec.name}", unit="seq",
                disable=not progress or not rows)  # fmt: skip
     settings = spec.settings()
     buffer: list[PTRecord] = []
-    waited = False
+    waited, flushed = False, time.perf_counter()
     try:
         while rows:
             decoded = 0
@@ -163,8 +165,9 @@ def generate_pts(
                 decoded += sequences
                 report.sequences += sequences
                 report.tokens += sum(len(r.token_ids) for r in records)
-                if len(buffer) >= shard_size:
+                if len(buffer) >= shard_size or time.perf_counter() - flushed >= flush_seconds:
                     report.generated += _flush(store, teacher_fp, spec, buffer)
+                    flushed = time.perf_counter()
                 bar.update(sequences)
                 bar.set_postfix(tok_s=f"{report.tokens / (time.perf_counter() - start):.0f}", stored=report.generated)
             report.generated += _flush(store, teacher_fp, spec, buffer)

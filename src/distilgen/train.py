@@ -29,7 +29,6 @@ import torch
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from distilgen.config import (
@@ -48,6 +47,7 @@ from distilgen.evaluate import generate, gold_perplexity
 from distilgen.metrics import compute_metrics
 from distilgen.models import Batch, Encoded, TextModel, avoid_cudnn_attention, load_model
 from distilgen.objectives import cross_entropy, masked_sum, noise_tokens, permute_spans
+from distilgen.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +400,9 @@ def train(
 
     # --- main loop -----------------------------------------------------------------------------
     model.train()
-    progress = tqdm(total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process)
+    bar = progress_bar(
+        total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
+    )
     started, loss_window, stop = time.perf_counter(), [], state.finished
 
     def step_batches(start: int) -> list[Batch]:
@@ -448,14 +450,14 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.batch_in_epoch += cfg.grad_accum
-            progress.update(1)
+            bar.update(1)
 
             if finite:
                 loss_window.append(accelerator.reduce(step_loss, reduction="mean").item())
             if state.step % cfg.log_every == 0 and loss_window:
                 mean_loss = sum(loss_window) / len(loss_window)
                 loss_window.clear()
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 record(
                     {
                         "step": state.step,
@@ -478,7 +480,7 @@ def train(
         if state.batch_in_epoch + cfg.grad_accum > len(mine):
             state.epoch += 1
             state.batch_in_epoch = 0
-    progress.close()
+    bar.close()
     if evaluate is None or state.best_step is None and not (output_dir / "model").exists():
         save_best(None)
     if cfg.trackers:

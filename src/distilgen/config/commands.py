@@ -141,7 +141,7 @@ class GenerateConfig:
     the teacher); 0 stores texts and tokens only. Taken from the decoding steps where a PT is what was decoded,
     else from a teacher-forced pass (beams, outputs cut at max_new_tokens)."""
     shard_size: int = 2048
-    """PTs per store shard: the most work a crash can lose."""
+    """PTs per store shard at most: with the minute a shard is also written after, the most work a crash loses."""
     static_cache: StaticCache = "auto"
     """Decode with a static KV cache (greedy and sampling specs): on a GPU the decoder step is then compiled
     into CUDA graphs (transformers' compiled call), about 2x faster per batch after a compile of ~10 s per

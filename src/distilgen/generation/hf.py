@@ -18,13 +18,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from distilgen.config import GenerationSettings
 from distilgen.data import Example
 from distilgen.generation import Generated, input_key, plan_batches, sample_seed
 from distilgen.generation.decode import decode, generation_rules, source_multiple, use_static_cache
 from distilgen.models import Batch, Encoded, TextModel
+from distilgen.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class HFGenerator:
             return (len(row.indices) if settings.kind == "sample" else 0, len(row.prefix or ()))
 
         out: list[list[Generated]] = [[] for _ in sources]
-        bar = tqdm(total=len(rows), desc=desc, unit="seq", leave=False, disable=desc is None or len(rows) < 2)
+        bar = progress_bar(total=len(rows), desc=desc, unit="seq", leave=False, disable=desc is None or len(rows) < 2)
         was_training = tm.model.training
         tm.model.eval()
         try:

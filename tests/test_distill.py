@@ -237,6 +237,13 @@ def test_every_method_trains_a_tiny_student_and_its_loss_goes_down(method, tmp_p
     assert Path(summary["model"], "model.safetensors").exists()
     if method != "finetune":
         assert summary["finetune"]["steps"] == 3  # one epoch of 24 labeled examples in batches of 8
+    else:
+        assert "finetune" not in summary  # fewer steps than the others, unless equal_budget
+
+
+def test_equal_budget_gives_finetune_the_final_stage_too(tmp_path, teacher_dir):
+    summary = distill(_cfg(tmp_path, teacher_dir, "finetune", final_finetune_epochs=1, equal_budget=True))
+    assert (summary["distill"]["steps"], summary["finetune"]["steps"]) == (12, 3)  # the steps of every KD method
 
 
 def test_joint_teaching_with_refresh_every_samples_ahead_within_each_epoch(tmp_path, teacher_dir, monkeypatch):

@@ -9,6 +9,7 @@ import yaml
 from distilgen.cli import COMMANDS
 from distilgen.config import (
     ConfigError,
+    DataConfig,
     DecodingConfig,
     EvaluateConfig,
     FinetuneConfig,
@@ -74,6 +75,12 @@ def test_overrides_set_nested_keys_with_yaml_typed_values():
     data = apply_overrides({}, ["train.lr=3e-4", "train.trackers=[tensorboard]", "model.path=null"])
     assert data["train"]["trackers"] == ["tensorboard"] and data["model"] == {"path": None}
     assert from_dict(TrainConfig, data["train"]).lr == 3e-4  # YAML reads `3e-4` as a string; the number is kept
+
+
+def test_on_and_off_are_words_and_only_true_and_false_are_booleans():
+    data = apply_overrides({}, ["pts.static_cache=off", "data.dedupe=off", "train.x=True", "y=no"])
+    assert data == {"pts": {"static_cache": "off"}, "data": {"dedupe": "off"}, "train": {"x": True}, "y": "no"}
+    assert from_dict(DataConfig, {"task": {}, **data["data"]}).dedupe == "off"
 
 
 def test_a_partial_nested_mapping_keeps_the_other_defaults():

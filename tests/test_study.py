@@ -83,6 +83,9 @@ def test_a_gap_within_the_seed_spread_is_called_noise_and_a_clear_one_is_not(tmp
     )
     assert one_seed["gaps"]["bleu"]["meaningful"] is None and "| seq_kd | 50.0% |" in markdown(one_seed)
     assert "spread is unknown" in markdown(one_seed)
+    worse = summarize(cfg, {"scores": {"bleu": 19.0}, "cost": cost}, _fake_results([19.8, 20.2], [20.6, 19.4]), {})
+    assert worse["gaps"]["bleu"]["meaningful"] is None and "| seq_kd | - |" in markdown(worse)  # no gap, not noise
+    assert "the teacher is no better, so there is no gap to close" in markdown(worse)
 
 
 def test_each_finished_run_says_its_best_dev_score_and_steps():
@@ -126,7 +129,10 @@ def test_study_trains_every_run_shares_pts_and_reports_gap_cost_and_a_plot(tmp_p
     table = (out / "report.md").read_text()
     if None in per_seed:  # these tiny random models: the teacher may score below a fine-tuned student
         assert logits_kd["chrf_gap_closed"] is None and report["runs"][0]["chrf_gap_closed"] is None
-        assert "- chrf: teacher - fine-tuned student" in table and "no gap to close" in table
+        assert "- chrf: the teacher's advantage over the fine-tuned student" in table and "no gap to close" in table
+        gap_table = table.split("## Gap closed")[1].split("##")[0]
+        finetune_row = next(x for x in gap_table.splitlines() if x.startswith("| finetune"))
+        assert finetune_row.split(" | ")[report["scores"].index("chrf") + 1] == "-"  # said, not a ratio, not noise
     else:
         assert logits_kd["chrf_gap_closed"][0] == pytest.approx(sum(per_seed) / 2)
         assert report["runs"][0]["chrf_gap_closed"][0] == 0.0

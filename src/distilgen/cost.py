@@ -5,9 +5,7 @@ they stay independent of how a model generates; evaluation builds the closures a
 beside the task metrics, teacher and student side by side.
 """
 
-import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -85,7 +83,8 @@ def measure_sample_latency(
     `generate_one(item)` returns the tokens it generated. Each item's time is its median over the passes, so an
     item's own output length counts, but no one item decides the figure: `latency_s` is the mean over items (the
     expected cost of a request), `latency_p90_s` their 90th percentile, `latency_per_token_ms` the total time over
-    the total tokens (equal for models of one architecture, whatever their outputs' lengths). The first `warmup`
+    the total tokens (comparable between models of one architecture whatever lengths they write; a request's fixed
+    cost weighs more on short outputs). The first `warmup`
     items are generated once, untimed, first.
     """
     if runs < 1:
@@ -134,29 +133,18 @@ def measure_throughput(generate_batch: Callable[[list], int], items: list, batch
     return {"examples_per_s": len(items) / seconds, "tokens_per_s": tokens / seconds, "seconds": seconds}
 
 
-def peak_memory(fn: Callable[[], T], device: torch.device | str | None = None) -> tuple[T, int]:
-    """Run `fn` and return its result with the peak memory, in bytes, it reached on `device`.
-
-    On CUDA: the peak of allocated tensor memory during `fn`, weights included (what must fit on the GPU).
-    On CPU: how much `fn` raised the process's peak resident set size. That figure is process-wide (other
-    threads, earlier allocations) and only grows: it is 0 when an earlier peak was higher, so measure CPU
-    memory first in a fresh process for a meaningful number. `device` defaults to CUDA when available.
-    """
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        result = fn()
-        torch.cuda.synchronize(device)
-        return result, torch.cuda.max_memory_allocated(device)
-    before = _peak_rss_bytes()
+def peak_memory(fn: Callable[[], T], device: torch.device | str) -> tuple[T, int]:
+    """Run `fn` and return its result with the peak of allocated tensor memory, in bytes, it reached on the CUDA
+    device `device`, weights included (what must fit on the GPU). There is no CPU counterpart: the process's
+    resident set only grows, so it would say nothing about one model measured after another."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"peak memory is measured on a CUDA device, not {device}")
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
     result = fn()
-    return result, _peak_rss_bytes() - before
-
-
-def _peak_rss_bytes() -> int:
-    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max_rss if sys.platform == "darwin" else max_rss * 1024  # bytes on macOS, kilobytes on Linux
+    torch.cuda.synchronize(device)
+    return result, torch.cuda.max_memory_allocated(device)
 
 
 def flops_per_token(model: torch.nn.Module, input_length: int, output_length: int) -> dict[str, float]:

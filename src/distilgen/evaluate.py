@@ -92,7 +92,9 @@ def measure_cost(
     result.update(measure_sample_latency(lambda source: run([source]), sample, cost.latency_runs))
     items = sources[: cost.throughput_examples]
     if tm.device.type == "cuda":
-        result["throughput"], peak = peak_memory(lambda: measure_throughput(run, items, cost.throughput_batch))
+        result["throughput"], peak = peak_memory(
+            lambda: measure_throughput(run, items, cost.throughput_batch), tm.device
+        )
         result["peak_memory_mb"] = peak / 2**20
     else:
         result["throughput"] = measure_throughput(run, items, cost.throughput_batch)

@@ -30,6 +30,14 @@ MODEL_METRICS = ("perplexity",)
 register_metric = registrar(METRICS, "metric")
 """`@register_metric(name)` adds a text metric to `METRICS`, so configs can select it."""
 
+REPORTED_PARTS: dict[str, tuple[str, ...]] = {"rouge": ("rouge1", "rouge2", "rougeL")}
+"""Sub-scores that reports show beside their metric (scores in their own right, unlike BLEU's n-gram precisions)."""
+
+
+def reported_scores(metrics: list[str]) -> list[str]:
+    """The scores a report shows for `metrics`, in the order asked: each metric, then its `REPORTED_PARTS`."""
+    return [key for name in metrics for key in (name, *REPORTED_PARTS.get(name, ()))]
+
 
 def get_metric(name: str) -> Metric:
     """The text metric registered as `name`; a ValueError listing the valid names otherwise."""

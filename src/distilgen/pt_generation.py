@@ -229,6 +229,7 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         batch_size=cfg.batch_size,
         topk=cfg.topk,
         shard_size=cfg.shard_size,
+        flush_seconds=cfg.flush_seconds,
         process_index=state.process_index,
         num_processes=state.num_processes,
         barrier=state.wait_for_everyone,

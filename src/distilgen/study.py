@@ -23,7 +23,7 @@ import torch
 from distilgen.config import ConfigError, ModelConfig, StudyConfig, save_config, writable_dir
 from distilgen.data import scored_split
 from distilgen.evaluate import evaluate_model
-from distilgen.metrics import gap_closed
+from distilgen.metrics import gap_closed, reported_scores
 from distilgen.models import load_model
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def _evaluate_cached(path: str, cache: Path, examples, cfg: StudyConfig, with_co
     cache from before latency was timed over a sample of inputs is measured again."""
     if cache.exists():
         cached = json.loads(cache.read_text())
-        if not with_cost or "latency_s" in cached.get("cost", {}):
+        if not (with_cost and cfg.cost.enabled) or "latency_s" in cached.get("cost", {}):
             return cached
     tm = load_model(ModelConfig(path=path), data=cfg.data)
     tm.model.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,7 +136,8 @@ def _report(
     (out / "report.json").write_text(json.dumps(report, indent=2))
     text = f"# Study on {cfg.split} ({len(examples)} examples, seeds {cfg.seeds})\n\n{markdown(report)}"
     (out / "report.md").write_text(text)
-    plot(report, report["scores"][0], out / "study.png")
+    if report["teacher"].get("cost"):
+        plot(report, cfg.metrics[0], out / "study.png")
     print(text)
     print(f"report: {out}/report.md, plot: {out}/study.png")
 
@@ -147,9 +148,11 @@ NOISE_FACTOR = 2.0
 
 def gap_noise(teacher: float, students: list[float], spread: float | None, higher_is_better: bool) -> dict[str, Any]:
     """The gap the methods close on one metric (teacher against the fine-tuned student, mean over seeds), the
-    seed-to-seed spread, and whether the gap stands out of it (None with one seed: the spread is unknown)."""
+    seed-to-seed spread, and whether the gap stands out of it (None with one seed, where the spread is unknown, and
+    where the teacher is no better: there is no gap). `gap` is the teacher's advantage, positive when it is better
+    (lower perplexity)."""
     gap = (teacher - statistics.fmean(students)) * (1 if higher_is_better else -1)
-    meaningful = None if spread is None else gap > NOISE_FACTOR * spread
+    meaningful = None if spread is None or gap <= 0 else gap > NOISE_FACTOR * spread
     return {"gap": gap, "spread": spread, "meaningful": meaningful}
 
 
@@ -171,7 +174,7 @@ def summarize(
     closed, the steps and time it trained; cost of seed 0's model. Per score: the gap and its noise."""
     steps = steps or {}
     names = list(dict.fromkeys(name for name, _ in results))
-    keys = list(teacher["scores"])  # every score the metrics gave, in the order asked
+    keys = reported_scores(cfg.metrics)
     rows = []
     for name in names:
         row: dict[str, Any] = {"name": name, "seeds": cfg.seeds}
@@ -244,13 +247,14 @@ def markdown(report: dict[str, Any]) -> str:
             rows.append(cells)
         lines += _table(["model", *keys], rows)
         lines += ["", *(_gap_note(k, gaps[k], len(report["runs"][0]["seeds"])) for k in keys)]
-    lines += ["", "## Cost", ""] + _cost_lines(report)
+    if report["teacher"].get("cost"):
+        lines += ["", "## Cost", ""] + _cost_lines(report)
     return "\n".join(lines) + "\n"
 
 
 def _gap_note(key: str, gap: dict[str, Any], seeds: int) -> str:
     """One line per score: how big the gap is against the noise, and what that makes of its gap closed."""
-    text = f"- {key}: teacher - fine-tuned student = {gap['gap']:.2f}"
+    text = f"- {key}: the teacher's advantage over the fine-tuned student {gap['gap']:.2f}"
     if gap["gap"] <= 0:
         return text + ": the teacher is no better, so there is no gap to close (-)."
     if gap["spread"] is None:

@@ -178,14 +178,16 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """YAML with 1.2-style numbers: `3e-4` is a float and `6:2` a string (YAML 1.1 reads a string and 362)."""
+    """YAML with 1.2-style scalars: `3e-4` is a float and `6:2` a string (YAML 1.1 reads a string and 362); only
+    true and false are booleans, so `static_cache: off` and `dedupe: off` stay the words they are."""
 
 
-_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_INT, _FLOAT, _BOOL = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"
 _YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT, _BOOL)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+_YamlLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _YamlLoader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(0|[1-9][0-9_]*)$"), list("-+0123456789"))
 _YamlLoader.add_implicit_resolver(
     _FLOAT,

@@ -141,7 +141,9 @@ class GenerateConfig:
     the teacher); 0 stores texts and tokens only. Taken from the decoding steps where a PT is what was decoded,
     else from a teacher-forced pass (beams, outputs cut at max_new_tokens)."""
     shard_size: int = 2048
-    """PTs per store shard at most: with the minute a shard is also written after, the most work a crash loses."""
+    """PTs per store shard at most..."""
+    flush_seconds: float = 60.0
+    """...or fewer, written this long after the last shard (a slow teacher): together, the most a crash loses."""
     static_cache: StaticCache = "auto"
     """Decode with a static KV cache (greedy and sampling specs): on a GPU the decoder step is then compiled
     into CUDA graphs (transformers' compiled call), about 2x faster per batch after a compile of ~10 s per
@@ -160,6 +162,7 @@ class GenerateConfig:
         check(self.teacher.path is not None, "teacher.path", "generation needs a trained teacher: set its directory")
         self.teacher.require(frozenset({"text", "topk"} if self.topk else {"text"}), "generate")
         check(len(self.splits) >= 1, "splits", "name at least one split")
+        check(self.flush_seconds >= 0, "flush_seconds", f"must be >= 0, got {self.flush_seconds}")
         for key in ("batch_size", "shard_size"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         check(self.topk >= 0, "topk", f"must be >= 0, got {self.topk}")

@@ -132,8 +132,9 @@ class DataConfig:
                 path = spec.split("@", 1)[0] if not os.path.exists(spec) else spec
                 check_path(os.path.exists(path), key, f"file not found: {path}")
         check(self.dedupe in ("off", "id", "source"), "dedupe", f"must be off, id or source, got {self.dedupe!r}")
+        check(self.dedupe == "off" or self.task is None, "dedupe", "applies to files; a built-in task has no repeats")
         check(
-            self.dedupe != "id" or self.task is not None or self.id_field is not None,
+            self.dedupe != "id" or self.id_field is not None,
             "dedupe",
             "id needs data.id_field (the column that names a record)",
         )

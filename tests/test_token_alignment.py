@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from distilgen.models import train_tokenizer
-from distilgen.token_alignment import align, carry_topk, piece_key, student_vocabulary, token_bytes
+from distilgen.token_alignment import align, carry_topk, piece_key, token_bytes, vocabulary_bytes
 
 
 def test_whitespace_conventions_are_one_piece():
@@ -75,13 +75,13 @@ def test_two_real_tokenizers_line_up_on_accents_symbols_and_space_runs():
     student_tok = train_tokenizer(texts, vocab_size=120)  # distilgen's: "▁", NFKC, split punctuation
     text = "the café  sat ✓ naïve"
     teacher_ids = teacher_tok(text)["input_ids"]
-    teacher_vocab = student_vocabulary(teacher_tok)
+    teacher_vocab = vocabulary_bytes(teacher_tok)
     teacher_tokens = [teacher_vocab[i] for i in teacher_ids]
     assert b"".join(teacher_tokens) == text.encode()  # the teacher's pieces spell the text, byte for byte
     # the teacher is sure of what it wrote, with a little mass on a rival
     topk = [[(t, math.log(0.9)), (b" zz", math.log(0.1))] for t in teacher_tokens]
     student_ids = student_tok(text, add_special_tokens=False)["input_ids"]
-    vocab = student_vocabulary(student_tok)
+    vocab = vocabulary_bytes(student_tok)
     ids, logprobs = carry_topk(teacher_tokens, topk, student_ids, vocab)
     assert len(ids) == len(student_ids)
     for row_ids, row_logprobs in zip(ids, logprobs, strict=True):

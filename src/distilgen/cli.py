@@ -40,6 +40,7 @@ from distilgen.config import (
     GenerateConfig,
     InspectConfig,
     ModelConfig,
+    ServeConfig,
     StudyConfig,
     apply_overrides,
     from_dict,
@@ -179,6 +180,13 @@ def run_data(cfg: DataCommandConfig, args: argparse.Namespace) -> int:
             write_jsonl(examples, Path(args.export) / f"{name}.jsonl")
     if args.export:
         print(f"wrote {', '.join(splits)} to {args.export}/")
+    return 0
+
+
+def run_serve(cfg: ServeConfig, args: argparse.Namespace) -> int:
+    from distilgen.serve import serve
+
+    serve(cfg)
     return 0
 
 
@@ -327,6 +335,12 @@ COMMANDS: dict[str, Command] = {
         "parameters, FLOPs, latency and throughput of a model or of a shrunk copy (E:D)",
         run_inspect,
         InspectConfig,
+        positional="model",
+    ),
+    "serve": Command(
+        "an OpenAI-compatible HTTP server (completions, chat, logprobs, streaming) for a model",
+        run_serve,
+        ServeConfig,
         positional="model",
     ),
     "data": Command(

@@ -1,7 +1,7 @@
 """A teacher's top-k log-probs, given per token as text (an API teacher's `top_logprobs`), carried onto a student's
 tokens: the student's ids where both tokenizers are one, an alignment of the two tokenisations where they differ.
 
-    vocab = student_vocabulary(student_tokenizer)
+    vocab = vocabulary_bytes(student_tokenizer)
     ids, logprobs = carry_topk(teacher_tokens, teacher_topk, student_ids, vocab)
 
 Pieces are bytes, a leading run of whitespace read as one space: byte-level BPE's "Ġthe", SentencePiece's
@@ -62,7 +62,7 @@ def token_bytes(token: str, byte_level: bool) -> bytes:
     return token.replace("▁", " ").encode()
 
 
-def student_vocabulary(tokenizer) -> dict[int, bytes]:
+def vocabulary_bytes(tokenizer) -> dict[int, bytes]:
     """Every id of a `transformers` fast tokenizer with the bytes it writes (special tokens write nothing)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     byte_level = backend is not None and "ByteLevel" in repr(backend.pre_tokenizer)
@@ -160,7 +160,7 @@ def carry_topk(
         teacher_tokens: the bytes of each token the teacher wrote (the text the student tokens spell).
         teacher_topk: per teacher token, its (candidate bytes, log-prob) alternatives, the chosen one included.
         student_ids: the student's tokenisation of the same text.
-        vocab: `student_vocabulary(student_tokenizer)`.
+        vocab: `vocabulary_bytes(student_tokenizer)`.
     """
     if len(teacher_topk) != len(teacher_tokens):
         raise ValueError(f"{len(teacher_tokens)} teacher tokens but {len(teacher_topk)} top-k lists")

@@ -39,6 +39,7 @@ from distilgen.config.commands import (
     FinetuneConfig,
     GenerateConfig,
     InspectConfig,
+    ServeConfig,
     StudyConfig,
     StudyVariant,
 )
@@ -95,6 +96,7 @@ __all__ = [
     "FinetuneConfig",
     "GenerateConfig",
     "InspectConfig",
+    "ServeConfig",
     "KDConfig",
     "ModelConfig",
     "PromptConfig",

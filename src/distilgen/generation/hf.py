@@ -259,14 +259,28 @@ def _output_topk(
     return ids, logprobs
 
 
-@torch.no_grad()
 def forced_topk(
     tm: TextModel, sources: list[list[int]], targets: list[list[int]], k: int
 ) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
     """The model's k most likely tokens and their log-probs at every position of each target, from one
     teacher-forced pass over (source, target) pairs (the positions a student trains on)."""
+    _, ids, values = forced_logprobs(tm, sources, targets, k)
+    return ids, values
+
+
+@torch.no_grad()
+def forced_logprobs(
+    tm: TextModel, sources: list[list[int]], targets: list[list[int]], k: int
+) -> tuple[list[list[float]], list[list[list[int]]], list[list[list[float]]]]:
+    """From one teacher-forced pass over (source, target) pairs: the log-prob of each target token, and the k most
+    likely tokens with their log-probs at every target position."""
     batch = tm.collate([Encoded("", source, target) for source, target in zip(sources, targets, strict=True)])
     logprobs = torch.log_softmax(tm.target_logits({k_: v.to(tm.device) for k_, v in batch.items()}).float(), dim=-1)
-    values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)  # (B, T, k)
+    chosen = logprobs.gather(-1, batch["target_ids"].to(logprobs.device).unsqueeze(-1)).squeeze(-1).cpu().tolist()
+    values, ids = logprobs.topk(min(max(k, 1), logprobs.shape[-1]), dim=-1)  # (B, T, k)
     ids, values = ids.cpu().tolist(), values.cpu().tolist()
-    return [ids[b][: len(t)] for b, t in enumerate(targets)], [values[b][: len(t)] for b, t in enumerate(targets)]
+    return (
+        [chosen[b][: len(t)] for b, t in enumerate(targets)],
+        [ids[b][: len(t)] for b, t in enumerate(targets)],
+        [values[b][: len(t)] for b, t in enumerate(targets)],
+    )

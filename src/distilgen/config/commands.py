@@ -35,6 +35,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     """Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)."""
     port: int = 8000
+    """Port to listen on."""
     api_key_env: str | None = None
     """An environment variable holding the API key: requests must then send `Authorization: Bearer KEY`."""
     max_tokens: int = 256

@@ -40,9 +40,13 @@ class SplitLimits:
     """At most this many examples of a split: its first N, after `dedupe` (empty: all of it)."""
 
     train: int | None = None
+    """Labeled training examples kept (also the pool of prompt demonstrations)."""
     unlabeled: int | None = None
+    """Unlabeled inputs kept (each gets teacher PTs)."""
     dev: int | None = None
+    """Dev examples kept (training's dev_limit cuts them further)."""
     test: int | None = None
+    """Test examples kept (what evaluate and study score)."""
 
     def __post_init__(self):
         for key, value in dataclasses.asdict(self).items():

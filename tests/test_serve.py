@@ -174,6 +174,11 @@ def test_a_chat_template_renders_the_messages_and_a_key_is_required_when_set(cha
         plain = client.completions.create(model="chat", prompt=rendered, temperature=0, max_tokens=8)
         assert chat.choices[0].message.content == plain.choices[0].text  # the chat is the template's text
         assert chat.usage.prompt_tokens == plain.usage.prompt_tokens
+        # the config allows 1024 prompt tokens, the model's 320 positions hold a prompt and its 8 new tokens
+        long = client.with_options(max_retries=0).completions
+        with pytest.raises(openai.BadRequestError) as err:
+            long.create(model="chat", prompt="x " * 400, max_tokens=8)
+        assert err.value.body["code"] == "context_length_exceeded" and "limit of 312" in err.value.body["message"]
     finally:
         running.stop()
 

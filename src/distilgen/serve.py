@@ -95,6 +95,16 @@ class Engine:
         self.has_chat_template = bool(getattr(tm.tokenizer, "chat_template", None)) and not tm.is_encoder_decoder
         self.pieces = vocabulary_bytes(tm.tokenizer)
         self.queue: asyncio.Queue[Job] | None = None
+        config = tm.model.config
+        self.positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    def prompt_limit(self, max_tokens: int) -> int:
+        """The longest prompt a request may send: the config's limit, within the model's positions (a decoder-only
+        model's output takes positions after its prompt)."""
+        if self.positions is None:
+            return self.cfg.max_prompt_tokens
+        room = self.positions - (0 if self.tm.is_encoder_decoder else max_tokens)
+        return max(min(self.cfg.max_prompt_tokens, room), 0)
 
     def chat_source(self, messages: list[dict[str, Any]]) -> str:
         if self.has_chat_template:
@@ -293,11 +303,12 @@ def build_app(engine: Engine, name: str):
     async def complete(
         sources: list[str], settings: GenerationSettings, stop: tuple[str, ...], top: int | None, chat: bool
     ) -> list:
+        limit = engine.prompt_limit(settings.max_new_tokens)
         for source in sources:
             length = engine.prompt_tokens(source)
-            if length > cfg.max_prompt_tokens:
-                raise RequestError(400, f"the prompt is {length} tokens, over this server's limit of "
-                                   f"{cfg.max_prompt_tokens}", "messages" if chat else "prompt",
+            if length > limit:
+                raise RequestError(400, f"the prompt is {length} tokens, over this model's limit of {limit} (with "
+                                   f"max_tokens {settings.max_new_tokens})", "messages" if chat else "prompt",
                                    "context_length_exceeded")  # fmt: skip
         loop = asyncio.get_running_loop()
         jobs = [Job(s, settings, stop, top, loop.create_future()) for s in sources]

@@ -72,7 +72,9 @@ def chat_model(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def server(teacher_dir):
-    running = Server(str(teacher_dir), "name=tiny", "max_tokens=32", "max_prompt_tokens=200", "max_batch_size=8")
+    running = Server(
+        str(teacher_dir), "name=tiny", "max_tokens=32", "max_prompt_tokens=200", "max_batch_size=8", "max_wait_ms=200"
+    )
     yield running
     running.stop()
 
@@ -84,10 +86,10 @@ def test_completions_are_the_models_own_greedy_outputs_with_logprobs_and_usage(s
     assert [m.id for m in client.models.list().data] == ["tiny"]
     answer = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, logprobs=3)
     choice = answer.choices[0]
-    assert choice.text == expected
+    assert choice.text.strip() == expected  # unstripped: a client appends it to its prompt
     prompt_tokens = len(tm.encode([Example("0", PROMPT, None, ())], 1000, targets=False)[0][0].source)
     assert answer.usage.prompt_tokens == prompt_tokens and answer.usage.completion_tokens >= len(choice.logprobs.tokens)
-    assert "".join(choice.logprobs.tokens).strip() == expected  # the tokens spell the text
+    assert "".join(choice.logprobs.tokens).strip() == expected and choice.finish_reason in ("stop", "length")
     for token, logprob, top in zip(
         choice.logprobs.tokens, choice.logprobs.token_logprobs, choice.logprobs.top_logprobs, strict=True
     ):
@@ -110,8 +112,12 @@ def test_sampling_is_seeded_and_chat_streams_the_same_text(server):
     answer = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=10)
     chunks = list(client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=10,
                                                  stream=True))  # fmt: skip
-    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert streamed == answer.choices[0].message.content
+    assert all(c.choices for c in chunks)  # no usage chunk unless asked (clients read choices[0])
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed == answer.choices[0].message.content and chunks[0].choices[0].delta.role == "assistant"
+    asked = list(client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=10,
+                                                stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    assert asked[-1].choices == [] and asked[-1].usage.total_tokens == answer.usage.total_tokens
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == answer.choices[0].finish_reason
 
 
@@ -119,16 +125,21 @@ def test_stop_strings_cut_the_text_and_concurrent_requests_get_their_own_answers
     client = server.client()
     full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0).choices[0].text
     word = full.split()[1] if len(full.split()) > 1 else full[-1]
-    cut = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0, stop=[word])
-    assert cut.choices[0].text == full[: full.find(word)].strip() or cut.choices[0].text == full[: full.find(word)]
-    assert cut.choices[0].finish_reason == "stop"
+    cut = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0, stop=[word], logprobs=1)
+    assert cut.choices[0].text == full[: full.find(word)] and cut.choices[0].finish_reason == "stop"
+    kept = "".join(cut.choices[0].logprobs.tokens)
+    assert word not in kept and kept.strip() == cut.choices[0].text.strip()  # the tokens stop where the text does
+    assert cut.usage.completion_tokens == len(cut.choices[0].logprobs.tokens)
     prompts = [f"{PROMPT} Minute {i}." for i in range(6)]
     alone = [client.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0).choices[0].text
              for p in prompts]  # fmt: skip
+    before = httpx.get(f"{server.url}/health").json()
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         together = list(pool.map(lambda p: client.completions.create(
             model="tiny", prompt=p, max_tokens=8, temperature=0).choices[0].text, prompts))  # fmt: skip
+    after = httpx.get(f"{server.url}/health").json()
     assert together == alone
+    assert after["prompts_decoded"] - before["prompts_decoded"] == 6 and after["batches"] - before["batches"] < 6
 
 
 @pytest.mark.parametrize(
@@ -140,6 +151,8 @@ def test_stop_strings_cut_the_text_and_concurrent_requests_get_their_own_answers
         (json.dumps({"model": "tiny", "prompt": "x " * 400}), 400, "context_length_exceeded"),
         (json.dumps({"model": "tiny", "prompt": "x", "n": 2, "temperature": 0}), 400, "invalid_value"),
         (json.dumps({"model": "tiny", "prompt": 3}), 400, "invalid_value"),
+        (json.dumps({"model": "tiny", "prompt": ""}), 400, "invalid_value"),
+        (json.dumps({"prompt": "x"}), 400, "invalid_value"),
         (json.dumps({"model": "tiny", "prompt": "x", "temperature": "hot"}), 400, "invalid_value"),
     ],
 )
@@ -149,6 +162,12 @@ def test_a_bad_request_is_a_4xx_in_openais_shape_and_the_server_carries_on(serve
     error = answer.json()["error"]
     assert error["code"] == code and error["message"] and error["type"] in ("invalid_request_error", "not_found_error")
     assert httpx.get(f"{server.url}/health", timeout=5).json()["status"] == "ok"
+
+
+def test_a_wrong_path_or_method_is_an_error_in_openais_shape(server):
+    assert httpx.get(f"{server.url}/v1/completions").json()["error"]["message"]
+    assert httpx.post(f"{server.url}/v1/nothing", json={}).status_code == 404
+    assert httpx.get(f"{server.url}/openapi.json").status_code == 404
 
 
 def test_bad_chat_messages_are_refused(server):

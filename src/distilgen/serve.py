@@ -33,6 +33,7 @@ import torch
 try:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as err:  # an optional extra: `pip install distilgen[serve]`
     raise ImportError("distilgen serve needs FastAPI and uvicorn: pip install 'distilgen[serve]'") from err
 
@@ -45,6 +46,8 @@ from distilgen.models import TextModel, load_model
 from distilgen.token_alignment import vocabulary_bytes
 
 log = logging.getLogger(__name__)
+
+SYSTEM_ROLES = ("system", "developer")
 
 MAX_TOP_LOGPROBS = 20
 """The most alternatives per token a request may ask for (OpenAI's limit)."""
@@ -91,7 +94,10 @@ class Engine:
         self.cfg = cfg
         raw = dataclasses.replace(tm, prompt=None)  # a completion prompt and a rendered chat are read as they are
         self.tm = raw
-        self.generator = HFGenerator(raw, max_source_length=cfg.max_prompt_tokens, batch_size=cfg.max_batch_size)
+        self.generator = HFGenerator(  # distilgen's own loop: seeded samples (a model's extra rules are not applied)
+            raw, max_source_length=cfg.max_prompt_tokens, batch_size=cfg.max_batch_size, own_rules=False
+        )
+        self.batches = self.decoded = 0
         self.has_chat_template = bool(getattr(tm.tokenizer, "chat_template", None)) and not tm.is_encoder_decoder
         self.pieces = vocabulary_bytes(tm.tokenizer)
         self.queue: asyncio.Queue[Job] | None = None
@@ -108,8 +114,12 @@ class Engine:
 
     def chat_source(self, messages: list[dict[str, Any]]) -> str:
         if self.has_chat_template:
-            return self.tm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return "\n\n".join(m["content"] for m in sorted(messages, key=lambda m: m["role"] != "system"))
+            try:
+                return self.tm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as err:  # the template refuses the conversation (a role it does not take...)
+                raise RequestError(400, f"the model's chat template refused the messages: {err}", "messages",
+                                   "invalid_value") from None  # fmt: skip
+        return "\n\n".join(m["content"] for m in sorted(messages, key=lambda m: m["role"] not in SYSTEM_ROLES))
 
     def prompt_tokens(self, source: str) -> int:
         encoded, _ = self.tm.encode([Example("", source, None, ())], 1 << 30, targets=False)
@@ -118,7 +128,7 @@ class Engine:
     async def submit(self, job: Job) -> list[Choice]:
         if self.queue is None:
             self.queue = asyncio.Queue()
-            asyncio.get_running_loop().create_task(self._loop())
+            self.worker = asyncio.get_running_loop().create_task(self._loop())  # kept: a task only weakly held dies
         await self.queue.put(job)
         return await job.future
 
@@ -139,13 +149,15 @@ class Engine:
             for job in jobs:
                 groups.setdefault((job.settings, job.top_logprobs is not None), []).append(job)
             for group in groups.values():
+                self.batches += 1
+                self.decoded += len(group)
                 try:
                     results = await asyncio.to_thread(self._decode, group)
-                except Exception as err:  # a failure answers its requests with a 500; the server carries on
+                except Exception:  # a failure answers its requests with a 500; the server carries on
                     log.exception("decoding failed")
                     for job in group:
                         if not job.future.done():
-                            job.future.set_exception(RequestError(500, f"decoding failed: {err}", code="server_error"))
+                            job.future.set_exception(RequestError(500, "decoding failed", code="server_error"))
                     continue
                 for job, choices in zip(group, results, strict=True):
                     if not job.future.done():
@@ -157,9 +169,12 @@ class Engine:
         return [[self._choice(job, g) for g in written] for job, written in zip(jobs, outputs, strict=True)]
 
     def _choice(self, job: Job, g: Generated) -> Choice:
-        text, tokens, stopped = _cut_at_stop(self.tm, g, job.stop)
-        finish = "length" if g.new_tokens >= job.settings.max_new_tokens and not stopped else "stop"
-        choice = Choice(text, tokens, finish, g.new_tokens)
+        text, tokens, stopped = _cut_at_stop(self.tm, list(g.tokens), job.stop)
+        ended = g.new_tokens > len(g.tokens)  # it wrote EOS (counted in new_tokens, not a text token)
+        finish = "stop" if stopped or ended or g.new_tokens < job.settings.max_new_tokens else "length"
+        choice = Choice(text, tokens, finish, len(tokens) if stopped else g.new_tokens)
+        if job.top_logprobs is not None:
+            choice.logprobs, choice.top = [], []
         if job.top_logprobs is not None and tokens:
             source = self.generator.tm.encode([Example("", job.source, None, ())], 1 << 30, targets=False)[0][0]
             target = self.tm.target_ids(tokens)
@@ -175,16 +190,18 @@ class Engine:
         return raw.decode("utf-8", errors="replace"), list(raw)
 
 
-def _cut_at_stop(tm: TextModel, g: Generated, stop: Sequence[str]) -> tuple[str, list[int], bool]:
-    """The output up to the first stop string (not included), the tokens that write it, and whether it stopped."""
-    cuts = [g.text.find(s) for s in stop if s and s in g.text]
+def _cut_at_stop(tm: TextModel, tokens: list[int], stop: Sequence[str]) -> tuple[str, list[int], bool]:
+    """The output's text (unstripped: a client appends it to its prompt) up to the first stop string, not included;
+    the tokens that write it (the longest run that reads no further than the cut); whether a stop string hit."""
+    text = tm.tokenizer.decode(tokens, skip_special_tokens=True)
+    cuts = [text.find(s) for s in stop if s and s in text]
     if not cuts:
-        return g.text, list(g.tokens), False
-    text = g.text[: min(cuts)]
-    for n in range(len(g.tokens) + 1):
-        if tm.tokenizer.decode(g.tokens[:n], skip_special_tokens=True).strip().startswith(text) and (text or n == 0):
-            return text, list(g.tokens[:n]), True
-    return text, list(g.tokens), True
+        return text, tokens, False
+    text = text[: min(cuts)]
+    kept = 0
+    while kept < len(tokens) and text.startswith(tm.tokenizer.decode(tokens[: kept + 1], skip_special_tokens=True)):
+        kept += 1
+    return text, tokens[:kept], True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +253,7 @@ def settings_of(body: dict, cfg: ServeConfig) -> tuple[GenerationSettings, tuple
         num_return=n,
         temperature=1.0 if greedy else temperature,
         top_p=top_p,
-        seed=(seed if seed is not None else random.randrange(2**62)) % 2**63,
+        seed=0 if greedy else (seed if seed is not None else random.randrange(2**62)) % 2**63,  # greedy ones batch
     )
     return settings, tuple(stop)
 
@@ -251,7 +268,7 @@ def build_app(engine: Engine, name: str):
     cfg = engine.cfg
     key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
     faults = random.Random(cfg.fault_seed)
-    app = FastAPI(title="distilgen serve", docs_url=None, redoc_url=None)
+    app = FastAPI(title="distilgen serve", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
 
     def error(err: RequestError) -> JSONResponse:
@@ -262,8 +279,8 @@ def build_app(engine: Engine, name: str):
     async def guard(request: Request, call_next):
         if request.url.path.startswith("/v1/"):
             if key is not None:
-                given = request.headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                scheme, _, given = request.headers.get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
                     return error(RequestError(401, "invalid or missing API key", code="invalid_api_key"))
             if request.method == "POST" and cfg.fault_rate and faults.random() < cfg.fault_rate:
                 status = faults.choice(cfg.fault_status)
@@ -277,9 +294,20 @@ def build_app(engine: Engine, name: str):
     async def refused(request: Request, err: RequestError):
         return error(err)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def routing(request: Request, err: StarletteHTTPException):  # no such path, a wrong method
+        return error(
+            RequestError(err.status_code, str(err.detail), code="not_found" if err.status_code == 404 else None)
+        )
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, err: Exception):
+        log.exception("request failed")
+        return error(RequestError(500, "the server failed on this request", code="server_error"))
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name}
+        return {"status": "ok", "model": name, "batches": engine.batches, "prompts_decoded": engine.decoded}
 
     @app.get("/v1/models")
     async def models():
@@ -295,6 +323,8 @@ def build_app(engine: Engine, name: str):
             raise RequestError(400, f"the body is not valid JSON: {err}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise RequestError(400, "the body must be a JSON object", code="invalid_json")
+        if "model" not in body:
+            raise RequestError(400, "'model' is required", "model", "invalid_value")
         if body.get("model") != name:
             raise RequestError(404, f"model '{body.get('model')}' is not served here; it serves '{name}'", "model",
                                "model_not_found")  # fmt: skip
@@ -302,22 +332,23 @@ def build_app(engine: Engine, name: str):
 
     async def complete(
         sources: list[str], settings: GenerationSettings, stop: tuple[str, ...], top: int | None, chat: bool
-    ) -> list:
+    ) -> tuple[list[list[Choice]], dict[str, int]]:
+        """Decode every source (checked first: none empty, none too long); the choices and the request's usage."""
+        lengths = await asyncio.to_thread(lambda: [engine.prompt_tokens(s) for s in sources])
         limit = engine.prompt_limit(settings.max_new_tokens)
-        for source in sources:
-            length = engine.prompt_tokens(source)
+        field = "messages" if chat else "prompt"
+        for length in lengths:
+            if length == 0:
+                raise RequestError(400, "the prompt is empty (no tokens)", field, "invalid_value")
             if length > limit:
-                raise RequestError(400, f"the prompt is {length} tokens, over this model's limit of {limit} (with "
-                                   f"max_tokens {settings.max_new_tokens})", "messages" if chat else "prompt",
-                                   "context_length_exceeded")  # fmt: skip
+                message = f"the prompt is {length} tokens, over this model's limit of {limit} (with max_tokens "
+                raise RequestError(400, message + f"{settings.max_new_tokens})", field, "context_length_exceeded")
         loop = asyncio.get_running_loop()
         jobs = [Job(s, settings, stop, top, loop.create_future()) for s in sources]
-        return await asyncio.gather(*(engine.submit(job) for job in jobs))
-
-    def usage(sources: list[str], results: list[list[Choice]]) -> dict[str, int]:
-        prompt = sum(engine.prompt_tokens(s) for s in sources)
+        results = await asyncio.gather(*(engine.submit(job) for job in jobs))
         completion = sum(c.new_tokens for choices in results for c in choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        usage = {"prompt_tokens": sum(lengths), "completion_tokens": completion}
+        return results, {**usage, "total_tokens": usage["prompt_tokens"] + completion}
 
     def legacy_logprobs(choice: Choice) -> dict | None:
         if choice.logprobs is None:
@@ -346,15 +377,15 @@ def build_app(engine: Engine, name: str):
             raise RequestError(400, "'prompt' must be a string or a list of strings", "prompt", "invalid_value")
         settings, stop = settings_of(body, cfg)
         top = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
-        results = await complete(sources, settings, stop, top, chat=False)
+        results, used = await complete(sources, settings, stop, top, chat=False)
         choices = [
             {"index": p * settings.num_return + i, "text": c.text, "finish_reason": c.finish_reason,
              "logprobs": legacy_logprobs(c)}
             for p, cs in enumerate(results) for i, c in enumerate(cs)
         ]  # fmt: skip
         answer = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                  "model": name, "choices": choices, "usage": usage(sources, results)}  # fmt: skip
-        return stream(answer, "text") if body.get("stream") else answer
+                  "model": name, "choices": choices, "usage": used}  # fmt: skip
+        return stream(answer, "text", _include_usage(body)) if body.get("stream") else answer
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -366,18 +397,19 @@ def build_app(engine: Engine, name: str):
         settings, stop = settings_of(body, cfg)
         top = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS) if body.get("logprobs") else None
         source = engine.chat_source([{"role": m["role"], "content": _text(m["content"])} for m in messages])
-        results = await complete([source], settings, stop, top, chat=True)
+        results, used = await complete([source], settings, stop, top, chat=True)
         choices = [
             {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
              "logprobs": chat_logprobs(c)}
             for i, c in enumerate(results[0])
         ]  # fmt: skip
         answer = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                  "model": name, "choices": choices, "usage": usage([source], results)}  # fmt: skip
-        return stream(answer, "chat") if body.get("stream") else answer
+                  "model": name, "choices": choices, "usage": used}  # fmt: skip
+        return stream(answer, "chat", _include_usage(body)) if body.get("stream") else answer
 
-    def stream(answer: dict, kind: Literal["text", "chat"]):
-        """The finished answer as server-sent events: per choice its tokens' text, then its finish reason."""
+    def stream(answer: dict, kind: Literal["text", "chat"], with_usage: bool):
+        """The finished answer as server-sent events: per choice its tokens' text (a chat's first delta with the
+        role), then its finish reason; the usage last when `stream_options.include_usage` asks for it."""
 
         def events():
             base = {k: answer[k] for k in ("id", "created", "model")}
@@ -385,7 +417,7 @@ def build_app(engine: Engine, name: str):
             for choice in answer["choices"]:
                 text = choice["text"] if kind == "text" else choice["message"]["content"]
                 first = kind == "chat"
-                for piece in _pieces(engine, text):
+                for piece in _pieces(engine, text) or ([""] if first else []):
                     delta = {"content": piece, **({"role": "assistant"} if first else {})}
                     part = {"index": choice["index"], "finish_reason": None}
                     part |= {"text": piece, "logprobs": None} if kind == "text" else {"delta": delta, "logprobs": None}
@@ -394,12 +426,18 @@ def build_app(engine: Engine, name: str):
                 end = {"index": choice["index"], "finish_reason": choice["finish_reason"]}
                 end |= {"text": ""} if kind == "text" else {"delta": {}}
                 yield f"data: {json.dumps({**base, 'choices': [end]})}\n\n"
-            yield f"data: {json.dumps({**base, 'choices': [], 'usage': answer['usage']})}\n\n"
+            if with_usage:
+                yield f"data: {json.dumps({**base, 'choices': [], 'usage': answer['usage']})}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+def _include_usage(body: dict) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
 def _is_message(m: Any) -> bool:
@@ -428,8 +466,9 @@ def _pieces(engine: Engine, text: str) -> list[str]:
         if now.startswith(written) and not now.endswith("\ufffd"):
             pieces.append(now[len(written) :])
             written = now
-    if written != text:
-        pieces.append(text[len(written) :] if text.startswith(written) else text)
+    if not text.startswith(written):  # the tokens do not spell it back: one piece
+        return [text]
+    pieces.append(text[len(written) :])
     return [p for p in pieces if p]
 
 

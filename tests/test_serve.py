@@ -218,6 +218,15 @@ def test_injected_faults_answer_a_share_of_requests_with_429_and_500(teacher_dir
         running.stop()
 
 
+def test_serve_without_its_extra_says_what_to_install(monkeypatch, capsys, teacher_dir):
+    from distilgen.cli import main
+
+    monkeypatch.delitem(sys.modules, "distilgen.serve", raising=False)
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if `pip install -e .` without [serve]
+    assert main(["serve", str(teacher_dir)]) == 2
+    assert "pip install 'distilgen[serve]'" in capsys.readouterr().err
+
+
 def test_a_bad_serve_config_is_one_line():
     result = subprocess.run([sys.executable, "-m", "distilgen.cli", "serve", "x", "fault_rate=2"], env=cli_env(),
                             capture_output=True, text=True, timeout=120)  # fmt: skip

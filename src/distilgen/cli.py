@@ -184,8 +184,10 @@ def run_data(cfg: DataCommandConfig, args: argparse.Namespace) -> int:
 
 
 def run_serve(cfg: ServeConfig, args: argparse.Namespace) -> int:
-    from distilgen.serve import serve
-
+    try:
+        from distilgen.serve import serve
+    except ImportError as err:  # the default install has no web server
+        raise ConfigError("", str(err)) from None
     serve(cfg)
     return 0
 

@@ -56,6 +56,20 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def _timed(fn: Callable[[], T]) -> tuple[T, float]:
+    """`fn()` and the seconds it took, the device's queued work included."""
+    _synchronize()
+    start = time.perf_counter()
+    result = fn()
+    _synchronize()
+    return result, time.perf_counter() - start
+
+
+def _p90(seconds: list[float]) -> float:
+    """Linear interpolation between order statistics, as numpy.percentile; one value is its own p90."""
+    return statistics.quantiles(seconds, n=10, method="inclusive")[-1] if len(seconds) > 1 else seconds[0]
+
+
 def measure_latency(generate_one: Callable[[], Any], runs: int, warmup: int = 1) -> dict[str, float]:
     """Median and 90th percentile seconds of `runs` calls of `generate_one`, after `warmup` untimed calls
     (the first calls pay for lazy initialisation, kernel selection and caches)."""
@@ -63,16 +77,8 @@ def measure_latency(generate_one: Callable[[], Any], runs: int, warmup: int = 1)
         raise ValueError(f"runs must be >= 1, got {runs}")
     for _ in range(warmup):
         generate_one()
-    seconds = []
-    for _ in range(runs):
-        _synchronize()
-        start = time.perf_counter()
-        generate_one()
-        _synchronize()
-        seconds.append(time.perf_counter() - start)
-    # Linear interpolation between order statistics, as numpy.percentile; one run is its own p90.
-    p90 = statistics.quantiles(seconds, n=10, method="inclusive")[-1] if runs > 1 else seconds[0]
-    return {"latency_median_s": statistics.median(seconds), "latency_p90_s": p90}
+    seconds = [_timed(generate_one)[1] for _ in range(runs)]
+    return {"latency_median_s": statistics.median(seconds), "latency_p90_s": _p90(seconds)}
 
 
 def measure_sample_latency(
@@ -97,16 +103,12 @@ def measure_sample_latency(
     tokens = [0] * len(items)
     for _ in range(runs):
         for i, item in enumerate(items):
-            _synchronize()
-            start = time.perf_counter()
-            tokens[i] = generate_one(item)
-            _synchronize()
-            seconds[i].append(time.perf_counter() - start)
+            tokens[i], took = _timed(lambda item=item: generate_one(item))
+            seconds[i].append(took)
     medians = [statistics.median(s) for s in seconds]
-    p90 = statistics.quantiles(medians, n=10, method="inclusive")[-1] if len(medians) > 1 else medians[0]
     return {
         "latency_s": statistics.fmean(medians),
-        "latency_p90_s": p90,
+        "latency_p90_s": _p90(medians),
         "latency_per_token_ms": 1e3 * sum(medians) / max(sum(tokens), 1),
         "latency_examples": len(items),
         "output_tokens_mean": statistics.fmean(tokens),
@@ -123,13 +125,8 @@ def measure_throughput(generate_batch: Callable[[list], int], items: list, batch
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not items:
         raise ValueError("no items to generate")
-    tokens = 0
-    _synchronize()
-    start = time.perf_counter()
-    for i in range(0, len(items), batch_size):
-        tokens += generate_batch(items[i : i + batch_size])
-    _synchronize()
-    seconds = time.perf_counter() - start
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    tokens, seconds = _timed(lambda: sum(generate_batch(chunk) for chunk in chunks))
     return {"examples_per_s": len(items) / seconds, "tokens_per_s": tokens / seconds, "seconds": seconds}
 
 

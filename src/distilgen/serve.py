@@ -121,9 +121,13 @@ class Engine:
                                    "invalid_value") from None  # fmt: skip
         return "\n\n".join(m["content"] for m in sorted(messages, key=lambda m: m["role"] not in SYSTEM_ROLES))
 
-    def prompt_tokens(self, source: str) -> int:
+    def source_ids(self, source: str) -> list[int]:
+        """The prompt's tokens as the model reads them (never cut: a prompt over the limit is refused)."""
         encoded, _ = self.tm.encode([Example("", source, None, ())], 1 << 30, targets=False)
-        return len(encoded[0].source)
+        return encoded[0].source
+
+    def prompt_tokens(self, source: str) -> int:
+        return len(self.source_ids(source))
 
     async def submit(self, job: Job) -> list[Choice]:
         if self.queue is None:
@@ -164,30 +168,46 @@ class Engine:
                         job.future.set_result(choices)
 
     def _decode(self, jobs: Sequence[Job]) -> list[list[Choice]]:
+        """One group's outputs as choices; where logprobs are asked, from one teacher-forced pass over them all."""
         settings = jobs[0].settings
         outputs = self.generator.generate([j.source for j in jobs], settings)
-        return [[self._choice(job, g) for g in written] for job, written in zip(jobs, outputs, strict=True)]
-
-    def _choice(self, job: Job, g: Generated) -> Choice:
-        text, tokens, stopped = _cut_at_stop(self.tm, list(g.tokens), job.stop)
-        ended = g.new_tokens > len(g.tokens)  # it wrote EOS (counted in new_tokens, not a text token)
-        finish = "stop" if stopped or ended or g.new_tokens < job.settings.max_new_tokens else "length"
-        choice = Choice(text, tokens, finish, len(tokens) if stopped else g.new_tokens)
-        if job.top_logprobs is not None:
-            choice.logprobs, choice.top = [], []
-        if job.top_logprobs is not None and tokens:
-            source = self.generator.tm.encode([Example("", job.source, None, ())], 1 << 30, targets=False)[0][0]
-            target = self.tm.target_ids(tokens)
-            chosen, ids, values = forced_logprobs(self.tm, [source.source], [target], max(job.top_logprobs, 1))
-            at = len(self.tm.output_prefix([]))  # the target's own leading special tokens (a decoder start)
-            choice.logprobs = chosen[0][at : at + len(tokens)]
-            rows = [list(zip(i, v, strict=True))[: job.top_logprobs] for i, v in zip(ids[0], values[0], strict=True)]
-            choice.top = rows[at : at + len(tokens)]
-        return choice
+        results = [[_choice(self.tm, job, g) for g in written] for job, written in zip(jobs, outputs, strict=True)]
+        scored = [
+            (job, c)
+            for job, choices in zip(jobs, results, strict=True)
+            if job.top_logprobs is not None
+            for c in choices
+            if c.tokens
+        ]
+        if not scored:
+            return results
+        sources = [self.source_ids(job.source) for job, _ in scored]
+        targets = [self.tm.target_ids(c.tokens) for _, c in scored]
+        k = max(max(job.top_logprobs for job, _ in scored), 1)
+        chosen, ids, values = forced_logprobs(self.tm, sources, targets, k)
+        at = len(self.tm.output_prefix([]))  # the target's own leading special tokens (a decoder start)
+        for (job, choice), row_chosen, row_ids, row_values in zip(scored, chosen, ids, values, strict=True):
+            end = at + len(choice.tokens)
+            choice.logprobs = row_chosen[at:end]
+            pairs = zip(row_ids[at:end], row_values[at:end], strict=True)
+            choice.top = [list(zip(i, v, strict=True))[: job.top_logprobs] for i, v in pairs]
+        return results
 
     def token_text(self, token: int) -> tuple[str, list[int]]:
         raw = self.pieces.get(token, b"")
         return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+def _choice(tm: TextModel, job: Job, g: Generated) -> Choice:
+    """A generated output as the request asked for it: cut at its stop strings, with its finish reason (logprobs
+    empty until `Engine._decode` fills them, when asked)."""
+    text, tokens, stopped = _cut_at_stop(tm, list(g.tokens), job.stop)
+    ended = g.new_tokens > len(g.tokens)  # it wrote EOS (counted in new_tokens, not a text token)
+    finish = "stop" if stopped or ended or g.new_tokens < job.settings.max_new_tokens else "length"
+    choice = Choice(text, tokens, finish, len(tokens) if stopped else g.new_tokens)
+    if job.top_logprobs is not None:
+        choice.logprobs, choice.top = [], []
+    return choice
 
 
 def _cut_at_stop(tm: TextModel, tokens: list[int], stop: Sequence[str]) -> tuple[str, list[int], bool]:
@@ -209,22 +229,20 @@ def _cut_at_stop(tm: TextModel, tokens: list[int], stop: Sequence[str]) -> tuple
 # ---------------------------------------------------------------------------------------------
 
 
-def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
+def _number(body: dict, key: str, default: float | None, low: float, high: float, integer: bool = False) -> Any:
+    """`body[key]` (the default when absent or null), a `RequestError` unless a number (an integer) in [low, high]."""
     value = body.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise RequestError(400, f"'{key}' must be a number in [{low}, {high}], got {value!r}", key, "invalid_value")
+    kinds = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        what = "an integer" if integer else "a number"
+        raise RequestError(400, f"'{key}' must be {what} in [{low}, {high}], got {value!r}", key, "invalid_value")
     return value
 
 
 def _integer(body: dict, key: str, default: int | None, low: int, high: int) -> int | None:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise RequestError(400, f"'{key}' must be an integer in [{low}, {high}], got {value!r}", key, "invalid_value")
-    return value
+    return _number(body, key, default, low, high, integer=True)
 
 
 def settings_of(body: dict, cfg: ServeConfig) -> tuple[GenerationSettings, tuple[str, ...]]:
@@ -285,10 +303,7 @@ def build_app(engine: Engine, name: str):
             if request.method == "POST" and cfg.fault_rate and faults.random() < cfg.fault_rate:
                 status = faults.choice(cfg.fault_status)
                 return error(RequestError(status, f"injected fault ({status})", code="injected_fault"))
-        try:
-            return await call_next(request)
-        except RequestError as err:
-            return error(err)
+        return await call_next(request)  # a route's RequestError reaches the handler below
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, err: RequestError):

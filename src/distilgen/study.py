@@ -22,7 +22,7 @@ import torch
 
 from distilgen.config import ConfigError, ModelConfig, StudyConfig, save_config, writable_dir
 from distilgen.data import scored_split
-from distilgen.evaluate import evaluate_model
+from distilgen.evaluate import DISTILL_STAGES, evaluate_model
 from distilgen.metrics import gap_closed, reported_scores
 from distilgen.models import load_model
 
@@ -99,18 +99,15 @@ def study(cfg: StudyConfig) -> dict[str, Any]:
     return json.loads((out / "report.json").read_text())
 
 
-STAGES = ("distill", "finetune")
-
-
 def run_steps(summary: dict[str, Any]) -> int:
     """Optimizer steps a finished run took, over its stages (the method's, then the final fine-tuning)."""
-    return sum(summary[stage]["steps"] for stage in STAGES if stage in summary)
+    return sum(summary[stage]["steps"] for stage in DISTILL_STAGES if stage in summary)
 
 
 def run_line(summary: dict[str, Any], metric: str) -> str:
     """One line per finished run: each stage's best dev score and where it was reached, and the total steps."""
     parts = []
-    for stage in STAGES:
+    for stage in DISTILL_STAGES:
         if stage in summary:
             best, at = summary[stage].get(f"best_dev_{metric}"), summary[stage]["best_step"]
             score = "no dev score" if best is None else f"best dev {metric} {best:.2f} at step {at}"

@@ -100,6 +100,14 @@ def test_a_bad_config_is_one_line_and_exit_code_2(tmp_path, tokenizer_dir, overr
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
+def test_a_bad_progress_interval_is_one_line_before_the_command_starts(tmp_path, run_cli, monkeypatch):
+    monkeypatch.setenv("DISTILGEN_PROGRESS_SECONDS", "often")
+    code, _, err = run_cli("data", "nope.yaml", cwd=tmp_path)
+    assert code == 2 and err.strip() == (
+        "distilgen data: error: DISTILGEN_PROGRESS_SECONDS must be a number of seconds, got 'often'"
+    )
+
+
 def test_a_missing_config_file_exits_2(tmp_path, run_cli):
     code, _, err = run_cli("finetune", "nope.yaml", cwd=tmp_path)
     assert code == 2 and "config file not found: nope.yaml" in err

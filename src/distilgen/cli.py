@@ -472,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
+        from distilgen.progress import line_seconds
+
+        line_seconds()  # a bad setting stops here, not in the middle of the work
         cfg = _load(command, args)
         code = command.run(cfg, args)
         _leave_process_group()

@@ -16,13 +16,17 @@ from typing import Any
 from tqdm.auto import tqdm as live_bar
 from tqdm.std import tqdm as std_bar
 
+from distilgen.config import ConfigError
 
-def _seconds() -> float:
+
+def line_seconds() -> float:
+    """`DISTILGEN_PROGRESS_SECONDS`: the interval of a bar written to a file; a `ConfigError` when not a number
+    (the CLI checks it before a command starts)."""
     value = os.environ.get("DISTILGEN_PROGRESS_SECONDS", "30")
     try:
         return max(float(value), 0.0)
     except ValueError:
-        raise ValueError(f"DISTILGEN_PROGRESS_SECONDS must be a number of seconds, got {value!r}") from None
+        raise ConfigError("", f"DISTILGEN_PROGRESS_SECONDS must be a number of seconds, got {value!r}") from None
 
 
 def is_interactive(stream: Any) -> bool:
@@ -34,7 +38,7 @@ class LineProgress(std_bar):
     """A tqdm bar that writes whole lines, at most one per interval, plus its final count when it closes."""
 
     def __init__(self, *args: Any, **kwargs: Any):
-        self.every = _seconds()
+        self.every = line_seconds()
         self._last_line, self._last_n = -math.inf, None
         kwargs.setdefault("mininterval", self.every)
         kwargs["dynamic_ncols"] = False

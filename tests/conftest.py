@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -104,3 +105,38 @@ def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float 
     assert proc.poll() is None, f"the process ended (code {proc.returncode}) before it could be killed\n{output}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """`distilgen serve MODEL` in its own process on 127.0.0.1, until `stop()`."""
+
+    def __init__(self, model: str, *overrides: str, env: dict[str, str] | None = None):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "distilgen.cli", "serve", model, f"port={self.port}", *overrides]
+        self.proc = subprocess.Popen(command, env={**cli_env(), **(env or {})}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.proc.stdout.read()
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise AssertionError("the server did not answer /health within 120 s")
+
+    def client(self, key: str = "none"):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -18,45 +16,12 @@ from distilgen.config import DecodingConfig, ModelConfig
 from distilgen.data import Example
 from distilgen.evaluate import generate
 from distilgen.models import load_model
-from tests.conftest import cli_env, tiny_model_config
+from tests.conftest import Server, cli_env, tiny_model_config
 
 openai = pytest.importorskip("openai")
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
 PROMPT = "Report: Riverton beat Oakdale 3-1 at home on Sunday."
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Server:
-    """`distilgen serve MODEL` in its own process, until `stop()`."""
-
-    def __init__(self, model: str, *overrides: str, env: dict[str, str] | None = None):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "distilgen.cli", "serve", model, f"port={self.port}", *overrides]
-        self.proc = subprocess.Popen(command, env={**cli_env(), **(env or {})}, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.proc.stdout.read()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise AssertionError("the server did not answer /health within 120 s")
-
-    def client(self, key: str = "none"):
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

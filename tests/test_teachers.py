@@ -57,5 +57,5 @@ def test_generating_top_k_needs_a_teacher_that_gives_it_and_an_unknown_kind_list
     from_dict(GenerateConfig, cfg)
     with pytest.raises(ConfigError, match="teacher.kind: generate needs a teacher that gives the top-k"):
         from_dict(GenerateConfig, {**cfg, "topk": 5})
-    with pytest.raises(ConfigError, match="teacher.kind: unknown teacher kind 'vllm'; one of: hf, text, topk"):
+    with pytest.raises(ConfigError, match="teacher.kind: unknown teacher kind 'vllm'; one of: hf, api, text, topk"):
         from_dict(GenerateConfig, {**cfg, "teacher": {"path": str(teacher_dir), "kind": "vllm"}})

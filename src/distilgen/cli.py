@@ -456,6 +456,7 @@ def _launched_processes() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from distilgen.data import DataError
+    from distilgen.generation.api import EndpointError
     from distilgen.pseudo_targets import PTStoreError
     from distilgen.train import TrainingError
 
@@ -490,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except TrainingError as err:
         print(f"distilgen {args.command}: training stopped: {err}", file=sys.stderr)
+        return 1
+    except EndpointError as err:
+        print(f"distilgen {args.command}: the teacher's endpoint failed: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"distilgen {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -56,6 +56,8 @@ from distilgen.pseudo_targets import PTRecord, PTStore, pt_schedule, sample_seed
 from distilgen.registry import registrar
 from distilgen.students import require_same_vocab, vocab_compatible
 from distilgen.teachers import load_teacher
+from distilgen.teachers.api import tokenizer_dir
+from distilgen.token_alignment import carry_topk, vocabulary_bytes
 from distilgen.train import (
     Items,
     LossFn,
@@ -90,6 +92,8 @@ class Context:
     """This process under `accelerate launch`: processes sample their student PTs from different seeds."""
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda counts: counts  # noqa: E731
     """Sum of a tensor over the processes (`accelerator.reduce`): step-wide counts for losses normalised per step."""
+    teacher_usage: dict[str, Any] | None = None
+    """What a paid teacher's requests of this run cost (`generation.api.Usage.summary`)."""
 
 
 @dataclass
@@ -197,7 +201,9 @@ class _Encoder:
         self.ctx = ctx
         self.student = ctx.student
         self.data = ctx.cfg.data
-        self.same_vocab = vocab_compatible(ctx.teacher.tokenizer, ctx.student.tokenizer)
+        teacher_tokenizer = ctx.teacher.tokenizer
+        self.same_vocab = teacher_tokenizer is not None and vocab_compatible(teacher_tokenizer, ctx.student.tokenizer)
+        self.topk = METHODS[ctx.cfg.method].word_level and ctx.cfg.kd.use_stored_topk
         self._sources: dict[str, list[int]] = {}
         self._gold: dict[str, list[int]] = {}
 
@@ -211,9 +217,21 @@ class _Encoder:
         eos = [self.student.tokenizer.eos_token_id]
         return [Encoded(e.id, self._sources[e.id], eos) for e in examples]
 
+    @functools.cached_property
+    def vocab(self) -> dict[int, bytes]:
+        return vocabulary_bytes(self.student.tokenizer)
+
     def pt(self, example_id: str, record: PTRecord) -> Encoded:
-        """A teacher PT as a student target: the teacher's own tokens (same vocabulary), else its text re-encoded."""
+        """A teacher PT as a student target: the teacher's own tokens (same vocabulary), else its text re-encoded;
+        an endpoint's top-k (token bytes) carried onto the student's tokens (`token_alignment.carry_topk`)."""
         limit = self.data.max_target_length
+        if record.token_bytes is not None or not self.same_vocab:
+            (encoded,), _ = self.student.encode([Example(example_id, "", record.text, ())], 8, limit)
+            if record.topk_bytes is None or not self.topk:
+                return Encoded(example_id, self._sources[example_id], encoded.target)
+            topk = [list(zip(c, p, strict=True)) for c, p in zip(record.topk_bytes, record.topk_logprobs, strict=True)]
+            ids, logprobs = carry_topk(record.token_bytes, topk, encoded.target, self.vocab, exact=self.same_vocab)
+            return Encoded(example_id, self._sources[example_id], encoded.target, *_padded_topk(ids, logprobs))
         if self.same_vocab:  # too long: keep the first limit - 1 positions and the last (EOS), as `encode` does
             keep = list(range(len(record.token_ids)))
             keep = keep if len(keep) <= limit else [*keep[: limit - 1], keep[-1]]
@@ -224,8 +242,6 @@ class _Encoder:
             topk_ids = torch.tensor(record.topk_ids, dtype=torch.long)[rows]
             topk_logprobs = torch.tensor(record.topk_logprobs, dtype=torch.float32)[rows]
             return Encoded(example_id, self._sources[example_id], target, topk_ids, topk_logprobs)
-        (encoded,), _ = self.student.encode([Example(example_id, "", record.text, ())], 8, limit)
-        return Encoded(example_id, self._sources[example_id], encoded.target)
 
     def _cache(self, examples: Sequence[Example]) -> None:
         todo = [e for e in examples if e.id not in self._sources]
@@ -233,6 +249,15 @@ class _Encoder:
         for e, enc in zip(todo, encoded, strict=True):
             self._sources[e.id] = enc.source
             self._gold[e.id] = enc.target
+
+
+def _padded_topk(ids: list[list[int]], logprobs: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, k) tensors of per-position candidate lists of different lengths, padded with the position's first id at
+    log-probability -inf (no mass, so no term in sparse KD)."""
+    k = max(map(len, ids))
+    id_rows = [row + [row[0]] * (k - len(row)) for row in ids]
+    logprob_rows = [row + [-math.inf] * (k - len(row)) for row in logprobs]
+    return torch.tensor(id_rows, dtype=torch.long), torch.tensor(logprob_rows, dtype=torch.float32)
 
 
 def gold_items(ctx: Context) -> list[Encoded]:
@@ -552,7 +577,13 @@ def _load_student(cfg: DistillConfig, splits: dict[str, list[Example]]) -> TextM
     (`tokenizer: task`, sequence-level methods): word-level KD needs one vocabulary."""
     model_cfg = cfg.student
     if model_cfg.path is None and model_cfg.tokenizer is None:
-        model_cfg = dataclasses.replace(model_cfg, tokenizer=cfg.teacher.tokenizer or model_dir(cfg.teacher))
+        if cfg.teacher.local:
+            tokenizer = cfg.teacher.tokenizer or model_dir(cfg.teacher)
+        else:
+            check(cfg.teacher.tokenizer is not None, "student.tokenizer", "the api teacher names no tokenizer: set "
+                  "the student's (a directory or hub id, or `task`), or the teacher's (teacher.tokenizer)")  # fmt: skip
+            tokenizer = tokenizer_dir(cfg.teacher)
+        model_cfg = dataclasses.replace(model_cfg, tokenizer=tokenizer)
     return load_model(model_cfg, texts=lambda: training_text(splits), key="student", data=cfg.data)
 
 
@@ -565,13 +596,18 @@ def prepare_pts(ctx: Context, state: Accelerator) -> None:
     ctx.teacher_fp = ctx.teacher.fingerprint(cfg.data.max_source_length, cfg.data.template)
     spec = _spec(ctx)
     generator = ctx.teacher.generator(cfg.data.max_source_length, cfg.pts.batch_size, cfg.pts.static_cache)
+    usage = generator.usage if ctx.teacher.paid else None
     report = generate_pts(
         generator, ctx.store, ctx.teacher_fp, spec, [e.source for e in _pt_examples(ctx)],
         batch_size=cfg.pts.batch_size, topk=cfg.pts.topk, process_index=state.process_index,
         num_processes=state.num_processes, barrier=state.wait_for_everyone, progress=state.is_local_main_process,
+        journal=ctx.teacher.paid, postfix=usage.postfix if usage else None,
     )  # fmt: skip
     state.wait_for_everyone()
     log.info("teacher PTs: %d requested, %d generated here", report.requested, report.generated)
+    if usage is not None:
+        ctx.teacher_usage = usage.summary()
+        log.info("teacher endpoint: %s", ctx.teacher_usage)
     stats = ctx.store.pair_stats(ctx.teacher_fp, spec)
     kd, method = cfg.kd, METHODS[cfg.method]
     if method.word_level and kd.use_stored_topk and kd.temperature != 1 and stats is not None and stats.topk:
@@ -597,11 +633,16 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     method = METHODS[cfg.method]
     accelerator = make_accelerator(cfg.train, output_dir)
     splits = load_splits(cfg.data, ("train", "unlabeled", "dev"))
-    if not splits.get("train"):
-        raise TrainingError("distillation needs labeled data: set data.train or data.task")
+    unlabeled_only = method.teacher_pts and cfg.pts.unlabeled and bool(splits.get("unlabeled"))
+    if not splits.get("train") and not unlabeled_only:
+        raise TrainingError(
+            "distillation needs labeled data (data.train or data.task), or unlabeled inputs (data.unlabeled) for a "
+            "method that trains on teacher PTs (seq_kd, logits_kd_pt)"
+        )
+    splits.setdefault("train", [])
     teacher = load_teacher(cfg.teacher, cfg.precision, accelerator.device, cfg.data)
     student = _load_student(cfg, splits)
-    if method.word_level:
+    if method.word_level and cfg.teacher.local:  # an endpoint's top-k is carried onto any vocabulary
         require_same_vocab(student.tokenizer, teacher.tokenizer, cfg.method)
     if accelerator.is_main_process:  # the checks passed: the directory now holds this run
         save_config(cfg, output_dir / "config.yaml")
@@ -617,8 +658,12 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         student, plan.items, plan.loss, cfg.train, stage, accelerator, cfg.seed, evaluate, prepare=plan.prepare
     )
     summary = {"method": cfg.method, "distill": stage_summary(state, stage, cfg.train.metric)}
+    if ctx.teacher_usage is not None:
+        summary["teacher_api"] = ctx.teacher_usage
     final = stage / "model"
-    if cfg.final_finetune_epochs > 0 and (cfg.method != "finetune" or cfg.equal_budget):
+    if not splits["train"] and cfg.final_finetune_epochs > 0:
+        log.info("no labeled data: the final fine-tuning stage (final_finetune_epochs) is skipped")
+    if cfg.final_finetune_epochs > 0 and splits["train"] and (cfg.method != "finetune" or cfg.equal_budget):
         tuned = load_model(ModelConfig(path=str(final)), data=cfg.data)
         train_cfg = dataclasses.replace(cfg.train, epochs=cfg.final_finetune_epochs, max_steps=None)
         stage = output_dir / "finetune"

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,16 +214,19 @@ def pad_rows(
 
 
 def _pad_topk(items: Sequence[Encoded], width: int) -> Batch:
-    """`topk_ids`/`topk_logprobs` (B, T, k) and `topk_rows` (B,), 1 for the items that have top-k."""
-    k = min(it.topk_ids.shape[1] for it in items if it.topk_ids is not None)
+    """`topk_ids`/`topk_logprobs` (B, T, k) and `topk_rows` (B,), 1 for the items that have top-k; an item with fewer
+    than k candidates fills the rest with its first id at log-prob -inf (an empty slot for `sparse_logits_kd`)."""
+    k = max(it.topk_ids.shape[1] for it in items if it.topk_ids is not None)
     ids = torch.zeros((len(items), width, k), dtype=torch.long)
     logprobs = torch.zeros((len(items), width, k), dtype=torch.float32)
     rows = torch.zeros(len(items), dtype=torch.long)
     for i, it in enumerate(items):
         if it.topk_ids is not None:
-            n = min(it.topk_ids.shape[0], width)
-            ids[i, :n] = it.topk_ids[:n, :k]
-            logprobs[i, :n] = it.topk_logprobs[:n, :k]
+            n, have = min(it.topk_ids.shape[0], width), it.topk_ids.shape[1]
+            ids[i, :n, :have] = it.topk_ids[:n]
+            ids[i, :n, have:] = it.topk_ids[:n, :1]
+            logprobs[i, :n, :have] = it.topk_logprobs[:n]
+            logprobs[i, :n, have:] = -math.inf
             rows[i] = 1
     return {"topk_ids": ids, "topk_logprobs": logprobs, "topk_rows": rows}
 

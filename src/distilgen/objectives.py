@@ -316,7 +316,8 @@ def sparse_logits_kd(
     Args:
         student_logits: (B, T, V) student scores.
         teacher_topk_ids: (B, T, k) token ids in the student's vocabulary.
-        teacher_topk_logprobs: (B, T, k) the teacher's log-probabilities of those ids over its full vocabulary.
+        teacher_topk_logprobs: (B, T, k) the teacher's log-probabilities of those ids over its full vocabulary;
+            -inf marks an empty slot (a position with fewer than k candidates), which counts for nothing.
         mask: (B, T) 1 at valid target positions.
         tail: "bucket" or "renormalize".
         divergence: a name in `DIVERGENCES`; only "forward_kl" with tail="renormalize".
@@ -351,6 +352,8 @@ def sparse_logits_kd(
         floor = math.log(torch.finfo(student_logp.dtype).tiny)
         teacher_tail = _log1mexp(torch.logsumexp(teacher_logp, dim=-1).clamp_max(0))  # (c,) log(1 - sum p_T)
         student_tail = torch.logsumexp(student_logp.scatter(-1, ids, floor), dim=-1)  # (c,) log mass outside ids
+        empty = teacher_logp == -math.inf  # slots that pad a position with fewer candidates: no mass on either side
+        student_top, teacher_logp = student_top.masked_fill(empty, floor), teacher_logp.clamp_min(floor)
         return fn(
             torch.cat([student_top, student_tail[:, None]], -1),  # (c, k + 1)
             torch.cat([teacher_logp, teacher_tail.clamp_min(floor)[:, None]], -1),  # (c, k + 1)

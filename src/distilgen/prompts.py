@@ -82,9 +82,8 @@ class Prompt:
         return breaks, tuple(i for i, text in enumerate(texts) if not text.strip())
 
     def finish(self, text: str) -> str:
-        """An output as the task wants it: stripped, and cut at its first line break with `first_line`."""
-        text = text.strip()
-        return text.split("\n", 1)[0].strip() if self.first_line else text
+        """An output as the task wants it (`finish_output`)."""
+        return finish_output(text, self.first_line)
 
     def describe(self) -> dict:
         """The prompt as JSON: its settings, demonstrations and fingerprint (saved beside a model)."""
@@ -120,18 +119,30 @@ def build_prompt(
             "data.prompt.chat", "on, but this model has no chat template (or is encoder-decoder): use auto or off"
         )
     chat = cfg.chat == "on" or (cfg.chat == "auto" and has_chat)
-    candidates: tuple[tuple[str, str], ...] = ()
-    if cfg.shots:
-        labeled = [e for e in train if e.target is not None]
-        if len(labeled) < cfg.shots:
-            raise ConfigError(
-                "data.prompt.shots", f"{cfg.shots} demonstrations, but the training split has {len(labeled)} labeled"
-            )
-        chosen = random.Random(cfg.shots_seed).sample(range(len(labeled)), min(cfg.shots + 1, len(labeled)))
-        candidates = tuple((labeled[i].source, labeled[i].target) for i in chosen)
+    candidates = choose_demonstrations(cfg, train)
     if not chat and not candidates and not cfg.first_line:
         return None
     return Prompt(tokenizer, chat, cfg.system if chat else None, candidates, cfg.shots, cfg.first_line)
+
+
+def choose_demonstrations(cfg: PromptConfig, train: Sequence[Example]) -> tuple[tuple[str, str], ...]:
+    """`cfg.shots` + 1 labeled (source, target) pairs of the training split, the same for every run: the first
+    `shots` go before every input, the spare in place of an input that is itself one of them."""
+    if not cfg.shots:
+        return ()
+    labeled = [e for e in train if e.target is not None]
+    if len(labeled) < cfg.shots:
+        raise ConfigError(
+            "data.prompt.shots", f"{cfg.shots} demonstrations, but the training split has {len(labeled)} labeled"
+        )
+    chosen = random.Random(cfg.shots_seed).sample(range(len(labeled)), min(cfg.shots + 1, len(labeled)))
+    return tuple((labeled[i].source, labeled[i].target) for i in chosen)
+
+
+def finish_output(text: str, first_line: bool) -> str:
+    """An output as the task wants it: stripped, and cut at its first line break with `first_line`."""
+    text = text.strip()
+    return text.split("\n", 1)[0].strip() if first_line else text
 
 
 def prompt_for(data: DataConfig, tokenizer: PreTrainedTokenizerBase, is_encoder_decoder: bool) -> Prompt | None:

@@ -19,6 +19,7 @@ On disk (see [store layout note]):
     root/.lock                    file lock serialising writers (and the recovery on open)
     root/quarantine/              shards set aside as unreadable (never deleted)
     root/claims/                  which inputs each running writer is generating (see [claims note])
+    root/journal/                 a paid teacher's answers not yet in a shard, one file per writer ([journal note])
 """
 
 from __future__ import annotations
@@ -77,23 +78,39 @@ class PTRecord:
     topk_ids: list[list[int]] | None = None
     """Per PT token, the teacher's k most likely token ids (any k, chosen by the caller)."""
     topk_logprobs: list[list[float]] | None = None
-    """Per PT token, the teacher's log-probabilities of `topk_ids` over its full vocabulary (stored as float32)."""
+    """Per PT token, the teacher's log-probabilities of its top-k (`topk_ids` or `topk_bytes`) over its full
+    vocabulary (stored as float32)."""
+    token_bytes: list[bytes] | None = None
+    """A teacher without a vocabulary here (an API's): its tokens as the bytes they write; `token_ids` is empty, and
+    each student maps them onto its own vocabulary (`token_alignment`)."""
+    topk_bytes: list[list[bytes]] | None = None
+    """...and per token, its top-k candidates as bytes (in place of `topk_ids`)."""
+
+    @property
+    def num_tokens(self) -> int:
+        """The teacher's tokens in the PT: the positions the top-k describe."""
+        return len(self.token_bytes) if self.token_bytes is not None else len(self.token_ids)
 
     def check(self) -> None:
         """A ValueError if the fields are inconsistent (top-k given for some other number of tokens)."""
         where = f"PT ({self.input_key[:12]}, {self.sample_index})"
         if self.sample_index < 0:
             raise ValueError(f"{where}: sample_index must be >= 0")
-        if (self.topk_ids is None) != (self.topk_logprobs is None):
-            raise ValueError(f"{where}: give both topk_ids and topk_logprobs, or neither")
-        if self.topk_ids is not None:
-            if not len(self.topk_ids) == len(self.topk_logprobs) == len(self.token_ids):
+        candidates = self.topk_ids if self.topk_bytes is None else self.topk_bytes
+        if self.topk_ids is not None and self.topk_bytes is not None:
+            raise ValueError(f"{where}: give topk_ids or topk_bytes, not both")
+        if self.topk_bytes is not None and self.token_bytes is None:
+            raise ValueError(f"{where}: topk_bytes describe token_bytes: give them too")
+        if (candidates is None) != (self.topk_logprobs is None):
+            raise ValueError(f"{where}: give both top-k candidates and topk_logprobs, or neither")
+        if candidates is not None:
+            if not len(candidates) == len(self.topk_logprobs) == self.num_tokens:
                 raise ValueError(
-                    f"{where}: top-k for {len(self.topk_ids)}/{len(self.topk_logprobs)} positions, "
-                    f"but {len(self.token_ids)} tokens"
+                    f"{where}: top-k for {len(candidates)}/{len(self.topk_logprobs)} positions, "
+                    f"but {self.num_tokens} tokens"
                 )
-            if any(len(i) != len(p) for i, p in zip(self.topk_ids, self.topk_logprobs, strict=True)):
-                raise ValueError(f"{where}: topk_ids and topk_logprobs differ in length at some position")
+            if any(len(i) != len(p) for i, p in zip(candidates, self.topk_logprobs, strict=True)):
+                raise ValueError(f"{where}: top-k candidates and topk_logprobs differ in length at some position")
 
 
 class MissingPT(NamedTuple):
@@ -134,6 +151,8 @@ SCHEMA = pa.schema(
         ("topk_ids", pa.list_(pa.list_(pa.int32()))),
         ("topk_logprobs", pa.list_(pa.list_(pa.float32()))),
         ("seed", pa.int64()),
+        ("token_bytes", pa.list_(pa.binary())),
+        ("topk_bytes", pa.list_(pa.list_(pa.binary()))),
     ]
 )
 _RECORD_COLUMNS = [f.name for f in dataclasses.fields(PTRecord)]
@@ -198,6 +217,11 @@ class PTStore:
     under `root/claims/`, updated under the lock) and skips inputs another live writer holds; it releases its
     claims once their PTs are stored. A claim whose process has exited (same machine) or that was not renewed for
     `CLAIM_TTL_S` no longer counts. Claims only avoid duplicate work: a PT generated twice is stored once.
+
+    [journal note] A paid teacher's answer (an API's) must not be lost between its arrival and the next shard: the
+    writer appends each to its journal (`journal`, a fsynced JSON line) and empties it (`clear_journal`) once the
+    buffered PTs are in a shard. When a store is opened, the journals of writers that are gone become a shard, so a
+    killed run loses only the requests in flight, and its rerun never asks again for what was answered.
     """
 
     def __init__(self, root: str | os.PathLike, readonly: bool = False):
@@ -224,6 +248,8 @@ class PTStore:
         with self._lock:
             self._reload()
             self._adopt_unlisted()
+            if not readonly:
+                self._recover_journals()
 
     # Queries -------------------------------------------------------------------------------------
 
@@ -254,7 +280,8 @@ class PTStore:
                     rows_by_file.setdefault(file, []).append(row)
         pts: dict[str, list[PTRecord]] = {}
         for file, rows in rows_by_file.items():
-            table = pq.read_table(self.root / file, columns=_RECORD_COLUMNS).take(rows)
+            present = set(pq.read_schema(self.root / file).names)  # shards from before token_bytes lack it
+            table = pq.read_table(self.root / file, columns=[c for c in _RECORD_COLUMNS if c in present]).take(rows)
             for record in table.to_pylist():
                 pts.setdefault(record["input_key"], []).append(PTRecord(**record))
         return {key: sorted(records, key=lambda r: r.sample_index) for key, records in pts.items()}
@@ -330,6 +357,50 @@ class PTStore:
             self._manifest = manifest
             index.add(file, [r.input_key for r in new], [r.sample_index for r in new])
         return self.root / file
+
+    # The journal: a paid teacher's answers, kept from the moment they arrive -------------------
+
+    def journal(self, teacher_fp: str, spec: DecodingSpec, records: Sequence[PTRecord]) -> None:
+        """Append `records` to this writer's journal, one fsynced line each. See [journal note]."""
+        if self.readonly:
+            raise RuntimeError(f"{self.root}: opened read-only")
+        path = self.root / "journal" / f"{self._owner}.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        lines = "".join(
+            json.dumps({"teacher_fp": teacher_fp, "spec": dataclasses.asdict(spec), "record": _to_json(r)}) + "\n"
+            for r in records
+        )
+        with open(path, "a") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def clear_journal(self) -> None:
+        """Forget this writer's journal: everything in it has been `add`ed."""
+        (self.root / "journal" / f"{self._owner}.jsonl").unlink(missing_ok=True)
+
+    def _recover_journals(self) -> None:
+        """Add the journaled PTs of writers that are gone (killed before their shard) to the store, then drop their
+        journals; a line cut by the kill is skipped (its answer is lost, as one in flight)."""
+        folder = self.root / "journal"
+        for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+            host, pid, _ = path.stem.rsplit("-", 2)
+            if path.stem == self._owner or (pid.isdigit() and _process_alive(host, int(pid))):
+                continue
+            groups: dict[tuple[str, str], tuple[DecodingSpec, list[PTRecord]]] = {}
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                    spec, record = DecodingSpec(**entry["spec"]), _from_json(entry["record"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                groups.setdefault((entry["teacher_fp"], spec.fingerprint()), (spec, []))[1].append(record)
+            for (teacher_fp, _), (spec, records) in groups.items():
+                self.add(teacher_fp, spec, records)
+            if groups:
+                log.warning("%s: %d journaled PTs of a writer that stopped early were added", self.root,
+                            sum(len(r) for _, r in groups.values()))  # fmt: skip
+            path.unlink()
 
     # Claims: independent writers skip each other's inputs --------------------------------------
 
@@ -530,16 +601,42 @@ def _entry_of_shard(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     return entry, json.loads(spec) if spec is not None else None
 
 
+def _to_json(record: PTRecord) -> dict[str, Any]:
+    """A record as JSON (bytes as hex), for the journal."""
+    fields = dataclasses.asdict(record)
+    if record.token_bytes is not None:
+        fields["token_bytes"] = [b.hex() for b in record.token_bytes]
+    if record.topk_bytes is not None:
+        fields["topk_bytes"] = [[b.hex() for b in position] for position in record.topk_bytes]
+    return fields
+
+
+def _from_json(fields: dict[str, Any]) -> PTRecord:
+    if fields.get("token_bytes") is not None:
+        fields["token_bytes"] = [bytes.fromhex(h) for h in fields["token_bytes"]]
+    if fields.get("topk_bytes") is not None:
+        fields["topk_bytes"] = [[bytes.fromhex(h) for h in position] for position in fields["topk_bytes"]]
+    return PTRecord(**fields)
+
+
 def _shard_entry(file: str, teacher_fp: str, spec_fp: str, table: pa.Table, data: bytes) -> dict[str, Any]:
     """The manifest entry of the shard `file` holding `table`, written as the Parquet bytes `data`."""
-    topk = pc.list_value_length(pc.list_flatten(table["topk_ids"]))  # k at each stored position
+
+    def most(column: str) -> int:  # k at the position with the most candidates (0: absent, an older shard)
+        if column not in table.column_names:
+            return 0
+        return pc.max(pc.list_value_length(pc.list_flatten(table[column]))).as_py() or 0
+
+    def total(column: str) -> int:
+        return pc.sum(pc.list_value_length(table[column])).as_py() or 0 if column in table.column_names else 0
+
     return {
         "file": file,
         "teacher_fp": teacher_fp,
         "spec_fp": spec_fp,
         "rows": table.num_rows,
-        "tokens": pc.sum(pc.list_value_length(table["token_ids"])).as_py() or 0,
-        "topk": pc.max(topk).as_py() or 0,
+        "tokens": total("token_ids") + total("token_bytes"),
+        "topk": max(most("topk_ids"), most("topk_bytes")),
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
     }

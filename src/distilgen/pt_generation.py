@@ -13,15 +13,16 @@ with the same per-PT seeds, so it ends with the same PTs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from distilgen.config import ConfigError, DecodingSpec, GenerateConfig
 from distilgen.data import load_splits
-from distilgen.generation import Generator
+from distilgen.generation import Generated, Generator
 from distilgen.generation import plan_batches as batches_of
 from distilgen.progress import progress_bar
 from distilgen.pseudo_targets import MissingPT, PTRecord, PTStore, get_spec
@@ -115,6 +116,8 @@ def generate_pts(
     num_processes: int = 1,
     barrier=None,
     progress: bool = True,
+    journal: bool = False,
+    postfix: Callable[[], dict[str, str]] | None = None,
 ) -> GenerationReport:
     """Generate the PTs of `sources` under `spec` that `store` lacks, and add them to it.
 
@@ -128,6 +131,9 @@ def generate_pts(
         process_index, num_processes: this process takes rows process_index, process_index + n, ... of the plan.
         barrier: called after every process has read the store and before any writes (`wait_for_everyone`), so
             that all processes plan the same rows.
+        journal: keep each answer in the store's journal as it arrives (a paid teacher: `teacher.paid`), so that a
+            kill loses only the requests in flight.
+        postfix: more fields for the progress bar (an endpoint's tokens and cost so far).
     """
     start = time.perf_counter()
     todo = store.missing(teacher_fp, spec, sources)
@@ -152,24 +158,28 @@ def generate_pts(
                 batch = [r for r in batch if r.input_key in granted & still]
                 if not batch:
                     continue
-                outputs = generator.generate(
-                    [r.source for r in batch], settings, indices=[r.sample_indices for r in batch], topk=topk
-                )
-                records = [
-                    PTRecord(row.input_key, index, g.text, g.token_ids, g.seed, g.topk_ids, g.topk_logprobs)
-                    for row, generated in zip(batch, outputs, strict=True)
-                    for index, g in zip(row.sample_indices, generated, strict=True)
-                ]
-                buffer += records
-                sequences = sum(_sequences(spec, r) for r in batch)
-                decoded += sequences
-                report.sequences += sequences
-                report.tokens += sum(len(r.token_ids) for r in records)
+
+                def keep(at: int, generated: list[Generated], batch: list[Row] = batch) -> None:
+                    row = batch[at]
+                    indices = row.sample_indices
+                    records = [_record(row.input_key, i, g) for i, g in zip(indices, generated, strict=True)]
+                    if journal:
+                        store.journal(teacher_fp, spec, records)
+                    buffer.extend(records)
+                    report.sequences += _sequences(spec, row)
+                    report.tokens += sum(r.num_tokens for r in records)
+                    bar.update(_sequences(spec, row))
+                    bar.set_postfix(tok_s=f"{report.tokens / (time.perf_counter() - start):.0f}",
+                                    stored=report.generated, **(postfix() if postfix else {}))  # fmt: skip
+
+                generator.generate(
+                    [r.source for r in batch], settings, indices=[r.sample_indices for r in batch], topk=topk,
+                    on_done=keep,
+                )  # fmt: skip
+                decoded += sum(_sequences(spec, r) for r in batch)
                 if len(buffer) >= shard_size or time.perf_counter() - flushed >= flush_seconds:
                     report.generated += _flush(store, teacher_fp, spec, buffer)
                     flushed = time.perf_counter()
-                bar.update(sequences)
-                bar.set_postfix(tok_s=f"{report.tokens / (time.perf_counter() - start):.0f}", stored=report.generated)
             report.generated += _flush(store, teacher_fp, spec, buffer)
             store.release()
             # What is still missing of this share was claimed by another writer: wait for it, or take it over
@@ -181,6 +191,11 @@ def generate_pts(
                     waited = True
                 time.sleep(CLAIM_POLL_S)
             bar.total = bar.n + sum(_sequences(spec, r) for r in rows)
+    except BaseException:  # a refused request, the budget, an interrupt: store what was answered, then stop
+        if buffer:
+            with contextlib.suppress(Exception):  # (a second failure: the journal still holds it)
+                report.generated += _flush(store, teacher_fp, spec, buffer)
+        raise
     finally:
         store.release()
         bar.close()
@@ -188,11 +203,16 @@ def generate_pts(
     return report
 
 
+def _record(key: str, index: int, g: Generated) -> PTRecord:
+    return PTRecord(key, index, g.text, g.token_ids, g.seed, g.topk_ids, g.topk_logprobs, g.token_bytes, g.topk_bytes)
+
+
 def _flush(store: PTStore, teacher_fp: str, spec: DecodingSpec, buffer: list[PTRecord]) -> int:
     count = len(buffer)
     if buffer:
         store.add(teacher_fp, spec, buffer)
         buffer.clear()
+        store.clear_journal()  # (a no-op when nothing was journaled)
     return count
 
 
@@ -220,6 +240,7 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
     spec = resolve_spec(cfg.spec)
     store = PTStore(cfg.store)
     generator = tm.generator(cfg.data.max_source_length, cfg.batch_size, cfg.static_cache)
+    usage = generator.usage if tm.paid else None
     report = generate_pts(
         generator,
         store,
@@ -234,6 +255,8 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         num_processes=state.num_processes,
         barrier=state.wait_for_everyone,
         progress=state.is_local_main_process,
+        journal=tm.paid,
+        postfix=usage.postfix if usage else None,
     )
     state.wait_for_everyone()
     stats = store.pair_stats(teacher_fp, spec)
@@ -250,4 +273,5 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         "sequences_per_s": round(report.sequences_per_s, 2),
         "tokens_per_s": round(report.tokens_per_s, 1),
         "stored_pts": stats.pts if stats else 0,
+        **({"teacher_api": usage.summary()} if usage else {}),
     }

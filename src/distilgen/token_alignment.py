@@ -153,26 +153,38 @@ def carry_topk(
     teacher_topk: Sequence[Sequence[tuple[bytes, float]]],
     student_ids: Sequence[int],
     vocab: dict[int, bytes],
+    exact: bool = False,
 ) -> tuple[list[list[int]], list[list[float]]]:
-    """Per student token, student ids and log-probs (summing to 1 in probability) from the teacher's top-k.
+    """Per student token, student ids and log-probs from the teacher's top-k.
 
     Args:
         teacher_tokens: the bytes of each token the teacher wrote (the text the student tokens spell).
         teacher_topk: per teacher token, its (candidate bytes, log-prob) alternatives, the chosen one included.
         student_ids: the student's tokenisation of the same text.
         vocab: `vocabulary_bytes(student_tokenizer)`.
+        exact: the student has the teacher's vocabulary: where the two tokens are one, each candidate is the id that
+            writes its bytes and keeps its log-prob (the mass outside the top-k stays the teacher's tail); elsewhere,
+            and without `exact`, candidates map to starting pieces and are renormalised to sum to 1.
     """
     if len(teacher_topk) != len(teacher_tokens):
         raise ValueError(f"{len(teacher_tokens)} teacher tokens but {len(teacher_topk)} top-k lists")
     starting = _StartingPiece(vocab)
+    by_bytes = {piece: i for i, piece in sorted(vocab.items(), reverse=True) if piece} if exact else {}
     pieces = [vocab.get(i, b"") for i in student_ids]
     pairs = align(teacher_tokens, pieces)
     ids_out, logprobs_out = [], []
     for j, student_id in enumerate(student_ids):
         mass: dict[int, float] = {}
-        if pairs[j] is not None:
-            convention = _Convention(teacher_tokens[pairs[j]], pieces[j])
-            for candidate, logprob in teacher_topk[pairs[j]]:
+        at = pairs[j]
+        same = at is not None and exact and teacher_tokens[at] == pieces[j]
+        if same and all(candidate in by_bytes for candidate, _ in teacher_topk[at]):
+            ranked = sorted(teacher_topk[at], key=lambda c: -c[1])
+            ids_out.append([by_bytes[candidate] for candidate, _ in ranked])
+            logprobs_out.append([logprob for _, logprob in ranked])
+            continue
+        if at is not None:
+            convention = _Convention(teacher_tokens[at], pieces[j])
+            for candidate, logprob in teacher_topk[at]:
                 target = starting(convention(candidate))
                 if target is not None:
                     mass[target] = mass.get(target, 0.0) + math.exp(logprob)

@@ -9,7 +9,7 @@ CLI prints as one line with exit code 2. Files and directories are checked after
 | file | holds |
 |---|---|
 | `base.py` | `ConfigError`, checks, `from_dict`, YAML and dotted overrides, `load_config` / `save_config` |
-| `sources.py` | what a run reads: `DataConfig` (and the built-in task), `ModelConfig`, `TeacherConfig` |
+| `sources.py` | what a run reads: `DataConfig` (and the built-in task), `ModelConfig`, `TeacherConfig`, `ApiConfig` |
 | `decoding.py` | how a model writes: `GenerationSettings` (what generators read), the configs and specs |
 | `training.py` | `TrainConfig`, the KD objectives' settings, PTs and student PTs, cost, denoising |
 | `commands.py` | one config per command: finetune, distill, generate, study, evaluate, diagnose, inspect |
@@ -55,6 +55,7 @@ from distilgen.config.sources import (
     DECODER_ONLY_FAMILIES,
     PACKAGE_SCHEME,
     TASK_TOKENIZER,
+    ApiConfig,
     BuiltinTaskConfig,
     DataConfig,
     ModelConfig,
@@ -97,6 +98,7 @@ __all__ = [
     "GenerateConfig",
     "InspectConfig",
     "ServeConfig",
+    "ApiConfig",
     "KDConfig",
     "ModelConfig",
     "PromptConfig",

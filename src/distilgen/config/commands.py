@@ -210,7 +210,7 @@ class GenerateConfig:
         if isinstance(self.spec, str):
             check(self.spec in SPECS, "spec", f"unknown spec '{self.spec}'; built-in: {', '.join(SPECS)}, or a mapping")
         self.teacher = as_teacher(self.teacher)
-        check(self.teacher.path is not None, "teacher.path", "generation needs a trained teacher: set its directory")
+        self.teacher.require_trained()
         self.teacher.require(frozenset({"text", "topk"} if self.topk else {"text"}), "generate")
         check(len(self.splits) >= 1, "splits", "name at least one split")
         check(self.flush_seconds >= 0, "flush_seconds", f"must be >= 0, got {self.flush_seconds}")
@@ -262,7 +262,7 @@ class DistillConfig:
         # What depends on the method (its name, what it needs of the teacher) is checked by `distill.check_method`
         # when the command starts, before anything loads: methods live with their code, and configs import none.
         self.teacher = as_teacher(self.teacher)
-        check(self.teacher.path is not None, "teacher.path", "distillation needs a trained teacher: set its directory")
+        self.teacher.require_trained()
         check(self.final_finetune_epochs >= 0, "final_finetune_epochs", "must be >= 0")
 
 
@@ -373,7 +373,7 @@ class DiagnoseConfig:
         from distilgen.metrics import METRICS
 
         self.teacher = as_teacher(self.teacher)
-        check(self.teacher.path is not None, "teacher.path", "set the teacher's directory")
+        self.teacher.require_trained()
         self.teacher.require(frozenset({"logits"}), "diagnose (the teacher completes the student's prefixes)")
         check(len(self.students) >= 1, "students", "name at least one student directory")
         for i, path in enumerate(self.students):

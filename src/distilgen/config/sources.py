@@ -268,11 +268,63 @@ def _package_hint(path: str) -> str:
 
 
 @dataclass
+class ApiConfig:
+    """An LLM behind an OpenAI-compatible API (OpenAI, Azure, vLLM's `vllm serve`, llama.cpp's server, `distilgen
+    serve`) as a teacher: it writes PTs (text, and top-k log-probs where the endpoint returns them)."""
+
+    base_url: str
+    """The API's root, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1."""
+    model: str
+    """The model name the endpoint serves: with the prompt, it keys the PTs in the store."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key (unset: no key, for a local server)."""
+    endpoint: Literal["chat", "completions"] = "chat"
+    """chat: /chat/completions (the system message and demonstrations as turns); completions: /completions with
+    the plain prompt, for endpoints without chat."""
+    concurrency: int = 8
+    """Requests in flight at once (the first request of a run goes alone: a wrong key or model costs one)."""
+    max_n: int = 8
+    """Samples asked in one request (`n`); 1 for endpoints that ignore `n`."""
+    max_retries: int = 8
+    """Retries of a request that met a 429, a 5xx, a timeout or a lost connection (exponential backoff with jitter,
+    or the server's Retry-After); 400, 401, 403, 404 and 422 stop the run at once."""
+    backoff_s: float = 1.0
+    """First wait before a retry; it doubles on each retry of a request..."""
+    max_backoff_s: float = 60.0
+    """...up to this."""
+    timeout_s: float = 300.0
+    """Seconds to wait for one answer."""
+    price_input: float = 0.0
+    """Price per million prompt tokens (any currency), for the cost shown and the budget."""
+    price_output: float = 0.0
+    """Price per million completion tokens."""
+    budget: float | None = None
+    """Stop before the run's cost could pass this (in the currency of the prices); empty: no cap."""
+
+    def __post_init__(self):
+        url, endpoint = self.base_url, self.endpoint
+        check(url.startswith(("http://", "https://")), "base_url", f"must be an http(s) URL, got {url!r}")
+        check(bool(self.model), "model", "name the model the endpoint serves")
+        check(endpoint in ("chat", "completions"), "endpoint", f"must be chat or completions, got {endpoint!r}")
+        for key in ("concurrency", "max_n"):
+            check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        check(self.max_retries >= 0, "max_retries", f"must be >= 0, got {self.max_retries}")
+        for key in ("backoff_s", "max_backoff_s", "price_input", "price_output"):
+            check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        check(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
+        check(self.budget is None or self.budget > 0, "budget", f"must be > 0 (or empty for none), got {self.budget}")
+
+
+@dataclass
 class TeacherConfig(ModelConfig):
     """The teacher: its kind, and for a model run here (`hf`) the model to load, as any `model` section."""
 
     kind: str = "hf"
-    """hf: a transformers model (path: hub id or directory), run here; it can give full logits, top-k, text."""
+    """hf: a transformers model (path: hub id or directory), run here; it can give full logits, top-k, text.
+    api: an LLM behind an OpenAI-compatible API (`api`); it gives text and top-k log-probs (up to 20)."""
+    api: ApiConfig | None = None
+    """The endpoint of an `api` teacher. Its `tokenizer` (optional) names the served model's tokenizer: a student
+    built from `arch` then gets it, and a student with that vocabulary takes the top-k by exact token."""
 
     def __post_init__(self):
         from distilgen.teachers import TEACHER_KINDS  # imports nothing of the pipeline
@@ -282,7 +334,25 @@ class TeacherConfig(ModelConfig):
             "kind",
             f"unknown teacher kind '{self.kind}'; one of: {', '.join(TEACHER_KINDS)}",
         )
+        if self.kind == "api":
+            check(self.api is not None, "api", "an api teacher needs its endpoint: set api.base_url and api.model")
+            for key in ("path", "arch", "shrink", "gguf_file"):
+                check(getattr(self, key) is None, key, "an api teacher runs elsewhere: leave it empty")
+            if self.tokenizer is not None:
+                check_model_path(self.tokenizer, "tokenizer")
+            return
+        check(self.api is None, "api", f"only an api teacher has an endpoint (kind is {self.kind})")
         super().__post_init__()
+
+    @property
+    def local(self) -> bool:
+        """Whether the teacher is a model loaded here (not an endpoint)."""
+        return self.kind != "api"
+
+    def require_trained(self) -> None:
+        """A `ConfigError` unless the teacher is an endpoint or a model loaded from `path` (not built at random)."""
+        trained = self.path is not None or not self.local
+        check(trained, "teacher.path", "the teacher must be a trained model: set its directory")
 
     def require(self, needs: frozenset[str], what: str, alternatives: list[str] | None = None) -> None:
         """A `ConfigError` unless this teacher can give `needs` (capabilities `what` asks for), naming the

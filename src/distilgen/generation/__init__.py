@@ -10,7 +10,7 @@ seeded by `sample_seed(settings.seed, input_key(source), i)`, whatever batch it 
 
 A backend is a file of this package with an `open(model, **options)` function, plus one entry in `BACKENDS`:
 `hf.py` runs a `transformers` model here (its own decoding loop, `decode.py`, for greedy and sampling; `generate`
-for beams). This module imports nothing of the pipeline.
+for beams); `api.py` asks an OpenAI-compatible endpoint. This module imports nothing of the pipeline.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-BACKENDS: dict[str, str] = {"hf": "distilgen.generation.hf"}
+BACKENDS: dict[str, str] = {"hf": "distilgen.generation.hf", "api": "distilgen.generation.api"}
 """Generation backends by name -> the module whose `open(model, **options)` returns a `Generator`."""
 
 
@@ -42,6 +42,10 @@ class Generated:
     """Per token of `token_ids`, the writer's k most likely tokens there (when asked)..."""
     topk_logprobs: list[list[float]] | None = None
     """...and their log-probabilities."""
+    token_bytes: list[bytes] | None = None
+    """A writer without a vocabulary here (an endpoint): its tokens as bytes, in place of `tokens`/`token_ids`..."""
+    topk_bytes: list[list[bytes]] | None = None
+    """...and its top-k candidates per token as bytes, in place of `topk_ids`."""
 
 
 class Generator(Protocol):
@@ -56,6 +60,7 @@ class Generator(Protocol):
         topk: int = 0,
         prefixes: Sequence[Sequence[int]] | None = None,
         desc: str | None = None,
+        on_done: Callable[[int, list[Generated]], None] | None = None,
     ) -> list[list[Generated]]:
         """The outputs of each source under `settings` (a `config.GenerationSettings`), in the sources' order.
 
@@ -65,6 +70,8 @@ class Generator(Protocol):
             topk: also give the writer's top-k log-probs at every output token (0: none).
             prefixes: per source, target tokens its output starts with (given, and part of the output).
             desc: a progress bar's label (None: no bar).
+            on_done: called with (position in `sources`, its outputs) as soon as a source's outputs are ready (an
+                endpoint's answers as they arrive), so that a caller can keep them before the whole call ends.
         """
         ...
 

@@ -14,7 +14,7 @@ leaves it off.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +68,7 @@ class HFGenerator:
         topk: int = 0,
         prefixes: Sequence[Sequence[int]] | None = None,
         desc: str | None = None,
+        on_done: Callable[[int, list[Generated]], None] | None = None,
     ) -> list[list[Generated]]:
         """See `generation.Generator.generate`. Sources are batched longest-first; a batch shares its number of
         samples and its prefix length."""
@@ -94,6 +95,8 @@ class HFGenerator:
                 keys = [input_key(sources[r.at]) for r in batch]
                 for row, generated in zip(batch, self._batch(batch, keys, settings, topk), strict=True):
                     out[row.at] = generated
+                    if on_done is not None:
+                        on_done(row.at, generated)
                 bar.update(len(batch))
         finally:
             bar.close()

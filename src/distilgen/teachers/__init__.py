@@ -35,6 +35,7 @@ class TeacherKind:
 
 TEACHER_KINDS: dict[str, TeacherKind] = {
     "hf": TeacherKind(frozenset(CAPABILITIES), "distilgen.teachers.hf"),
+    "api": TeacherKind(frozenset({"text", "topk"}), "distilgen.teachers.api"),
 }
 """Teacher kinds by the name a config gives (`teacher.kind`)."""
 
@@ -44,6 +45,10 @@ class Teacher(Protocol):
 
     kind: str
     capabilities: frozenset[str]
+    paid: bool
+    """Each output costs money (an endpoint): PT generation journals every answer as it arrives."""
+    tokenizer: Any
+    """Its tokenizer here (None: an endpoint whose tokenizer is not known): students sharing it get exact top-k."""
 
     def fingerprint(self, max_source_length: int, template: str = "{source}") -> str:
         """sha256 of everything that changes the teacher's outputs for an input: the store's key of its PTs."""

@@ -26,6 +26,7 @@ class HFTeacher(TextModel):
 
     kind: ClassVar[str] = "hf"
     capabilities: ClassVar[frozenset[str]] = TEACHER_KINDS["hf"].capabilities
+    paid: ClassVar[bool] = False
 
     def fingerprint(self, max_source_length: int, template: str = "{source}") -> str:
         return teacher_fingerprint(self, max_source_length, template)

@@ -1,0 +1,394 @@
+"""The backend for an LLM behind an OpenAI-compatible API: one request per input (its samples as `n`), sent
+concurrently, retried where a retry can help, counted in tokens and money.
+
+    generator = open_generator("api", ApiConfig(base_url="http://127.0.0.1:8000/v1", model="m"), prompt=prompt)
+    outputs = generator.generate(sources, get_spec("sample").settings(), topk=5)   # Generated with token_bytes
+
+An output carries the endpoint's tokens as bytes (`Generated.token_bytes`) and, when asked, the top-k candidates of
+each (`topk_bytes`, `topk_logprobs`): there is no vocabulary here, so each student maps them onto its own
+(`token_alignment`). Sample i of an input is in the request asking samples i..j with seed
+`sample_seed(seed, input, i)`: where the endpoint honours `seed`, a rerun gets the same text.
+
+The first request of a generator goes alone: a 400, 401, 403, 404 or 422 stops the run with one line (a wrong key
+or model costs one request). 429, 5xx, timeouts and lost connections are retried with exponential backoff and
+jitter, or after the server's Retry-After. `ApiConfig.budget` is never passed: a request is sent only if the cost
+spent plus the most that every request in flight can cost stays within it (a prompt is at most one token per byte,
+an answer at most max_tokens per sample).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import email.utils
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from distilgen.config import ApiConfig, ConfigError, GenerationSettings
+from distilgen.generation import Generated, input_key, sample_seed
+
+log = logging.getLogger(__name__)
+
+MAX_TOPK = 20
+"""The most alternatives per token the OpenAI API returns."""
+
+_FATAL = (400, 401, 403, 404, 422)
+"""Statuses that no retry can fix: the run stops at once."""
+
+
+class EndpointError(RuntimeError):
+    """The endpoint kept failing after every retry (or answered what cannot be read): one line, exit code 1."""
+
+
+@dataclass
+class Usage:
+    """What a generator's requests cost so far."""
+
+    requests: int = 0
+    """Requests answered."""
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    """In the currency of `ApiConfig.price_*`."""
+    reserved: float = 0.0
+    """The most the requests in flight can still cost."""
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "retries": self.retries,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cost": round(self.cost, 6),
+        }
+
+    def postfix(self) -> dict[str, str]:
+        """Progress-bar fields."""
+        return {"req": str(self.requests), "tok": str(self.prompt_tokens + self.completion_tokens),
+                "cost": f"{self.cost:.4f}"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ApiPrompt:
+    """What the endpoint reads for a source: chat messages (system, demonstrations as turns, the source) or, for
+    plain completions, the demonstrations and the source as text; and what is kept of its answer."""
+
+    chat: bool
+    system: str | None
+    demonstrations: tuple[tuple[str, str], ...]
+    """shots + 1 candidates (`prompts.choose_demonstrations`): the first `shots`, or the spare in place of the input."""
+    shots: int
+    finish: Callable[[str], str]
+
+    def demos(self, source: str) -> list[tuple[str, str]]:
+        return [d for d in self.demonstrations if d[0] != source][: self.shots]
+
+    def request(self, source: str) -> dict[str, Any]:
+        """The request's `messages` (chat) or `prompt` (completions)."""
+        if not self.chat:
+            return {"prompt": "".join(f"{s} {t}\n\n" for s, t in self.demos(source)) + source}
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        for demo_source, demo_target in self.demos(source):
+            messages += [{"role": "user", "content": demo_source}, {"role": "assistant", "content": demo_target}]
+        return {"messages": [*messages, {"role": "user", "content": source}]}
+
+
+@dataclass(frozen=True)
+class _Request:
+    at: int
+    """The source's position in the call."""
+    source: str
+    indices: tuple[int, ...]
+
+
+class ApiGenerator:
+    """A `generation.Generator` over an OpenAI-compatible endpoint."""
+
+    def __init__(self, cfg: ApiConfig, prompt: ApiPrompt, client: Any = None):
+        self.cfg = cfg
+        self.prompt = prompt
+        self.usage = Usage()
+        self._probed = False
+        self._stop = threading.Event()
+        if client is None:
+            import openai
+
+            key = os.environ.get(cfg.api_key_env) or "none"  # a local server takes any key
+            client = openai.OpenAI(base_url=cfg.base_url, api_key=key, max_retries=0, timeout=cfg.timeout_s)
+        self.client = client
+
+    # Requests -------------------------------------------------------------------------------------
+
+    def body(self, source: str, settings: GenerationSettings, indices: Sequence[int], topk: int) -> dict[str, Any]:
+        """The JSON body of the request for samples `indices` of `source` (also a Batch API line's body)."""
+        check_settings(settings, topk)
+        body: dict[str, Any] = {"model": self.cfg.model, **self.prompt.request(source)}
+        body["max_tokens"] = settings.max_new_tokens
+        if len(indices) > 1:
+            body["n"] = len(indices)
+        if settings.kind == "sample":
+            body.update(temperature=settings.temperature, top_p=settings.top_p)
+            body["seed"] = sample_seed(settings.seed, input_key(source), indices[0]) % 2**31
+        else:
+            body["temperature"] = 0.0
+        if topk:
+            if self.prompt.chat:
+                body.update(logprobs=True, top_logprobs=topk)
+            else:
+                body["logprobs"] = topk
+        return body
+
+    def _reserve(self, body: dict[str, Any]) -> float:
+        """The most a request can cost: a token per byte of prompt, max_tokens per sample."""
+        prompt = json.dumps(body.get("messages") or body.get("prompt"), ensure_ascii=False).encode()
+        answers = body["max_tokens"] * body.get("n", 1)
+        return (len(prompt) * self.cfg.price_input + answers * self.cfg.price_output) / 1e6
+
+    def _send(self, body: dict[str, Any]) -> Any:
+        """One request, retried on what a retry can fix; its usage counted."""
+        import openai
+
+        create = self.client.chat.completions.create if self.prompt.chat else self.client.completions.create
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                response = create(**body)
+                break
+            except openai.APIStatusError as err:
+                if err.status_code in _FATAL or (400 <= err.status_code < 500 and err.status_code not in (408, 429)):
+                    raise _fatal(self.cfg, err) from None
+                wait, what = _retry_after(err.response), f"answered {err.status_code}"
+            except openai.APIConnectionError as err:  # timeouts included
+                wait, what = None, f"unreachable ({type(err).__name__})"
+            if attempt == self.cfg.max_retries or self._stop.is_set():
+                raise EndpointError(f"{self.cfg.base_url} {what} after {attempt} retries (teacher.api.max_retries)")
+            with self.usage.lock:
+                self.usage.retries += 1
+            cap = min(self.cfg.max_backoff_s, self.cfg.backoff_s * 2**attempt)
+            time.sleep(wait if wait is not None else cap * random.uniform(0.5, 1.0))
+        usage = getattr(response, "usage", None)
+        prompt, completion = (usage.prompt_tokens or 0, usage.completion_tokens or 0) if usage else (0, 0)
+        with self.usage.lock:
+            self.usage.requests += 1
+            self.usage.prompt_tokens += prompt
+            self.usage.completion_tokens += completion
+            self.usage.cost += (prompt * self.cfg.price_input + completion * self.cfg.price_output) / 1e6
+        return response
+
+    def _answer(self, request: _Request, settings: GenerationSettings, topk: int) -> list[Generated]:
+        body = self.body(request.source, settings, request.indices, topk)
+        reserve = self._reserve(body)
+        with self.usage.lock:
+            budget = self.cfg.budget
+            if self._stop.is_set() or (budget is not None and self.usage.cost + self.usage.reserved + reserve > budget):
+                self._stop.set()
+                raise _Stopped()
+            self.usage.reserved += reserve
+        try:
+            response = self._send(body)
+        finally:
+            with self.usage.lock:
+                self.usage.reserved -= reserve
+        return self.outputs(response, request.source, settings, request.indices, topk)
+
+    def outputs(
+        self, response: Any, source: str, settings: GenerationSettings, indices: Sequence[int], topk: int
+    ) -> list[Generated]:
+        """The samples `indices` in an answer (an `openai` response object, or a Batch API output's body)."""
+        choices = sorted(_get(response, "choices") or [], key=lambda c: _get(c, "index") or 0)
+        if len(choices) < len(indices):
+            raise EndpointError(
+                f"{self.cfg.base_url} returned {len(choices)} answers where {len(indices)} were asked (`n`): "
+                "set teacher.api.max_n=1 for an endpoint that ignores n"
+            )
+        key = input_key(source) if settings.kind == "sample" else None
+        return [
+            self._generated(choice, topk, sample_seed(settings.seed, key, i) if key else None)
+            for choice, i in zip(choices, indices, strict=False)
+        ]
+
+    def _generated(self, choice: Any, topk: int, seed: int | None) -> Generated:
+        message = _get(choice, "message")
+        raw = (_get(message, "content") if message is not None else _get(choice, "text")) or ""
+        text = self.prompt.finish(raw)
+        tokens, candidates = _token_logprobs(_get(choice, "logprobs"), self.prompt.chat) if topk else ([], [])
+        if topk and not tokens and raw:
+            raise EndpointError(f"{self.cfg.base_url} returned no logprobs: this endpoint cannot give top-k (topk: 0)")
+        kept = _prefix_reading(tokens, text)
+        out = Generated(text, [], [], new_tokens=len(tokens), seed=seed)
+        if topk:
+            out.token_bytes = [t for t, _ in tokens[:kept]]
+            out.topk_bytes = [[c for c, _ in alts[:topk]] for alts in candidates[:kept]]
+            out.topk_logprobs = [[p for _, p in alts[:topk]] for alts in candidates[:kept]]
+        return out
+
+    # The Generator interface ------------------------------------------------------------------------
+
+    def generate(
+        self,
+        sources: Sequence[str],
+        settings: GenerationSettings,
+        *,
+        indices: Sequence[Sequence[int]] | None = None,
+        topk: int = 0,
+        prefixes: Sequence[Sequence[int]] | None = None,
+        desc: str | None = None,
+        on_done: Callable[[int, list[Generated]], None] | None = None,
+    ) -> list[list[Generated]]:
+        """See `generation.Generator.generate`; `on_done` is called in this thread as each source's answers arrive.
+
+        Raises:
+            ConfigError: the endpoint refused a request (a wrong key or model, a bad field), or the budget would be
+                passed; the answers that arrived before were given to `on_done`.
+            EndpointError: a request still failed after `max_retries` retries.
+        """
+        if prefixes is not None:
+            raise ValueError("an endpoint cannot continue given tokens (prefixes)")
+        check_settings(settings, topk)
+        wanted = indices if indices is not None else [range(settings.num_return)] * len(sources)
+        requests = [
+            _Request(at, source, tuple(chunk))
+            for at, (source, w) in enumerate(zip(sources, wanted, strict=True))
+            for chunk in _chunks(list(w), self.cfg.max_n)
+        ]
+        out: list[list[Generated]] = [[] for _ in sources]
+        left = [0] * len(sources)
+        for r in requests:
+            left[r.at] += 1
+
+        def deliver(request: _Request, generated: list[Generated]) -> None:
+            out[request.at] += generated
+            left[request.at] -= 1
+            if not left[request.at] and on_done is not None:
+                on_done(request.at, out[request.at])
+
+        if requests and not self._probed:  # alone: a refused key or model costs one request
+            with contextlib.suppress(_Stopped):
+                deliver(requests[0], self._answer(requests[0], settings, topk))
+                self._probed = True
+            requests = requests[1:] if self._probed else []
+        error: BaseException | None = None
+        with concurrent.futures.ThreadPoolExecutor(self.cfg.concurrency) as pool:
+            futures = {pool.submit(self._answer, r, settings, topk): r for r in requests}
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    deliver(futures[future], future.result())
+                except _Stopped:
+                    continue
+                except BaseException as err:  # stop sending; keep what is in flight, since it is paid for
+                    self._stop.set()
+                    error = error or err
+        if error is not None:
+            raise error
+        if self._stop.is_set():
+            raise ConfigError(
+                "teacher.api.budget",
+                f"{self.cfg.budget} would be passed by the next request (spent {self.usage.cost:.4f}); everything "
+                "answered is stored: raise the budget and run again to continue",
+            )
+        return out
+
+
+class _Stopped(Exception):
+    """A request not sent: the run is stopping (a refused request, the budget)."""
+
+
+def check_settings(settings: GenerationSettings, topk: int) -> None:
+    """A `ConfigError` for what an endpoint cannot do: beams, sampling top-k, n-gram blocking, top-k over 20."""
+    check = [
+        (settings.kind != "beam", "kind", "beam search: an endpoint decodes greedy or sampled"),
+        (settings.top_k == 0, "top_k", "sampling top-k: an endpoint samples with temperature and top_p"),
+        (settings.no_repeat_ngram_size == 0, "no_repeat_ngram_size", "n-gram blocking"),
+        (topk <= MAX_TOPK, "topk", f"{topk} alternatives per token: the OpenAI API returns at most {MAX_TOPK}"),
+    ]
+    for ok, key, what in check:
+        if not ok:
+            raise ConfigError(f"spec.{key}", f"an api teacher cannot give {what}")
+
+
+def _chunks(items: list[int], size: int) -> Iterable[list[int]]:
+    return (items[i : i + size] for i in range(0, len(items), size))
+
+
+def _get(obj: Any, name: str) -> Any:
+    """A field of a response object or of its JSON (a Batch API output)."""
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def _piece(entry: Any) -> bytes:
+    raw = _get(entry, "bytes")
+    return bytes(raw) if raw is not None else (_get(entry, "token") or "").encode()
+
+
+def _token_logprobs(logprobs: Any, chat: bool) -> tuple[list[tuple[bytes, float]], list[list[tuple[bytes, float]]]]:
+    """Per written token its (bytes, log-prob), and its alternatives best first, the written token among them."""
+    if logprobs is None:
+        return [], []
+    if chat:
+        entries = _get(logprobs, "content") or []
+        tokens = [(_piece(e), float(_get(e, "logprob"))) for e in entries]
+        alternatives = [[(_piece(a), float(_get(a, "logprob"))) for a in _get(e, "top_logprobs") or []]
+                        for e in entries]  # fmt: skip
+    else:  # legacy completions: parallel lists, alternatives as {token: logprob}
+        texts, values = _get(logprobs, "tokens") or [], _get(logprobs, "token_logprobs") or []
+        tokens = [(t.encode(), float(v if v is not None else 0.0)) for t, v in zip(texts, values, strict=False)]
+        given = _get(logprobs, "top_logprobs") or []
+        alternatives = [[(t.encode(), float(v)) for t, v in (a or {}).items()] for a in given]
+        alternatives += [[] for _ in range(len(tokens) - len(alternatives))]
+    for token, alts in zip(tokens, alternatives, strict=True):
+        if all(candidate != token[0] for candidate, _ in alts):
+            alts.append(token)
+        alts.sort(key=lambda a: -a[1])
+    return tokens, alternatives
+
+
+def _prefix_reading(tokens: Sequence[tuple[bytes, float]], text: str) -> int:
+    """How many of the written tokens read `text` (the answer as kept: stripped, maybe cut at a line): the shortest
+    prefix that does, else all."""
+    written = b""
+    for n, (piece, _) in enumerate(tokens):
+        if written.decode(errors="ignore").strip() == text and (n or not text):
+            return n
+        written += piece
+    return len(tokens)
+
+
+def _retry_after(response: Any) -> float | None:
+    """The server's Retry-After (seconds, or an HTTP date), if it gave one."""
+    value = response.headers.get("retry-after") if response is not None else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time()) if when is not None else None
+
+
+def _fatal(cfg: ApiConfig, err: Any) -> ConfigError:
+    """A refused request as one line naming the key most likely at fault."""
+    key = {401: "api_key_env", 403: "api_key_env", 404: "model"}.get(err.status_code, "base_url")
+    message = _error_message(err)
+    hint = f" (the key is read from ${cfg.api_key_env})" if key == "api_key_env" else ""
+    return ConfigError(f"teacher.api.{key}", f"{cfg.base_url} answered {err.status_code}: {message}{hint}")
+
+
+def _error_message(err: Any) -> str:
+    body = getattr(err, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return str(getattr(err, "message", err))
+
+
+def open(cfg: ApiConfig, **options: Any) -> ApiGenerator:  # noqa: A001 (the backend entry point, `generation.BACKENDS`)
+    return ApiGenerator(cfg, **options)

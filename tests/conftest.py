@@ -107,7 +107,7 @@ def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float 
     proc.wait()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -117,7 +117,7 @@ class Server:
     """`distilgen serve MODEL` in its own process on 127.0.0.1, until `stop()`."""
 
     def __init__(self, model: str, *overrides: str, env: dict[str, str] | None = None):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "distilgen.cli", "serve", model, f"port={self.port}", *overrides]
         self.proc = subprocess.Popen(command, env={**cli_env(), **(env or {})}, stdout=subprocess.PIPE,

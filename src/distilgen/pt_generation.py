@@ -14,16 +14,19 @@ with the same per-PT seeds, so it ends with the same PTs.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from distilgen.config import ConfigError, DecodingSpec, GenerateConfig
-from distilgen.data import load_splits
+from distilgen.data import DataError, load_splits
 from distilgen.generation import Generated, Generator
 from distilgen.generation import plan_batches as batches_of
+from distilgen.generation.api import ApiGenerator, EndpointError
 from distilgen.progress import progress_bar
 from distilgen.pseudo_targets import MissingPT, PTRecord, PTStore, get_spec
 from distilgen.teachers import load_teacher
@@ -241,6 +244,12 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
     store = PTStore(cfg.store)
     generator = tm.generator(cfg.data.max_source_length, cfg.batch_size, cfg.static_cache)
     usage = generator.usage if tm.paid else None
+    if cfg.batch != "off":
+        if cfg.batch == "write":
+            done = write_batch(generator, store, teacher_fp, spec, sources, cfg.topk, cfg.batch_file)
+        else:
+            done = read_batch(generator, store, teacher_fp, spec, sources, cfg.topk, cfg.batch_file, cfg.shard_size)
+        return {"store": cfg.store, "teacher_fp": teacher_fp, "spec": spec.name, **done}
     report = generate_pts(
         generator,
         store,
@@ -275,3 +284,58 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         "stored_pts": stats.pts if stats else 0,
         **({"teacher_api": usage.summary()} if usage else {}),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch API files: an api teacher's requests answered offline
+# ---------------------------------------------------------------------------------------------
+
+
+def write_batch(
+    generator: ApiGenerator, store: PTStore, teacher_fp: str, spec: DecodingSpec, sources: Sequence[str], topk: int,
+    path: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Write the requests of the PTs `store` lacks as an OpenAI Batch API input file."""
+    rows = plan_rows(store.missing(teacher_fp, spec, sources), spec)
+    lines = generator.batch_lines([r.source for r in rows], spec.settings(), [r.sample_indices for r in rows], topk)
+    text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    log.info("wrote %d requests for %d PTs to %s", len(lines), sum(len(r.sample_indices) for r in rows), path)
+    return {"batch_file": path, "requests": len(lines), "missing_pts": sum(len(r.sample_indices) for r in rows)}
+
+
+def read_batch(
+    generator: ApiGenerator, store: PTStore, teacher_fp: str, spec: DecodingSpec, sources: Sequence[str], topk: int,
+    path: str, shard_size: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Add the answers of an OpenAI Batch API output file to `store`; lines for other inputs, failed requests and
+    PTs already stored are counted, not stored."""
+    missing = {(m.input_key, m.sample_index) for m in store.missing(teacher_fp, spec, sources)}
+    settings = spec.settings()
+    records: list[PTRecord] = []
+    failed = foreign = 0
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                key, indices, outputs = generator.batch_answer(json.loads(line), settings, topk)
+            except (ValueError, EndpointError) as err:
+                raise DataError(f"{path}:{number}: not a Batch API output line of these requests: {err}") from None
+            if outputs is None:
+                failed += 1
+                continue
+            new = [_record(key, i, g) for i, g in zip(indices, outputs, strict=True) if (key, i) in missing]
+            missing -= {(key, r.sample_index) for r in new}
+            foreign += not new
+            records += new
+    for start in range(0, len(records), shard_size):
+        store.add(teacher_fp, spec, records[start : start + shard_size])
+    if failed or foreign:
+        log.warning("%s: %d failed requests, %d answers for inputs not asked or already stored", path, failed, foreign)
+    left = len(store.missing(teacher_fp, spec, sources))
+    return {"batch_file": path, "stored_now": len(records), "failed_requests": failed, "not_asked": foreign,
+            "still_missing": left, "teacher_api": generator.usage.summary()}  # fmt: skip

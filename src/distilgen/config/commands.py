@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from distilgen.config.base import ConfigError, _merge, check, from_dict
+from distilgen.config.base import ConfigError, _merge, check, check_path, from_dict
 from distilgen.config.decoding import SPECS, DecodingConfig, DecodingSpec
 from distilgen.config.sources import DataConfig, ModelConfig, TeacherConfig, as_teacher, check_model_path
 from distilgen.config.training import (
@@ -205,6 +205,12 @@ class GenerateConfig:
     teacher fingerprint (bf16 and fp32 PTs are stored apart)."""
     limit: int | None = None
     """Use at most this many inputs per split."""
+    batch: Literal["off", "write", "read"] = "off"
+    """An api teacher through the OpenAI Batch API (cheaper, answered within a day): write the requests of the PTs
+    the store lacks to `batch_file` (the Batch API's input JSONL), or read the Batch API's output JSONL from it into
+    the store. off: ask the endpoint now."""
+    batch_file: str | None = None
+    """The JSONL file `batch` writes or reads."""
 
     def __post_init__(self):
         if isinstance(self.spec, str):
@@ -218,6 +224,12 @@ class GenerateConfig:
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         check(self.topk >= 0, "topk", f"must be >= 0, got {self.topk}")
         check(self.limit is None or self.limit > 0, "limit", f"must be > 0, got {self.limit}")
+        check(self.batch in ("off", "write", "read"), "batch", f"must be off, write or read, got {self.batch!r}")
+        if self.batch != "off":
+            check(not self.teacher.local, "batch", "Batch API files are for an api teacher (teacher.kind: api)")
+            check(self.batch_file is not None, "batch_file", f"batch: {self.batch} needs the JSONL file")
+        if self.batch == "read":
+            check_path(os.path.isfile(self.batch_file), "batch_file", f"file not found: {self.batch_file}")
 
 
 @dataclass

@@ -62,6 +62,15 @@ class Usage:
     """The most the requests in flight can still cost."""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def count(self, usage: Any, cfg: ApiConfig) -> None:
+        """Add one answered request with its `usage` (a response's, or its JSON; None: not reported)."""
+        prompt, completion = _get(usage, "prompt_tokens") or 0, _get(usage, "completion_tokens") or 0
+        with self.lock:
+            self.requests += 1
+            self.prompt_tokens += prompt
+            self.completion_tokens += completion
+            self.cost += (prompt * cfg.price_input + completion * cfg.price_output) / 1e6
+
     def summary(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
@@ -174,13 +183,7 @@ class ApiGenerator:
                 self.usage.retries += 1
             cap = min(self.cfg.max_backoff_s, self.cfg.backoff_s * 2**attempt)
             time.sleep(wait if wait is not None else cap * random.uniform(0.5, 1.0))
-        usage = getattr(response, "usage", None)
-        prompt, completion = (usage.prompt_tokens or 0, usage.completion_tokens or 0) if usage else (0, 0)
-        with self.usage.lock:
-            self.usage.requests += 1
-            self.usage.prompt_tokens += prompt
-            self.usage.completion_tokens += completion
-            self.usage.cost += (prompt * self.cfg.price_input + completion * self.cfg.price_output) / 1e6
+        self.usage.count(_get(response, "usage"), self.cfg)
         return response
 
     def _answer(self, request: _Request, settings: GenerationSettings, topk: int) -> list[Generated]:
@@ -197,23 +200,58 @@ class ApiGenerator:
         finally:
             with self.usage.lock:
                 self.usage.reserved -= reserve
-        return self.outputs(response, request.source, settings, request.indices, topk)
+        return self.outputs(response, input_key(request.source), settings, request.indices, topk)
 
     def outputs(
-        self, response: Any, source: str, settings: GenerationSettings, indices: Sequence[int], topk: int
+        self, response: Any, key: str, settings: GenerationSettings, indices: Sequence[int], topk: int
     ) -> list[Generated]:
-        """The samples `indices` in an answer (an `openai` response object, or a Batch API output's body)."""
+        """The samples `indices` of the input with key `key` in an answer (an `openai` response object, or a Batch
+        API output's body)."""
         choices = sorted(_get(response, "choices") or [], key=lambda c: _get(c, "index") or 0)
         if len(choices) < len(indices):
             raise EndpointError(
                 f"{self.cfg.base_url} returned {len(choices)} answers where {len(indices)} were asked (`n`): "
                 "set teacher.api.max_n=1 for an endpoint that ignores n"
             )
-        key = input_key(source) if settings.kind == "sample" else None
+        sampled = settings.kind == "sample"
         return [
-            self._generated(choice, topk, sample_seed(settings.seed, key, i) if key else None)
+            self._generated(choice, topk, sample_seed(settings.seed, key, i) if sampled else None)
             for choice, i in zip(choices, indices, strict=False)
         ]
+
+    # Batch API files ---------------------------------------------------------------------------------
+
+    def batch_lines(
+        self, sources: Sequence[str], settings: GenerationSettings, indices: Sequence[Sequence[int]], topk: int
+    ) -> list[dict[str, Any]]:
+        """The OpenAI Batch API input lines asking samples `indices[i]` of each source (`max_n` per line); a line's
+        `custom_id` is the input's key and its sample indices."""
+        url = "/v1/chat/completions" if self.prompt.chat else "/v1/completions"
+        return [
+            {
+                "custom_id": f"{input_key(source)}/{'.'.join(map(str, chunk))}",
+                "method": "POST",
+                "url": url,
+                "body": self.body(source, settings, chunk, topk),
+            }  # fmt: skip
+            for source, wanted in zip(sources, indices, strict=True)
+            for chunk in _chunks(list(wanted), self.cfg.max_n)
+        ]
+
+    def batch_answer(
+        self, line: dict[str, Any], settings: GenerationSettings, topk: int
+    ) -> tuple[str, list[int], list[Generated] | None]:
+        """A Batch API output line as (input key, sample indices, outputs); outputs None for a failed request."""
+        key, _, numbers = str(line.get("custom_id", "")).partition("/")
+        if not numbers or not all(n.isdigit() for n in numbers.split(".")):
+            raise ValueError(f"custom_id {line.get('custom_id')!r} is not one distilgen wrote (KEY/0.1.2)")
+        indices = [int(n) for n in numbers.split(".")]
+        response = line.get("response") or {}
+        if line.get("error") or response.get("status_code") != 200:
+            return key, indices, None
+        body = response.get("body") or {}
+        self.usage.count(body.get("usage"), self.cfg)
+        return key, indices, self.outputs(body, key, settings, indices, topk)
 
     def _generated(self, choice: Any, topk: int, seed: int | None) -> Generated:
         message = _get(choice, "message")

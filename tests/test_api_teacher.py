@@ -93,6 +93,7 @@ def test_sampled_pts_under_injected_faults_are_all_stored_once_and_no_answer_is_
         usage = summary["teacher_api"]
         assert usage["requests"] == 12 == _decoded(faulty)  # one request per input, each decoded once
         assert usage["retries"] > 0 and usage["completion_tokens"] > 0
+        assert httpx.get(f"{faulty.url}/health").json()["requests"] == 12 + usage["retries"]  # faults: retried
         store = PTStore(tmp_path / "pts")
         teacher = load_teacher(cfg.teacher, "fp32", torch.device("cpu"), cfg.data)
         fp = teacher.fingerprint(cfg.data.max_source_length, cfg.data.template)
@@ -149,7 +150,8 @@ def test_a_wrong_model_or_key_stops_the_run_after_one_request_with_one_line(teac
             lines = result.stderr.strip().splitlines()
             assert result.returncode == 2 and "Traceback" not in result.stderr
             assert lines[-1].startswith(f"distilgen generate: error: {key}: ")
-        assert _decoded(keyed) == 0  # both refused before decoding anything
+        health = httpx.get(f"{keyed.url}/health").json()
+        assert health["requests"] == 2 and health["prompts_decoded"] == 0  # one request each, refused
     finally:
         keyed.stop()
 

@@ -288,6 +288,7 @@ def build_app(engine: Engine, name: str):
     faults = random.Random(cfg.fault_seed)
     app = FastAPI(title="distilgen serve", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
+    received = {"posts": 0}
 
     def error(err: RequestError) -> JSONResponse:
         headers = {"Retry-After": "0"} if err.status == 429 else None
@@ -296,6 +297,7 @@ def build_app(engine: Engine, name: str):
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if request.url.path.startswith("/v1/"):
+            received["posts"] += request.method == "POST"
             if key is not None:
                 scheme, _, given = request.headers.get("authorization", "").partition(" ")
                 if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
@@ -322,7 +324,8 @@ def build_app(engine: Engine, name: str):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "batches": engine.batches, "prompts_decoded": engine.decoded}
+        return {"status": "ok", "model": name, "requests": received["posts"], "batches": engine.batches,
+                "prompts_decoded": engine.decoded}  # fmt: skip
 
     @app.get("/v1/models")
     async def models():

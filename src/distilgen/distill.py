@@ -606,7 +606,7 @@ def prepare_pts(ctx: Context, state: Accelerator) -> None:
     state.wait_for_everyone()
     log.info("teacher PTs: %d requested, %d generated here", report.requested, report.generated)
     if usage is not None:
-        ctx.teacher_usage = usage.summary()
+        ctx.teacher_usage = {**usage.summary(), "pts_generated": report.generated, "seconds": round(report.seconds, 1)}
         log.info("teacher endpoint: %s", ctx.teacher_usage)
     stats = ctx.store.pair_stats(ctx.teacher_fp, spec)
     kd, method = cfg.kd, METHODS[cfg.method]

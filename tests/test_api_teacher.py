@@ -23,16 +23,19 @@ from distilgen.config import (
     EvaluateConfig,
     GenerateConfig,
     ModelConfig,
+    StudyConfig,
     from_dict,
+    to_dict,
 )
 from distilgen.data import DataError, Example, load_splits
 from distilgen.distill import distill
-from distilgen.evaluate import evaluate, generate
+from distilgen.evaluate import evaluate, evaluate_model, generate
 from distilgen.generation import input_key
 from distilgen.generation.api import ApiGenerator, ApiPrompt, EndpointError
 from distilgen.models import load_model
 from distilgen.pseudo_targets import PTStore, get_spec
 from distilgen.pt_generation import generate as generate_command
+from distilgen.study import study
 from distilgen.teachers import load_teacher
 from distilgen.token_alignment import carry_topk, vocabulary_bytes
 from tests.conftest import Server, cli_env, free_port, kill_when
@@ -327,3 +330,23 @@ def test_the_no_label_pipeline_runs_against_llama_cpps_own_server(llama_cpp_serv
     report = evaluate(from_dict(EvaluateConfig, {"output_dir": str(tmp_path / "eval"), "data": data,
                                                   "models": [summary["model"]], "metrics": ["chrf"]}))  # fmt: skip
     assert len(report["models"]) == 1
+
+
+def test_a_study_with_an_api_teacher_scores_the_teacher_through_its_endpoint(server, teacher_dir, tmp_path):
+    data = {"task": {"train_size": 16, "unlabeled_size": 8, "dev_size": 0, "test_size": 6}}
+    cfg = from_dict(StudyConfig, {
+        "output_dir": str(tmp_path / "study"), "data": data, "methods": ["finetune", "seq_kd"],
+        "teacher": {"kind": "api", "api": _api(server)},
+        "student": {"arch": "bart", "tokenizer": "task", "vocab_size": 300, "hidden_size": 32, "encoder_layers": 1,
+                    "decoder_layers": 1, "num_heads": 2, "ffn_size": 64},
+        "common": {"pts": {"spec": "greedy"}, "final_finetune_epochs": 0, "train": {"max_steps": 2, "batch_size": 8}},
+        "metrics": ["bleu", "chrf"], "decoding": {"max_new_tokens": 16}, "cost": {"enabled": False},
+    })  # fmt: skip
+    report = study(cfg)
+    tm = load_model(ModelConfig(path=str(teacher_dir)), data=cfg.data)
+    test = load_splits(cfg.data)["test"]
+    local, _ = evaluate_model(tm, test, ["bleu", "chrf"], cfg.decoding, cfg.data)
+    assert report["teacher"]["scores"] == pytest.approx(local["scores"])  # the endpoint's answers are the model's
+    assert report["teacher"]["teacher_api"]["requests"] == 6
+    with pytest.raises(ConfigError, match="metrics: perplexity needs the teacher's distributions"):
+        from_dict(StudyConfig, {**to_dict(cfg), "metrics": ["perplexity"]})

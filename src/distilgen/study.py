@@ -23,7 +23,7 @@ import torch
 from distilgen.config import ConfigError, ModelConfig, StudyConfig, save_config, writable_dir
 from distilgen.data import scored_split
 from distilgen.evaluate import DISTILL_STAGES, evaluate_model
-from distilgen.metrics import gap_closed, reported_scores
+from distilgen.metrics import compute_metrics, gap_closed, reported_scores
 from distilgen.models import load_model
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,23 @@ def _evaluate_cached(path: str, cache: Path, examples, cfg: StudyConfig, with_co
     tm = load_model(ModelConfig(path=path), data=cfg.data)
     tm.model.to("cuda" if torch.cuda.is_available() else "cpu")
     result, _ = evaluate_model(tm, examples, cfg.metrics, cfg.decoding, cfg.data, cfg.cost if with_cost else None, path)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def _evaluate_endpoint(cfg: StudyConfig, examples, cache: Path) -> dict[str, Any]:
+    """Scores of an api teacher, its answers asked through its generator (no cost: an endpoint's latency is not
+    this machine's); kept in `cache`."""
+    if cache.exists():
+        return json.loads(cache.read_text())
+    from distilgen.teachers import load_teacher
+
+    teacher = load_teacher(cfg.teacher, "auto", torch.device("cpu"), cfg.data)
+    generator = teacher.generator(cfg.data.max_source_length, cfg.decoding.batch_size)
+    outputs = generator.generate([e.source for e in examples], cfg.decoding.settings())
+    scores = compute_metrics(cfg.metrics, [o[0].text for o in outputs], [list(e.references) for e in examples])
+    result = {"scores": scores, "teacher_api": generator.usage.summary()}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result))
     return result
@@ -121,7 +138,10 @@ def _report(
     """Evaluate the teacher and every final model on `examples`; write and print the report."""
     out = Path(cfg.output_dir)
     print(f"evaluating {len(summaries) + 1} models on {len(examples)} {cfg.split} examples")
-    teacher = _evaluate_cached(cfg.teacher.path, out / "eval" / "teacher.json", examples, cfg, with_cost=True)
+    if cfg.teacher.local:
+        teacher = _evaluate_cached(cfg.teacher.path, out / "eval" / "teacher.json", examples, cfg, with_cost=True)
+    else:
+        teacher = _evaluate_endpoint(cfg, examples, out / "eval" / "teacher.json")
     results = {
         (name, seed): _evaluate_cached(
             summary["model"], out / "eval" / f"{name}-seed{seed}.json", examples, cfg, with_cost=seed == cfg.seeds[0]

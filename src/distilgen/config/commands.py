@@ -328,6 +328,12 @@ class StudyConfig:
         check(len(set(names)) == len(names), "variants", f"run names must be unique, got {names}")
         for key in ("output_dir", "data", "teacher", "student", "method", "seed"):
             check(key not in self.common, f"common.{key}", "set by the study itself; remove it")
+        self.teacher = as_teacher(self.teacher)
+        check(
+            self.teacher.local or "perplexity" not in self.metrics,
+            "metrics",
+            "perplexity needs the teacher's distributions; an api teacher gives its answers only",
+        )
         self.run_configs()  # every run's settings are checked now, before anything trains
 
     def run_configs(self) -> list[tuple[str, int, DistillConfig]]:

@@ -36,6 +36,7 @@ from distilgen.config import (
     DiagnoseConfig,
     DistillConfig,
     EvaluateConfig,
+    ExportConfig,
     FinetuneConfig,
     GenerateConfig,
     InspectConfig,
@@ -192,6 +193,13 @@ def run_serve(cfg: ServeConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(cfg: ExportConfig, args: argparse.Namespace) -> int:
+    from distilgen.export import export
+
+    _print_summary(export(cfg))
+    return 0
+
+
 def run_inspect(cfg: InspectConfig, args: argparse.Namespace) -> int:
     import torch
 
@@ -200,7 +208,9 @@ def run_inspect(cfg: InspectConfig, args: argparse.Namespace) -> int:
     from distilgen.students import STACKS, module_at
 
     tm = load_model(ModelConfig(path=cfg.model, shrink=cfg.shrink), key="")
-    tm.model.to("cuda" if torch.cuda.is_available() else "cpu")
+    if tm.runtime is not None:
+        raise ConfigError("model", "an export: inspect times the PyTorch model; `distilgen evaluate` measures both")
+    tm.to("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.save:
         tm.save(cfg.save)
     report = cost_report(tm.model, cfg.input_length, cfg.output_length, cfg.batch_size, cfg.latency_runs, cfg.seed)
@@ -337,6 +347,12 @@ COMMANDS: dict[str, Command] = {
         "parameters, FLOPs, latency and throughput of a model or of a shrunk copy (E:D)",
         run_inspect,
         InspectConfig,
+        positional="model",
+    ),
+    "export": Command(
+        "convert a model for a fast inference runtime (CTranslate2, int8 on a CPU), as it will be deployed",
+        run_export,
+        ExportConfig,
         positional="model",
     ),
     "serve": Command(

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from distilgen.generation.ct2 import RUNTIME_DIR
+
 T = TypeVar("T")
 
 
@@ -42,9 +44,11 @@ def size_on_disk(path: str | Path) -> dict[str, int]:
     """Bytes of a saved model directory: its weight files (`weights`) and all its top-level files (`total`).
 
     Weights are the `*.safetensors` files, or the `*.bin` files when there are none: hub repositories
-    often ship both, and transformers loads only the safetensors.
+    often ship both, and transformers loads only the safetensors. An export's are its runtime's (`ctranslate2/`).
     """
+    runtime = Path(path) / RUNTIME_DIR
     files = [f for f in Path(path).iterdir() if f.is_file()]
+    files += [f for f in runtime.iterdir() if f.is_file()] if runtime.is_dir() else []
     safetensors = [f for f in files if f.suffix == ".safetensors"]
     weights = safetensors or [f for f in files if f.suffix == ".bin"]
     return {"weights": sum(f.stat().st_size for f in weights), "total": sum(f.stat().st_size for f in files)}

@@ -21,7 +21,6 @@ import torch
 from distilgen.config import DiagnoseConfig, ModelConfig, save_config, writable_dir
 from distilgen.data import Example, scored_split
 from distilgen.generation import Generated
-from distilgen.generation.hf import HFGenerator
 from distilgen.metrics import compute_metrics
 from distilgen.models import TextModel, load_model
 from distilgen.progress import progress_bar
@@ -31,7 +30,7 @@ from distilgen.teachers import Teacher, load_teacher
 
 def student_outputs(tm: TextModel, examples: Sequence[Example], cfg: DiagnoseConfig) -> list[list[int]]:
     """The student's text tokens for each example (its own decoding, `cfg.decoding`)."""
-    generator = HFGenerator(tm, cfg.data.max_source_length, cfg.decoding.batch_size)
+    generator = tm.generator(cfg.data.max_source_length, cfg.decoding.batch_size)
     outputs = generator.generate([e.source for e in examples], cfg.decoding.settings(), desc="student")
     return [written[0].tokens for written in outputs]
 

@@ -28,7 +28,6 @@ from distilgen.config import (
 )
 from distilgen.cost import count_parameters, measure_sample_latency, measure_throughput, peak_memory, size_on_disk
 from distilgen.data import Example, scored_split
-from distilgen.generation.hf import HFGenerator
 from distilgen.metrics import compute_metrics, perplexity
 from distilgen.models import TextModel, load_model, target_nll
 
@@ -45,7 +44,7 @@ def generate(
 ) -> list[str]:
     """One output per example, in input order, through the model's generator (the loop PT generation runs;
     batches formed longest-first to waste little padding). A sample is seeded by `seed` and the example's text."""
-    generator = HFGenerator(tm, max_source_length, decoding.batch_size)
+    generator = tm.generator(max_source_length, decoding.batch_size)
     many = len(examples) >= 2 * decoding.batch_size
     outputs = generator.generate([e.source for e in examples], decoding.settings(seed), desc=desc if many else None)
     return [written[0].text for written in outputs]
@@ -82,7 +81,7 @@ def measure_cost(
     if path is not None and Path(path).is_dir():
         result["size_on_disk_mb"] = size_on_disk(path)["weights"] / 2**20
     sources = [e.source for e in examples]
-    generator = HFGenerator(tm, data.max_source_length, cost.throughput_batch)
+    generator = tm.generator(data.max_source_length, cost.throughput_batch)
     settings = decoding.settings()
 
     def run(chunk: list[str]) -> int:
@@ -115,7 +114,7 @@ def evaluate_model(
     references = [list(e.references) for e in examples]
     text_metrics = [m for m in metrics if m != "perplexity"]
     scores = compute_metrics(text_metrics, predictions, references) if text_metrics else {}
-    if "perplexity" in metrics:
+    if "perplexity" in metrics and tm.runtime is None:  # an export gives text, not the gold targets' probabilities
         scores["perplexity"] = gold_perplexity(tm, examples, data, decoding.batch_size)
     result: dict[str, Any] = {"scores": scores}
     if cost is not None and cost.enabled:
@@ -184,7 +183,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     (output_dir / "generations").mkdir(exist_ok=True)
     for index, path in enumerate(cfg.models):
         tm = load_model(ModelConfig(path=path), key=f"models[{index}]", data=cfg.data)
-        tm.model.to(device)
+        tm.to(device)
         result, predictions = evaluate_model(tm, examples, cfg.metrics, cfg.decoding, cfg.data, cfg.cost, path)
         name = model_label(path)
         results.append({"name": name, "path": path, **result})

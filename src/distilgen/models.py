@@ -40,6 +40,7 @@ from transformers import (
 
 from distilgen.checkpoints import model_dir
 from distilgen.config import DECODER_ONLY_FAMILIES, TASK_TOKENIZER, ConfigError, DataConfig, ModelConfig
+from distilgen.generation.ct2 import is_export, open_runtime
 from distilgen.generation.decode import DecoderOnlySteps, EncoderDecoderSteps, forward_parameters
 from distilgen.objectives import cross_entropy, masked_sum
 from distilgen.prompts import Prompt, prompt_for
@@ -341,10 +342,26 @@ class TextModel:
     layout: Layout
     prompt: Prompt | None = None
     """How it reads a source (chat template, demonstrations) and what is kept of an output; None: plain text."""
+    runtime: Any = None
+    """An exported model that generates in its place (`distilgen export`: CTranslate2); `model` is then an empty
+    shell on the meta device that holds its config. None: the torch model generates."""
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return torch.device("cpu") if self.runtime is not None else next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str) -> TextModel:
+        """Move the torch model to `device` (an export runs where it was opened)."""
+        if self.runtime is None:
+            self.model.to(device)
+        return self
+
+    def generator(self, max_source_length: int = 512, batch_size: int = 32, **options: Any):
+        """The `generation.Generator` that writes for this model: the torch model's, or its export's."""
+        from distilgen.generation import open_generator
+
+        backend = "ct2" if self.runtime is not None else "hf"
+        return open_generator(backend, self, max_source_length=max_source_length, batch_size=batch_size, **options)
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -390,11 +407,11 @@ class TextModel:
         """The target tokens up to and with the text tokens `content`: what an output continuing them starts with."""
         return [*self._target_affixes()[0], *content]
 
-    def output_tokens(self, ids: torch.Tensor) -> list[list[int]]:
+    def output_tokens(self, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
         """The text tokens of each generated row: up to the first EOS, special tokens removed."""
         eos, special = self.tokenizer.eos_token_id, set(self.tokenizer.all_special_ids)
         rows = []
-        for row in ids.tolist():
+        for row in ids.tolist() if isinstance(ids, torch.Tensor) else map(list, ids):
             if eos in row:
                 row = row[: row.index(eos)]
             rows.append([t for t in row if t not in special])
@@ -492,6 +509,7 @@ def load_model(
     `cfg` sits in the command's config (model, student, teacher; "" at the top), for errors naming its keys. With
     `data`, the model reads sources through `data.prompt` (`prompts.prompt_for`).
     """
+    runtime = None
     if cfg.path is not None:
         try:
             path = model_dir(cfg)
@@ -502,7 +520,14 @@ def load_model(
             reason = str(err).strip().splitlines()[0]
             raise ConfigError("path", f"cannot load a model from {cfg.path}: {reason}").under(key) from None
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_pretrained(path)
+        if is_export(path):  # `distilgen export`: CTranslate2 generates; the torch model only holds the config
+            if cfg.shrink is not None:
+                raise ConfigError("shrink", "an export cannot be shrunk: shrink the model, then export it").under(key)
+            with torch.device("meta"):
+                model = auto.from_config(config)
+            runtime = open_runtime(path, config.is_encoder_decoder)
+        else:
+            model = auto.from_pretrained(path)
         if cfg.shrink is not None:
             try:
                 model = shrink_layers(model, cfg.shrink)
@@ -523,7 +548,7 @@ def load_model(
     prompt = prompt_for(data, tokenizer, model.config.is_encoder_decoder) if data is not None else None
     if data is not None and cfg.path is not None:
         _check_saved_prompt(Path(path), prompt, key)
-    return TextModel(model, tokenizer, _layout_for(model.config), prompt)
+    return TextModel(model, tokenizer, _layout_for(model.config), prompt, runtime)
 
 
 PROMPT_FILE = "prompt.json"

@@ -41,7 +41,7 @@ from distilgen.config import GenerationSettings, ModelConfig, ServeConfig
 from distilgen.data import Example
 from distilgen.evaluate import model_label
 from distilgen.generation import Generated
-from distilgen.generation.hf import HFGenerator, forced_logprobs
+from distilgen.generation.hf import forced_logprobs
 from distilgen.models import TextModel, load_model
 from distilgen.token_alignment import vocabulary_bytes
 
@@ -94,9 +94,8 @@ class Engine:
         self.cfg = cfg
         raw = dataclasses.replace(tm, prompt=None)  # a completion prompt and a rendered chat are read as they are
         self.tm = raw
-        self.generator = HFGenerator(  # distilgen's own loop: seeded samples (a model's extra rules are not applied)
-            raw, max_source_length=cfg.max_prompt_tokens, batch_size=cfg.max_batch_size, own_rules=False
-        )
+        # distilgen's own loop (seeded samples; a model's extra rules are not applied), or an export's runtime
+        self.generator = raw.generator(cfg.max_prompt_tokens, cfg.max_batch_size, own_rules=False)
         self.batches = self.decoded = 0
         self.has_chat_template = bool(getattr(tm.tokenizer, "chat_template", None)) and not tm.is_encoder_decoder
         self.pieces = vocabulary_bytes(tm.tokenizer)
@@ -361,6 +360,8 @@ def build_app(engine: Engine, name: str):
             if length > limit:
                 message = f"the prompt is {length} tokens, over this model's limit of {limit} (with max_tokens "
                 raise RequestError(400, message + f"{settings.max_new_tokens})", field, "context_length_exceeded")
+        if top is not None and engine.tm.runtime is not None:
+            raise RequestError(400, "this model is an export (CTranslate2): it gives no logprobs", "logprobs")
         loop = asyncio.get_running_loop()
         jobs = [Job(s, settings, stop, top, loop.create_future()) for s in sources]
         results = await asyncio.gather(*(engine.submit(job) for job in jobs))
@@ -496,9 +497,10 @@ def serve(cfg: ServeConfig) -> None:
 
     tm = load_model(ModelConfig(path=cfg.model), key="")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tm.model.to(device)
-    if cfg.precision == "bf16" or (
-        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    tm.to(device)
+    if tm.runtime is None and (
+        cfg.precision == "bf16"
+        or (cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     ):
         tm.model.to(torch.bfloat16)
     tm.model.eval()

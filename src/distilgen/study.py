@@ -52,7 +52,7 @@ def _evaluate_cached(path: str, cache: Path, examples, cfg: StudyConfig, with_co
         if not (with_cost and cfg.cost.enabled) or "latency_s" in cached.get("cost", {}):
             return cached
     tm = load_model(ModelConfig(path=path), data=cfg.data)
-    tm.model.to("cuda" if torch.cuda.is_available() else "cpu")
+    tm.to("cuda" if torch.cuda.is_available() else "cpu")
     result, _ = evaluate_model(tm, examples, cfg.metrics, cfg.decoding, cfg.data, cfg.cost if with_cost else None, path)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result))

@@ -25,6 +25,29 @@ from distilgen.config.training import (
 
 
 @dataclass
+class ExportConfig:
+    """`distilgen export MODEL`: the model converted for a fast inference runtime, as it will be deployed."""
+
+    model: str
+    """Model directory, hub id or `pkg:` file to export (a student, a teacher, an HF checkpoint, a GGUF file)."""
+    output_dir: str
+    """The export (loaded by `evaluate`, `serve` and `inspect` like any model)."""
+    format: Literal["ctranslate2"] = "ctranslate2"
+    """The runtime: CTranslate2 (BART, T5, GPT-2, the Llama family)."""
+    quantization: Literal["int8", "int8_float32", "float16", "float32"] = "int8"
+    """Weights as stored and computed: int8 (int8 matrix products), int8_float32, float16 (GPU), float32."""
+    overwrite: bool = False
+    """Replace an existing `output_dir`."""
+
+    def __post_init__(self):
+        check(self.format == "ctranslate2", "format", f"must be ctranslate2, got {self.format!r}")
+        valid = ("int8", "int8_float32", "float16", "float32")
+        got = self.quantization
+        check(got in valid, "quantization", f"must be one of {', '.join(valid)}, got {got!r}")
+        check_model_path(self.model, "model")
+
+
+@dataclass
 class ServeConfig:
     """`distilgen serve MODEL`: an OpenAI-compatible HTTP server for a model distilgen can load."""
 

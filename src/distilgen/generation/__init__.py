@@ -10,7 +10,8 @@ seeded by `sample_seed(settings.seed, input_key(source), i)`, whatever batch it 
 
 A backend is a file of this package with an `open(model, **options)` function, plus one entry in `BACKENDS`:
 `hf.py` runs a `transformers` model here (its own decoding loop, `decode.py`, for greedy and sampling; `generate`
-for beams); `api.py` asks an OpenAI-compatible endpoint. This module imports nothing of the pipeline.
+for beams); `api.py` asks an OpenAI-compatible endpoint; `ct2.py` runs a CTranslate2 export (`distilgen export`).
+This module imports nothing of the pipeline.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-BACKENDS: dict[str, str] = {"hf": "distilgen.generation.hf", "api": "distilgen.generation.api"}
+BACKENDS: dict[str, str] = {
+    "hf": "distilgen.generation.hf",
+    "api": "distilgen.generation.api",
+    "ct2": "distilgen.generation.ct2",
+}
 """Generation backends by name -> the module whose `open(model, **options)` returns a `Generator`."""
 
 

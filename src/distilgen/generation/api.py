@@ -129,7 +129,11 @@ class ApiGenerator:
         self._probed = False
         self._stop = threading.Event()
         if client is None:
-            import openai
+            try:
+                import openai
+            except ImportError:
+                raise ConfigError("teacher.kind", "an api teacher needs the openai client: pip install "
+                                  "'distilgen[api]'") from None  # fmt: skip
 
             key = os.environ.get(cfg.api_key_env) or "none"  # a local server takes any key
             client = openai.OpenAI(base_url=cfg.base_url, api_key=key, max_retries=0, timeout=cfg.timeout_s)

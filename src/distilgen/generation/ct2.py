@@ -1,0 +1,113 @@
+"""The backend for a model exported to CTranslate2 (`distilgen export`): the same sources in, the same outputs out
+as `hf.py` gives for the PyTorch model, decoded by CTranslate2's own kernels (int8 on a CPU).
+
+    tm = load_model(ModelConfig(path="runs/deploy/student"))   # an export: tm.runtime is the CTranslate2 model
+    outputs = open_generator("ct2", tm).generate(sources, DecodingConfig().settings())
+
+Tokenizing, the prompt and what is kept of an output are the `TextModel`'s (its torch model is an empty shell on
+the meta device, for its config). Greedy and beam outputs are deterministic; sampling is seeded once per call
+(CTranslate2 has no per-sample seed), so a sample depends on the batch it is drawn in. It gives text only: no top-k,
+no prefixes (PTs and student PTs are the PyTorch model's work).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from distilgen.config import GenerationSettings
+from distilgen.data import Example
+from distilgen.generation import Generated
+
+MANIFEST = "export.json"
+"""The file that marks a directory as a distilgen export."""
+RUNTIME_DIR = "ctranslate2"
+"""Where the CTranslate2 model lives inside an export."""
+
+
+def is_export(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def open_runtime(path: str | Path, is_encoder_decoder: bool, device: str = "cpu") -> Any:
+    """The CTranslate2 model of the export at `path`: a Translator (encoder-decoder) or a Generator."""
+    import ctranslate2
+
+    kind = ctranslate2.Translator if is_encoder_decoder else ctranslate2.Generator
+    return kind(str(Path(path) / RUNTIME_DIR), device=device)
+
+
+def manifest(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+
+class CT2Generator:
+    """A `generation.Generator` over an exported model."""
+
+    def __init__(self, tm: Any, max_source_length: int = 512, batch_size: int = 32, **_: Any):
+        self.tm, self.max_source_length, self.batch_size = tm, max_source_length, batch_size
+
+    def generate(
+        self,
+        sources: Sequence[str],
+        settings: GenerationSettings,
+        *,
+        indices: Sequence[Sequence[int]] | None = None,
+        topk: int = 0,
+        prefixes: Sequence[Sequence[int]] | None = None,
+        desc: str | None = None,
+        on_done: Callable[[int, list[Generated]], None] | None = None,
+    ) -> list[list[Generated]]:
+        """See `generation.Generator.generate`."""
+        import ctranslate2
+
+        from distilgen.generation.hf import finished_outputs
+
+        if topk or prefixes is not None:
+            raise ValueError("a CTranslate2 export writes text only: no top-k, no prefixes")
+        tm = self.tm
+        examples = [Example(str(i), s, None, ()) for i, s in enumerate(sources)]
+        encoded = tm.encode(examples, self.max_source_length, targets=False)[0]
+        tokens = [tm.tokenizer.convert_ids_to_tokens(e.source) for e in encoded]
+        beams = settings.num_beams if settings.kind == "beam" else 1
+        common: dict[str, Any] = {
+            "max_batch_size": self.batch_size,
+            "beam_size": beams,
+            "num_hypotheses": settings.num_return,
+            "length_penalty": settings.length_penalty,
+            "no_repeat_ngram_size": settings.no_repeat_ngram_size,
+            "return_end_token": True,
+        }
+        if settings.kind == "sample":
+            ctranslate2.set_random_seed(settings.seed)
+            common.update(sampling_topk=settings.top_k, sampling_topp=settings.top_p,
+                          sampling_temperature=settings.temperature)  # fmt: skip
+        if tm.is_encoder_decoder:
+            results = tm.runtime.translate_batch(
+                tokens, max_decoding_length=settings.max_new_tokens, min_decoding_length=0, **common
+            )
+            rows = [[tm.tokenizer.convert_tokens_to_ids(h) for h in r.hypotheses] for r in results]
+        else:
+            results = tm.runtime.generate_batch(
+                tokens, max_length=settings.max_new_tokens, min_length=0, include_prompt_in_result=False, **common
+            )
+            rows = [list(r.sequences_ids) for r in results]
+        wanted = indices if indices is not None else [range(settings.num_return)] * len(sources)
+        out: list[list[Generated]] = []
+        for at, (hypotheses, chosen) in enumerate(zip(rows, wanted, strict=True)):
+            picked = [hypotheses[i] for i in chosen]
+            texts, contents = finished_outputs(tm, tm.output_tokens(picked))
+            written = [
+                Generated(text, content, tm.target_ids(content), new_tokens=len(ids))
+                for text, content, ids in zip(texts, contents, picked, strict=True)
+            ]
+            out.append(written)
+            if on_done is not None:
+                on_done(at, written)
+        return out
+
+
+def open(tm: Any, **options: Any) -> CT2Generator:  # noqa: A001 (the backend entry point, `generation.BACKENDS`)
+    return CT2Generator(tm, **options)

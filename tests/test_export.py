@@ -1,0 +1,98 @@
+"""`distilgen export` to CTranslate2: the export writes what the PyTorch model writes (float32, every family it
+covers), loads like any model in `evaluate` and `serve`, and refuses what it cannot do in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+import torch
+
+from distilgen.config import ConfigError, DecodingConfig, EvaluateConfig, ExportConfig, ModelConfig, from_dict
+from distilgen.evaluate import evaluate, generate
+from distilgen.models import load_model
+from tests.conftest import Server, cli_env, tiny_model_config
+
+pytest.importorskip("ctranslate2")
+
+from distilgen.export import export  # noqa: E402 (needs ctranslate2)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tokenizer_dir):
+    """A tiny random model of each family CTranslate2 converts, saved as `distilgen finetune` leaves one."""
+    root = tmp_path_factory.mktemp("families")
+    paths = {}
+    for family in ("bart", "t5", "gpt2", "llama"):
+        torch.manual_seed(0)
+        load_model(tiny_model_config(family, tokenizer_dir)).save(root / family)
+        paths[family] = root / family
+    return paths
+
+
+@pytest.mark.parametrize("family", ["bart", "t5", "gpt2", "llama"])
+def test_a_float32_export_writes_the_pytorch_models_greedy_outputs(family, saved, splits, tmp_path):
+    out = tmp_path / "export"
+    summary = export(ExportConfig(model=str(saved[family]), output_dir=str(out), quantization="float32"))
+    info = json.loads((out / "export.json").read_text())
+    assert info == {k: summary[k] for k in info} and info["family"] == family and info["quantization"] == "float32"
+    assert len(info["source_weights_sha256"]) == 64 and (out / "tokenizer.json").is_file()
+    original, exported = load_model(ModelConfig(path=str(saved[family]))), load_model(ModelConfig(path=str(out)))
+    assert exported.runtime is not None and exported.model.device.type == "meta"
+    for decoding in (DecodingConfig(max_new_tokens=16), DecodingConfig(max_new_tokens=16, num_beams=3)):
+        assert generate(exported, splits["test"], decoding, 256) == generate(original, splits["test"], decoding, 256)
+
+
+def test_an_int8_export_is_evaluated_and_served_beside_the_pytorch_model(saved, tiny_data, tmp_path):
+    out = tmp_path / "int8"
+    command = [sys.executable, "-m", "distilgen.cli", "export", str(saved["bart"]), f"output_dir={out}"]
+    result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout[result.stdout.index("{") :])["quantization"] == "int8"
+    cfg = from_dict(EvaluateConfig, {
+        "output_dir": str(tmp_path / "eval"), "data": {"task": {"train_size": 8, "unlabeled_size": 0, "dev_size": 0,
+        "test_size": 8}}, "models": [str(saved["bart"]), str(out)], "metrics": ["bleu", "perplexity"],
+        "decoding": {"max_new_tokens": 16}, "cost": {"latency_examples": 2, "latency_runs": 1,
+        "throughput_examples": 4, "throughput_batch": 4},
+    })  # fmt: skip
+    pytorch, int8 = evaluate(cfg)["models"]
+    assert "perplexity" in pytorch["scores"] and "perplexity" not in int8["scores"]  # an export gives text only
+    assert (
+        "bleu" in int8["scores"]
+        and int8["cost"]["latency_s"] > 0
+        and 0 < int8["cost"]["size_on_disk_mb"] < pytorch["cost"]["size_on_disk_mb"] / 2
+    )
+    served = Server(str(out), "name=int8", "max_tokens=16")
+    try:
+        prompt = "Report: Riverton beat Oakdale 3-1 at home on Sunday."
+        answer = httpx.post(f"{served.url}/v1/completions", json={"model": "int8", "prompt": prompt, "max_tokens": 12,
+                                                                  "temperature": 0}).json()  # fmt: skip
+        tm = load_model(ModelConfig(path=str(out)))
+        from distilgen.data import Example
+
+        expected = generate(tm, [Example("0", prompt, None, ())], DecodingConfig(max_new_tokens=12), 1000)[0]
+        assert answer["choices"][0]["text"].strip() == expected
+        refused = httpx.post(f"{served.url}/v1/completions", json={"model": "int8", "prompt": prompt, "logprobs": 2})
+        assert refused.status_code == 400 and "no logprobs" in refused.json()["error"]["message"]
+    finally:
+        served.stop()
+
+
+def test_what_an_export_cannot_do_is_one_line(saved, tokenizer_dir, tmp_path):
+    out = tmp_path / "export"
+    export(ExportConfig(model=str(saved["gpt2"]), output_dir=str(out), quantization="int8_float32"))
+    with pytest.raises(ConfigError, match="output_dir: .* exists: choose another directory, or set overwrite=true"):
+        export(ExportConfig(model=str(saved["gpt2"]), output_dir=str(out)))
+    export(ExportConfig(model=str(saved["gpt2"]), output_dir=str(out), overwrite=True))
+    assert json.loads((out / "export.json").read_text())["quantization"] == "int8"
+    with pytest.raises(ConfigError, match="shrink: an export cannot be shrunk"):
+        load_model(ModelConfig(path=str(out), shrink="1"))
+    torch.manual_seed(0)
+    load_model(tiny_model_config("phi3", tokenizer_dir)).save(tmp_path / "phi3")
+    with pytest.raises(ConfigError, match="model: a phi3 model: CTranslate2 export covers bart, t5, gpt2, llama"):
+        export(ExportConfig(model=str(tmp_path / "phi3"), output_dir=str(tmp_path / "phi3_ct2")))
+    with pytest.raises(ConfigError, match="quantization: must be one of"):
+        ExportConfig(model=str(out), output_dir="x", quantization="int4")

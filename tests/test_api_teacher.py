@@ -203,7 +203,7 @@ def test_batch_api_files_ask_only_what_is_missing_and_their_answers_fill_the_sto
     assert read["teacher_api"]["requests"] == 23 and read["teacher_api"]["completion_tokens"] > 0
     again = generate_command(dataclasses.replace(cfg, batch="read", batch_file=str(answers)))
     assert again["stored_now"] == 0 and again["not_asked"] == 23  # read twice: nothing stored twice
-    live = generate_command(dataclasses.replace(cfg, batch="off"))  # the failed request, asked live
+    live = generate_command(dataclasses.replace(cfg, batch="off", batch_file=None))  # the failed request, asked live
     assert live["teacher_api"]["requests"] == 1 and live["stored_pts"] == 48
     answers.write_text('{"custom_id": "x", "response": {"status_code": 200, "body": {}}}\n')
     with pytest.raises(DataError, match=r"batch_out.jsonl:1: not a Batch API output line"):
@@ -350,3 +350,69 @@ def test_a_study_with_an_api_teacher_scores_the_teacher_through_its_endpoint(ser
     assert report["teacher"]["teacher_api"]["requests"] == 6
     with pytest.raises(ConfigError, match="metrics: perplexity needs the teacher's distributions"):
         from_dict(StudyConfig, {**to_dict(cfg), "metrics": ["perplexity"]})
+
+
+class _FakeClient:
+    """An endpoint in this process: `answer(body)` returns a response JSON or raises; calls are counted."""
+
+    def __init__(self, answer, delay: float = 0.0):
+        self.answer, self.delay, self.calls = answer, delay, []
+        self.chat = self.completions = self
+
+    def create(self, **body):
+        self.calls.append(body)
+        time.sleep(self.delay)
+        return self.answer(body)
+
+
+def _reply(body: dict) -> dict:
+    text = body["messages"][-1]["content"].upper()
+    return {
+        "choices": [{"index": 0, "message": {"content": text}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 2},
+    }
+
+
+def _bad_request(message: str):
+    import openai
+
+    response = httpx.Response(400, request=httpx.Request("POST", "http://127.0.0.1/v1/chat/completions"))
+    return openai.BadRequestError(message, response=response, body={"error": {"message": message}})
+
+
+def test_an_input_the_endpoint_refuses_is_left_missing_but_refusing_everything_stops_the_run():
+    def answer(body):
+        if "long" in body["messages"][-1]["content"]:
+            raise _bad_request("context length exceeded")
+        return _reply(body)
+
+    client = _FakeClient(answer)
+    generator = ApiGenerator(ApiConfig(base_url="http://127.0.0.1/v1", model="m", concurrency=2),
+                             ApiPrompt(True, None, (), 0, str.strip), client=client)  # fmt: skip
+    sources = ["a long one", "b", "c", "another long one", "d"]
+    outputs = generator.generate(sources, DecodingConfig(max_new_tokens=4).settings())
+    assert [[g.text for g in o] for o in outputs] == [[], ["B"], ["C"], [], ["D"]]
+    assert generator.usage.refused == 2 and generator.usage.requests == 3 and len(client.calls) == 5
+    everything = _FakeClient(lambda body: (_ for _ in ()).throw(_bad_request("unknown field top_logprobs")))
+    refusing = ApiGenerator(ApiConfig(base_url="http://127.0.0.1/v1", model="m", concurrency=4),
+                            ApiPrompt(True, None, (), 0, str.strip), client=everything)  # fmt: skip
+    with pytest.raises(ConfigError, match="teacher.api.base_url: .* answered 400: unknown field top_logprobs"):
+        refusing.generate([f"s{i}" for i in range(50)], DecodingConfig(max_new_tokens=4).settings())
+    assert len(everything.calls) == 3  # alone until one is answered: three refusals in a row, not fifty
+
+
+def test_an_interrupt_sends_nothing_more_and_keeps_every_answer_that_arrived():
+    client = _FakeClient(_reply, delay=0.05)
+    generator = ApiGenerator(ApiConfig(base_url="http://127.0.0.1/v1", model="m", concurrency=2),
+                             ApiPrompt(True, None, (), 0, str.strip), client=client)  # fmt: skip
+    kept = []
+
+    def on_done(at, generated):
+        kept.append(at)
+        if len(kept) == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generator.generate([f"s{i}" for i in range(40)], DecodingConfig(max_new_tokens=4).settings(), on_done=on_done)
+    assert len(client.calls) <= len(kept) + 2  # what was answered, and at most the two in flight
+    assert len(kept) >= 4 and len(set(kept)) == len(kept)

@@ -57,7 +57,7 @@ from distilgen.registry import registrar
 from distilgen.students import require_same_vocab, vocab_compatible
 from distilgen.teachers import load_teacher
 from distilgen.teachers.api import tokenizer_dir
-from distilgen.token_alignment import carry_topk, vocabulary_bytes
+from distilgen.token_alignment import Vocabulary, carry_topk, vocabulary_bytes
 from distilgen.train import (
     Items,
     LossFn,
@@ -218,8 +218,8 @@ class _Encoder:
         return [Encoded(e.id, self._sources[e.id], eos) for e in examples]
 
     @functools.cached_property
-    def vocab(self) -> dict[int, bytes]:
-        return vocabulary_bytes(self.student.tokenizer)
+    def vocab(self) -> Vocabulary:
+        return Vocabulary(vocabulary_bytes(self.student.tokenizer))
 
     def pt(self, example_id: str, record: PTRecord) -> Encoded:
         """A teacher PT as a student target: the teacher's own tokens (same vocabulary), else its text re-encoded;
@@ -589,17 +589,20 @@ def _load_student(cfg: DistillConfig, splits: dict[str, list[Example]]) -> TextM
 
 def prepare_pts(ctx: Context, state: Accelerator) -> None:
     """Generate the teacher PTs the method needs that the store lacks (sharded across processes)."""
-    from distilgen.pt_generation import generate_pts
+    from distilgen.pt_generation import generate_pts, pt_batch_size
 
     cfg = ctx.cfg
     ctx.store = PTStore(cfg.pts.store or Path(cfg.output_dir) / "pts")
     ctx.teacher_fp = ctx.teacher.fingerprint(cfg.data.max_source_length, cfg.data.template)
     spec = _spec(ctx)
-    generator = ctx.teacher.generator(cfg.data.max_source_length, cfg.pts.batch_size, cfg.pts.static_cache)
+    batch_size = pt_batch_size(ctx.teacher, cfg.pts.batch_size)
+    generator = ctx.teacher.generator(cfg.data.max_source_length, batch_size, cfg.pts.static_cache)
     usage = generator.usage if ctx.teacher.paid else None
+    if usage is not None:
+        generator.share_budget(state.num_processes)
     report = generate_pts(
         generator, ctx.store, ctx.teacher_fp, spec, [e.source for e in _pt_examples(ctx)],
-        batch_size=cfg.pts.batch_size, topk=cfg.pts.topk, process_index=state.process_index,
+        batch_size=batch_size, topk=cfg.pts.topk, process_index=state.process_index,
         num_processes=state.num_processes, barrier=state.wait_for_everyone, progress=state.is_local_main_process,
         journal=ctx.teacher.paid, postfix=usage.postfix if usage else None,
     )  # fmt: skip
@@ -615,6 +618,13 @@ def prepare_pts(ctx: Context, state: Accelerator) -> None:
             "kd.temperature",
             f"{kd.temperature}, but the PTs in {ctx.store.root} hold the teacher's top-{stats.topk} at temperature 1 "
             "(its tail mass at another temperature is unknown): set kd.use_stored_topk=false to run the teacher live",
+        )
+    live = "logits" in ctx.teacher.capabilities
+    if not live and method.word_level and kd.use_stored_topk and (stats is None or stats.topk < cfg.pts.topk):
+        raise ConfigError(
+            "pts.topk",
+            f"{cfg.pts.topk}, but the PTs in {ctx.store.root} hold top-{stats.topk if stats else 0} (stored before "
+            "with less), and this teacher cannot be run here: use a new pts.store, or method seq_kd",
         )
     if cfg.pts.topk and stats is not None and stats.topk < cfg.pts.topk:
         log.warning(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
@@ -156,6 +157,8 @@ SCHEMA = pa.schema(
     ]
 )
 _RECORD_COLUMNS = [f.name for f in dataclasses.fields(PTRecord)]
+_ADDED_COLUMNS = ("token_bytes", "topk_bytes")
+"""Columns later versions added: shards written before them are read as they are."""
 _MANIFEST_FORMAT = 1
 
 
@@ -244,6 +247,8 @@ class PTStore:
         """Readonly: unreadable shards left where they are and ignored."""
         self._owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._held: dict[str, set[str]] = {}
+        self._journal: Any = None
+        """This writer's open (and locked) journal file, while it holds PTs not yet in a shard."""
         """Input keys this object has claimed, by "teacher_fp:spec_fp"."""
         with self._lock:
             self._reload()
@@ -364,43 +369,56 @@ class PTStore:
         """Append `records` to this writer's journal, one fsynced line each. See [journal note]."""
         if self.readonly:
             raise RuntimeError(f"{self.root}: opened read-only")
-        path = self.root / "journal" / f"{self._owner}.jsonl"
-        path.parent.mkdir(exist_ok=True)
+        if self._journal is None:
+            path = self.root / "journal" / f"{self._owner}.jsonl"
+            path.parent.mkdir(exist_ok=True)
+            self._journal = open(path, "a")  # noqa: SIM115 (held, and locked, until its PTs are in a shard)
+            fcntl.flock(self._journal, fcntl.LOCK_EX)  # held while this writer lives: see `_recover_journals`
         lines = "".join(
             json.dumps({"teacher_fp": teacher_fp, "spec": dataclasses.asdict(spec), "record": _to_json(r)}) + "\n"
             for r in records
         )
-        with open(path, "a") as f:
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
+        self._journal.write(lines)
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
 
     def clear_journal(self) -> None:
         """Forget this writer's journal: everything in it has been `add`ed."""
-        (self.root / "journal" / f"{self._owner}.jsonl").unlink(missing_ok=True)
+        if self._journal is not None:
+            (self.root / "journal" / f"{self._owner}.jsonl").unlink(missing_ok=True)
+            self._journal.close()  # (releases the lock)
+            self._journal = None
 
     def _recover_journals(self) -> None:
         """Add the journaled PTs of writers that are gone (killed before their shard) to the store, then drop their
-        journals; a line cut by the kill is skipped (its answer is lost, as one in flight)."""
+        journals; a line cut by the kill is skipped (its answer is lost, as one in flight). A writer holds an
+        exclusive lock on its journal while it lives (the system drops it when the process ends, even killed), so
+        a journal that can be locked is a dead writer's."""
         folder = self.root / "journal"
         for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
-            host, pid, _ = path.stem.rsplit("-", 2)
-            if path.stem == self._owner or (pid.isdigit() and _process_alive(host, int(pid))):
-                continue
-            groups: dict[tuple[str, str], tuple[DecodingSpec, list[PTRecord]]] = {}
-            for line in path.read_text().splitlines():
+            with open(path, "a+") as held:
                 try:
-                    entry = json.loads(line)
-                    spec, record = DecodingSpec(**entry["spec"]), _from_json(entry["record"])
-                except (ValueError, KeyError, TypeError):
-                    continue
-                groups.setdefault((entry["teacher_fp"], spec.fingerprint()), (spec, []))[1].append(record)
-            for (teacher_fp, _), (spec, records) in groups.items():
-                self.add(teacher_fp, spec, records)
-            if groups:
-                log.warning("%s: %d journaled PTs of a writer that stopped early were added", self.root,
-                            sum(len(r) for _, r in groups.values()))  # fmt: skip
-            path.unlink()
+                    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer's
+                self._recover_journal(path)
+                path.unlink()
+
+    def _recover_journal(self, path: Path) -> None:
+        """Add the PTs journaled in `path` (grouped by teacher and spec)."""
+        groups: dict[tuple[str, str], tuple[DecodingSpec, list[PTRecord]]] = {}
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+                spec, record = DecodingSpec(**entry["spec"]), _from_json(entry["record"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            groups.setdefault((entry["teacher_fp"], spec.fingerprint()), (spec, []))[1].append(record)
+        for (teacher_fp, _), (spec, records) in groups.items():
+            self.add(teacher_fp, spec, records)
+        if groups:
+            log.warning("%s: %d journaled PTs of a writer that stopped early were added", self.root,
+                        sum(len(r) for _, r in groups.values()))  # fmt: skip
 
     # Claims: independent writers skip each other's inputs --------------------------------------
 
@@ -590,7 +608,7 @@ def _entry_of_shard(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
         raise ValueError("not a shard (an incomplete write)")
     data = path.read_bytes()
     table = pq.read_table(pa.BufferReader(data))
-    if not set(SCHEMA.names) <= set(table.column_names):
+    if not set(SCHEMA.names) - set(_ADDED_COLUMNS) <= set(table.column_names):
         raise ValueError("not a PT shard (columns differ)")
     pairs = {(t, s) for t, s in zip(table["teacher_fp"].to_pylist(), table["spec_fp"].to_pylist(), strict=True)}
     if len(pairs) != 1:

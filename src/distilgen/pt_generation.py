@@ -206,6 +206,15 @@ def generate_pts(
     return report
 
 
+def pt_batch_size(teacher: Any, batch_size: int) -> int:
+    """Sequences per `generate_pts` batch: `batch_size` for a model run here; for an endpoint, enough to keep its
+    `concurrency` requests in flight through a batch (a batch waits for its slowest request)."""
+    if not teacher.paid:
+        return batch_size
+    api = teacher.cfg.api
+    return max(batch_size, 4 * api.concurrency * api.max_n)
+
+
 def _record(key: str, index: int, g: Generated) -> PTRecord:
     return PTRecord(key, index, g.text, g.token_ids, g.seed, g.topk_ids, g.topk_logprobs, g.token_bytes, g.topk_bytes)
 
@@ -242,8 +251,11 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
     teacher_fp = tm.fingerprint(cfg.data.max_source_length, cfg.data.template)
     spec = resolve_spec(cfg.spec)
     store = PTStore(cfg.store)
-    generator = tm.generator(cfg.data.max_source_length, cfg.batch_size, cfg.static_cache)
+    batch_size = pt_batch_size(tm, cfg.batch_size)
+    generator = tm.generator(cfg.data.max_source_length, batch_size, cfg.static_cache)
     usage = generator.usage if tm.paid else None
+    if usage is not None:
+        generator.share_budget(state.num_processes)
     if cfg.batch != "off":
         if cfg.batch == "write":
             done = write_batch(generator, store, teacher_fp, spec, sources, cfg.topk, cfg.batch_file)
@@ -256,7 +268,7 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         teacher_fp,
         spec,
         sources,
-        batch_size=cfg.batch_size,
+        batch_size=batch_size,
         topk=cfg.topk,
         shard_size=cfg.shard_size,
         flush_seconds=cfg.flush_seconds,

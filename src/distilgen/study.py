@@ -69,7 +69,8 @@ def _evaluate_endpoint(cfg: StudyConfig, examples, cache: Path) -> dict[str, Any
     teacher = load_teacher(cfg.teacher, "auto", torch.device("cpu"), cfg.data)
     generator = teacher.generator(cfg.data.max_source_length, cfg.decoding.batch_size)
     outputs = generator.generate([e.source for e in examples], cfg.decoding.settings())
-    scores = compute_metrics(cfg.metrics, [o[0].text for o in outputs], [list(e.references) for e in examples])
+    answers = [o[0].text if o else "" for o in outputs]  # an input the endpoint refused scores as an empty answer
+    scores = compute_metrics(cfg.metrics, answers, [list(e.references) for e in examples])
     result = {"scores": scores, "teacher_api": generator.usage.summary()}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result))
@@ -85,6 +86,10 @@ def study(cfg: StudyConfig) -> dict[str, Any]:
     from distilgen.train import process_state
 
     runs = cfg.run_configs()
+    if not cfg.teacher.local:  # the teacher's report answers are asked with `decoding`: what an endpoint can do
+        from distilgen.generation.api import check_settings
+
+        check_settings(cfg.decoding.settings(), 0)
     for name, _, run_cfg in runs:  # every run's method, before anything loads
         try:
             check_method(run_cfg)

@@ -148,11 +148,21 @@ def _spaced(piece: bytes) -> bool:
     return bool(piece) and piece[0] in _WHITESPACE
 
 
+class Vocabulary:
+    """A student vocabulary's bytes and the lookups `carry_topk` needs, built once (a pass over the vocabulary)."""
+
+    def __init__(self, vocab: dict[int, bytes]):
+        self.pieces = vocab
+        self.starting = _StartingPiece(vocab)
+        self.by_bytes = {piece: i for i, piece in sorted(vocab.items(), reverse=True) if piece}
+        """bytes -> the lowest id that writes them."""
+
+
 def carry_topk(
     teacher_tokens: Sequence[bytes],
     teacher_topk: Sequence[Sequence[tuple[bytes, float]]],
     student_ids: Sequence[int],
-    vocab: dict[int, bytes],
+    vocab: dict[int, bytes] | Vocabulary,
     exact: bool = False,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Per student token, student ids and log-probs from the teacher's top-k.
@@ -161,23 +171,25 @@ def carry_topk(
         teacher_tokens: the bytes of each token the teacher wrote (the text the student tokens spell).
         teacher_topk: per teacher token, its (candidate bytes, log-prob) alternatives, the chosen one included.
         student_ids: the student's tokenisation of the same text.
-        vocab: `vocabulary_bytes(student_tokenizer)`.
+        vocab: `vocabulary_bytes(student_tokenizer)`, or a `Vocabulary` of it (built once for many PTs).
         exact: the student has the teacher's vocabulary: where the two tokens are one, each candidate is the id that
-            writes its bytes and keeps its log-prob (the mass outside the top-k stays the teacher's tail); elsewhere,
-            and without `exact`, candidates map to starting pieces and are renormalised to sum to 1.
+            writes its bytes and keeps its log-prob (the mass outside the top-k stays the teacher's tail); elsewhere
+            (and where two candidates write the same bytes), and without `exact`, candidates map to starting pieces
+            and are renormalised to sum to 1.
     """
     if len(teacher_topk) != len(teacher_tokens):
         raise ValueError(f"{len(teacher_tokens)} teacher tokens but {len(teacher_topk)} top-k lists")
-    starting = _StartingPiece(vocab)
-    by_bytes = {piece: i for i, piece in sorted(vocab.items(), reverse=True) if piece} if exact else {}
-    pieces = [vocab.get(i, b"") for i in student_ids]
+    vocab = vocab if isinstance(vocab, Vocabulary) else Vocabulary(vocab)
+    starting, by_bytes = vocab.starting, vocab.by_bytes
+    pieces = [vocab.pieces.get(i, b"") for i in student_ids]
     pairs = align(teacher_tokens, pieces)
     ids_out, logprobs_out = [], []
     for j, student_id in enumerate(student_ids):
         mass: dict[int, float] = {}
         at = pairs[j]
         same = at is not None and exact and teacher_tokens[at] == pieces[j]
-        if same and all(candidate in by_bytes for candidate, _ in teacher_topk[at]):
+        candidates = [candidate for candidate, _ in teacher_topk[at]] if same else []
+        if same and all(c in by_bytes for c in candidates) and len(set(candidates)) == len(candidates):
             ranked = sorted(teacher_topk[at], key=lambda c: -c[1])
             ids_out.append([by_bytes[candidate] for candidate, _ in ranked])
             logprobs_out.append([logprob for _, logprob in ranked])

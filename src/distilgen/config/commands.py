@@ -248,6 +248,7 @@ class GenerateConfig:
         check(self.topk >= 0, "topk", f"must be >= 0, got {self.topk}")
         check(self.limit is None or self.limit > 0, "limit", f"must be > 0, got {self.limit}")
         check(self.batch in ("off", "write", "read"), "batch", f"must be off, write or read, got {self.batch!r}")
+        check(self.batch != "off" or self.batch_file is None, "batch_file", "is read or written with batch: write|read")
         if self.batch != "off":
             check(not self.teacher.local, "batch", "Batch API files are for an api teacher (teacher.kind: api)")
             check(self.batch_file is not None, "batch_file", f"batch: {self.batch} needs the JSONL file")

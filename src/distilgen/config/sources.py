@@ -313,6 +313,8 @@ class ApiConfig:
             check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         check(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
         check(self.budget is None or self.budget > 0, "budget", f"must be > 0 (or empty for none), got {self.budget}")
+        priced = self.price_input > 0 or self.price_output > 0
+        check(self.budget is None or priced, "budget", "counts cost from the prices: set price_input / price_output")
 
 
 @dataclass

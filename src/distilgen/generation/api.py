@@ -39,8 +39,11 @@ log = logging.getLogger(__name__)
 MAX_TOPK = 20
 """The most alternatives per token the OpenAI API returns."""
 
-_FATAL = (400, 401, 403, 404, 422)
-"""Statuses that no retry can fix: the run stops at once."""
+_FATAL = (401, 403, 404)
+"""Statuses that no retry or other input can fix: the run stops at once."""
+
+MAX_REFUSED_IN_A_ROW = 3
+"""400/422 answers with no success between them after which the endpoint is taken to refuse every request."""
 
 
 class EndpointError(RuntimeError):
@@ -53,6 +56,8 @@ class Usage:
 
     requests: int = 0
     """Requests answered."""
+    refused: int = 0
+    """Inputs the endpoint refused (a 400 or 422 for that request alone: too long, filtered): left missing."""
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -62,18 +67,26 @@ class Usage:
     """The most the requests in flight can still cost."""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def count(self, usage: Any, cfg: ApiConfig) -> None:
-        """Add one answered request with its `usage` (a response's, or its JSON; None: not reported)."""
+    def count(self, usage: Any, cfg: ApiConfig, reserve: float = 0.0) -> None:
+        """Add one answered request with its `usage` (a response's, or its JSON); one that reports none costs its
+        `reserve` (the most it could cost), so that a budget still holds."""
         prompt, completion = _get(usage, "prompt_tokens") or 0, _get(usage, "completion_tokens") or 0
         with self.lock:
             self.requests += 1
             self.prompt_tokens += prompt
             self.completion_tokens += completion
-            self.cost += (prompt * cfg.price_input + completion * cfg.price_output) / 1e6
+            priced = (prompt * cfg.price_input + completion * cfg.price_output) / 1e6
+            self.cost += priced if usage is not None else reserve
+
+    def charge(self, amount: float) -> None:
+        """Count a cost with no answer (a timed-out request the endpoint may still bill)."""
+        with self.lock:
+            self.cost += amount
 
     def summary(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
+            "refused": self.refused,
             "retries": self.retries,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
@@ -126,8 +139,12 @@ class ApiGenerator:
         self.cfg = cfg
         self.prompt = prompt
         self.usage = Usage()
+        self.budget = cfg.budget
+        """This process's share of `cfg.budget` (`share_budget`)."""
         self._probed = False
         self._stop = threading.Event()
+        self._over_budget = False
+        self._refused_in_a_row = 0
         if client is None:
             try:
                 import openai
@@ -138,6 +155,10 @@ class ApiGenerator:
             key = os.environ.get(cfg.api_key_env) or "none"  # a local server takes any key
             client = openai.OpenAI(base_url=cfg.base_url, api_key=key, max_retries=0, timeout=cfg.timeout_s)
         self.client = client
+
+    def share_budget(self, processes: int) -> None:
+        """Under `accelerate launch`, each of `processes` writers may spend its share of the budget."""
+        self.budget = None if self.cfg.budget is None else self.cfg.budget / processes
 
     # Requests -------------------------------------------------------------------------------------
 
@@ -166,45 +187,58 @@ class ApiGenerator:
         answers = body["max_tokens"] * body.get("n", 1)
         return (len(prompt) * self.cfg.price_input + answers * self.cfg.price_output) / 1e6
 
-    def _send(self, body: dict[str, Any]) -> Any:
-        """One request, retried on what a retry can fix; its usage counted."""
+    def _send(self, body: dict[str, Any], reserve: float) -> Any:
+        """One request, retried on what a retry can fix; its usage counted (the reserve where it reports none, or
+        where it timed out: it may still be billed)."""
         import openai
 
         create = self.client.chat.completions.create if self.prompt.chat else self.client.completions.create
         for attempt in range(self.cfg.max_retries + 1):
+            if self._stop.is_set():
+                raise _Stopped()
             try:
                 response = create(**body)
                 break
             except openai.APIStatusError as err:
-                if err.status_code in _FATAL or (400 <= err.status_code < 500 and err.status_code not in (408, 429)):
+                if err.status_code in _FATAL:
                     raise _fatal(self.cfg, err) from None
+                if 400 <= err.status_code < 500 and err.status_code not in (408, 429):
+                    raise _Refused(err) from None
                 wait, what = _retry_after(err.response), f"answered {err.status_code}"
             except openai.APIConnectionError as err:  # timeouts included
+                if isinstance(err, openai.APITimeoutError):
+                    self.usage.charge(reserve)
                 wait, what = None, f"unreachable ({type(err).__name__})"
-            if attempt == self.cfg.max_retries or self._stop.is_set():
+            if attempt == self.cfg.max_retries:
                 raise EndpointError(f"{self.cfg.base_url} {what} after {attempt} retries (teacher.api.max_retries)")
             with self.usage.lock:
                 self.usage.retries += 1
             cap = min(self.cfg.max_backoff_s, self.cfg.backoff_s * 2**attempt)
-            time.sleep(wait if wait is not None else cap * random.uniform(0.5, 1.0))
-        self.usage.count(_get(response, "usage"), self.cfg)
+            self._stop.wait(min(wait, self.cfg.max_backoff_s) if wait is not None else cap * random.uniform(0.5, 1))
+        self.usage.count(_get(response, "usage"), self.cfg, reserve)
         return response
 
     def _answer(self, request: _Request, settings: GenerationSettings, topk: int) -> list[Generated]:
         body = self.body(request.source, settings, request.indices, topk)
         reserve = self._reserve(body)
         with self.usage.lock:
-            budget = self.cfg.budget
-            if self._stop.is_set() or (budget is not None and self.usage.cost + self.usage.reserved + reserve > budget):
+            if self._stop.is_set():
+                raise _Stopped()
+            if self.budget is not None and self.usage.cost + self.usage.reserved + reserve > self.budget:
+                self._over_budget = True
                 self._stop.set()
                 raise _Stopped()
             self.usage.reserved += reserve
         try:
-            response = self._send(body)
+            response = self._send(body, reserve)
         finally:
             with self.usage.lock:
                 self.usage.reserved -= reserve
-        return self.outputs(response, input_key(request.source), settings, request.indices, topk)
+        try:
+            return self.outputs(response, input_key(request.source), settings, request.indices, topk)
+        except (TypeError, ValueError, KeyError) as err:
+            what = f"{type(err).__name__}: {err}"
+            raise EndpointError(f"{self.cfg.base_url} answered what cannot be read ({what})") from None
 
     def outputs(
         self, response: Any, key: str, settings: GenerationSettings, indices: Sequence[int], topk: int
@@ -312,25 +346,35 @@ class ApiGenerator:
             if not left[request.at] and on_done is not None:
                 on_done(request.at, out[request.at])
 
-        if requests and not self._probed:  # alone: a refused key or model costs one request
-            with contextlib.suppress(_Stopped):
-                deliver(requests[0], self._answer(requests[0], settings, topk))
-                self._probed = True
-            requests = requests[1:] if self._probed else []
+        self._stop.clear()
+        self._over_budget = False
+        self._refused_in_a_row = 0
         error: BaseException | None = None
-        with concurrent.futures.ThreadPoolExecutor(self.cfg.concurrency) as pool:
-            futures = {pool.submit(self._answer, r, settings, topk): r for r in requests}
+        while requests and not self._probed and error is None and not self._stop.is_set():  # alone until answered
+            request, requests, before = requests[0], requests[1:], self.usage.requests
+            error = self._run(lambda r=request: deliver(r, self._answer(r, settings, topk)))
+            self._probed = self.usage.requests > before
+        pool = concurrent.futures.ThreadPoolExecutor(self.cfg.concurrency)
+        futures = {pool.submit(self._answer, r, settings, topk): r for r in requests} if error is None else {}
+        try:
             for future in concurrent.futures.as_completed(futures):
-                try:
-                    deliver(futures[future], future.result())
-                except _Stopped:
-                    continue
-                except BaseException as err:  # stop sending; keep what is in flight, since it is paid for
+                failed = self._run(lambda f=future: deliver(futures[f], f.result()))
+                if failed is not None:  # stop sending; keep what is in flight, since it is paid for
                     self._stop.set()
-                    error = error or err
+                    error = error or failed
+        except BaseException:  # an interrupt: send nothing more, keep what is answered, then stop
+            self._stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            for future, request in futures.items():
+                if future.done() and not future.cancelled() and future.exception() is None and left[request.at]:
+                    with contextlib.suppress(Exception):
+                        deliver(request, future.result())
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         if error is not None:
             raise error
-        if self._stop.is_set():
+        if self._over_budget:
             raise ConfigError(
                 "teacher.api.budget",
                 f"{self.cfg.budget} would be passed by the next request (spent {self.usage.cost:.4f}); everything "
@@ -338,9 +382,38 @@ class ApiGenerator:
             )
         return out
 
+    def _run(self, work: Callable[[], None]) -> BaseException | None:
+        """Do `work` (ask and deliver `request`); the error that must stop the run, if any. A request the endpoint
+        refuses for itself alone (400, 422) leaves its input missing; `MAX_REFUSED_IN_A_ROW` refusals with no
+        answer between them mean it refuses every request (a field it does not take): that stops the run."""
+        try:
+            work()
+        except _Stopped:
+            return None
+        except _Refused as refused:
+            with self.usage.lock:
+                self.usage.refused += 1
+                self._refused_in_a_row += 1
+                systematic = self._refused_in_a_row >= MAX_REFUSED_IN_A_ROW
+            log.warning("%s refused an input (%s): it is left missing", self.cfg.base_url, _error_message(refused.err))
+            return _fatal(self.cfg, refused.err) if systematic else None
+        except BaseException as err:
+            return err
+        with self.usage.lock:
+            self._refused_in_a_row = 0
+        return None
+
 
 class _Stopped(Exception):
     """A request not sent: the run is stopping (a refused request, the budget)."""
+
+
+class _Refused(Exception):
+    """The endpoint refused this request alone (400, 422): an input too long, a content filter."""
+
+    def __init__(self, err: Any):
+        super().__init__(str(err))
+        self.err = err
 
 
 def check_settings(settings: GenerationSettings, topk: int) -> None:
@@ -411,8 +484,11 @@ def _retry_after(response: Any) -> float | None:
     try:
         return max(0.0, float(value))
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time()) if when is not None else None
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None  # unreadable: the backoff decides
 
 
 def _fatal(cfg: ApiConfig, err: Any) -> ConfigError:

@@ -397,7 +397,7 @@ class ApiGenerator:
                 systematic = self._refused_in_a_row >= MAX_REFUSED_IN_A_ROW
             log.warning("%s refused an input (%s): it is left missing", self.cfg.base_url, _error_message(refused.err))
             return _fatal(self.cfg, refused.err) if systematic else None
-        except BaseException as err:
+        except Exception as err:  # (an interrupt goes on up: `generate` stops sending and keeps what arrived)
             return err
         with self.usage.lock:
             self._refused_in_a_row = 0

@@ -414,5 +414,5 @@ def test_an_interrupt_sends_nothing_more_and_keeps_every_answer_that_arrived():
 
     with pytest.raises(KeyboardInterrupt):
         generator.generate([f"s{i}" for i in range(40)], DecodingConfig(max_new_tokens=4).settings(), on_done=on_done)
-    assert len(client.calls) <= len(kept) + 2  # what was answered, and at most the two in flight
+    assert len(client.calls) <= 4 + 2 + 2 < 40  # answered before the interrupt, in flight then, and no more
     assert len(kept) >= 4 and len(set(kept)) == len(kept)

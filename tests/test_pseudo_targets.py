@@ -199,6 +199,36 @@ def test_a_lost_manifest_is_rebuilt_from_the_shards_with_their_specs(store):
     assert (store.root / "manifest.json").exists()
 
 
+def test_shards_written_before_the_byte_columns_are_read_and_adopted(store):
+    """Stores from before an endpoint's token bytes were kept: listed or not, their PTs read as they were."""
+    import pyarrow.parquet as pq
+
+    fill(store, ["a"], topk=True)
+    expected = store.get(TEACHER, SAMPLE2, ["a"])
+    (shard,) = (store.root / "shards").glob("*.parquet")
+    old = pq.read_table(shard).drop_columns(["token_bytes", "topk_bytes"])
+    pq.write_table(old.replace_schema_metadata(pq.read_schema(shard).metadata), shard)
+    (store.root / "manifest.json").unlink()  # unlisted: adopted from the shard itself
+    reopened = PTStore(store.root)
+    assert reopened.get(TEACHER, SAMPLE2, ["a"]) == expected and not (store.root / "quarantine").exists()
+
+
+def test_a_live_writers_journal_is_left_alone_and_a_dead_ones_is_added(store):
+    records = fake_pts(store.missing(TEACHER, SAMPLE2, ["a", "b"]))
+    store.journal(TEACHER, SAMPLE2, records[:2])  # answers of "a", not yet in a shard
+    other = PTStore(store.root)  # another process opening the store while the writer lives
+    assert len(other.missing(TEACHER, SAMPLE2, ["a"])) == 2 and len(list((store.root / "journal").iterdir())) == 1
+    (store.root / "journal" / "notes.jsonl").write_text("not json\n")  # a stray file: skipped, not an error
+    store._journal.close()  # the writer dies (the system drops its lock)
+    recovered = PTStore(store.root)
+    assert (
+        recovered.missing(TEACHER, SAMPLE2, ["a", "b"]) == records[2:]
+        or len(recovered.missing(TEACHER, SAMPLE2, ["a", "b"])) == 2
+    )
+    assert recovered.get(TEACHER, SAMPLE2, ["a"])[input_key("a")] == records[:2]
+    assert not list((store.root / "journal").iterdir())
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte"])
 def test_a_corrupted_shard_is_set_aside_and_its_pts_are_missing_again(store, caplog, damage):
     fill(store, ["a"])

@@ -39,11 +39,36 @@ def test_a_float32_export_writes_the_pytorch_models_greedy_outputs(family, saved
     summary = export(ExportConfig(model=str(saved[family]), output_dir=str(out), quantization="float32"))
     info = json.loads((out / "export.json").read_text())
     assert info == {k: summary[k] for k in info} and info["family"] == family and info["quantization"] == "float32"
-    assert len(info["source_weights_sha256"]) == 64 and (out / "tokenizer.json").is_file()
-    original, exported = load_model(ModelConfig(path=str(saved[family]))), load_model(ModelConfig(path=str(out)))
+    assert len(info["weights_sha256"]) == 64 and (out / "tokenizer.json").is_file()
+    original, exported = load_model(ModelConfig(path=str(saved[family]))), _open(out)
     assert exported.runtime is not None and exported.model.device.type == "meta"
-    for decoding in (DecodingConfig(max_new_tokens=16), DecodingConfig(max_new_tokens=16, num_beams=3)):
-        assert generate(exported, splits["test"], decoding, 256) == generate(original, splits["test"], decoding, 256)
+    decoding = DecodingConfig(max_new_tokens=16)
+    assert generate(exported, splits["test"], decoding, 256) == generate(original, splits["test"], decoding, 256)
+
+
+def test_outputs_that_end_early_end_where_the_pytorch_models_do(tokenizer_dir, splits, tmp_path):
+    """EOS made likely: outputs of many lengths in one batch, the cases random tiny models rarely reach."""
+    for family in ("bart", "gpt2"):
+        torch.manual_seed(0)
+        tm = load_model(tiny_model_config(family, tokenizer_dir))
+        with torch.no_grad():
+            head = tm.model.get_output_embeddings()
+            head.weight[tm.tokenizer.eos_token_id] *= 0
+            if getattr(head, "bias", None) is None:
+                head.bias = torch.nn.Parameter(torch.zeros(head.weight.shape[0]))
+            head.bias[tm.tokenizer.eos_token_id] = 2.5
+        tm.save(tmp_path / family)
+        export(ExportConfig(model=str(tmp_path / family), output_dir=str(tmp_path / f"{family}_ct2"),
+                            quantization="float32"))  # fmt: skip
+        original = load_model(ModelConfig(path=str(tmp_path / family)))
+        decoding = DecodingConfig(max_new_tokens=16, batch_size=4)
+        expected = generate(original, splits["test"], decoding, 256)
+        assert len({len(t.split()) for t in expected}) > 1  # lengths differ: EOS at different steps
+        assert generate(_open(tmp_path / f"{family}_ct2"), splits["test"], decoding, 256) == expected
+
+
+def _open(path):
+    return load_model(ModelConfig(path=str(path)), allow_export=True)
 
 
 def test_an_int8_export_is_evaluated_and_served_beside_the_pytorch_model(saved, tiny_data, tmp_path):
@@ -70,7 +95,7 @@ def test_an_int8_export_is_evaluated_and_served_beside_the_pytorch_model(saved, 
         prompt = "Report: Riverton beat Oakdale 3-1 at home on Sunday."
         answer = httpx.post(f"{served.url}/v1/completions", json={"model": "int8", "prompt": prompt, "max_tokens": 12,
                                                                   "temperature": 0}).json()  # fmt: skip
-        tm = load_model(ModelConfig(path=str(out)))
+        tm = _open(out)
         from distilgen.data import Example
 
         expected = generate(tm, [Example("0", prompt, None, ())], DecodingConfig(max_new_tokens=12), 1000)[0]
@@ -88,11 +113,29 @@ def test_what_an_export_cannot_do_is_one_line(saved, tokenizer_dir, tmp_path):
         export(ExportConfig(model=str(saved["gpt2"]), output_dir=str(out)))
     export(ExportConfig(model=str(saved["gpt2"]), output_dir=str(out), overwrite=True))
     assert json.loads((out / "export.json").read_text())["quantization"] == "int8"
+    with pytest.raises(ConfigError, match="output_dir: .* is not an export: overwrite replaces only an export"):
+        export(ExportConfig(model=str(saved["gpt2"]), output_dir=str(saved["bart"]), overwrite=True))
+    assert (saved["bart"] / "model.safetensors").is_file()  # untouched
+    with pytest.raises(ConfigError, match=r"teacher.path: .* is an export \(CTranslate2\), which writes text only: "
+                       r"use its source, .*gpt2"):  # fmt: skip
+        load_model(ModelConfig(path=str(out)), key="teacher")
     with pytest.raises(ConfigError, match="shrink: an export cannot be shrunk"):
-        load_model(ModelConfig(path=str(out), shrink="1"))
-    torch.manual_seed(0)
-    load_model(tiny_model_config("phi3", tokenizer_dir)).save(tmp_path / "phi3")
-    with pytest.raises(ConfigError, match="model: a phi3 model: CTranslate2 export covers bart, t5, gpt2, llama"):
-        export(ExportConfig(model=str(tmp_path / "phi3"), output_dir=str(tmp_path / "phi3_ct2")))
+        load_model(ModelConfig(path=str(out), shrink="1"), allow_export=True)
+    with pytest.raises(ConfigError, match="decoding: an export decodes greedy or sampled"):
+        _open(out).generator().generate(["x"], DecodingConfig(num_beams=3).settings())
+    for family in ("phi3", "gemma2"):
+        torch.manual_seed(0)
+        load_model(tiny_model_config(family, tokenizer_dir)).save(tmp_path / family)
+        with pytest.raises(ConfigError, match=f"model: a {family} model: CTranslate2 export covers bart, t5, gpt2"):
+            export(ExportConfig(model=str(tmp_path / family), output_dir=str(tmp_path / f"{family}_ct2")))
     with pytest.raises(ConfigError, match="quantization: must be one of"):
         ExportConfig(model=str(out), output_dir="x", quantization="int4")
+
+
+def test_an_export_carries_the_prompt_its_model_was_trained_to_read(saved, tmp_path):
+    (saved["llama"] / "prompt.json").write_text(json.dumps({"fingerprint": "abc", "chat": False}))
+    try:
+        export(ExportConfig(model=str(saved["llama"]), output_dir=str(tmp_path / "export")))
+        assert json.loads((tmp_path / "export" / "prompt.json").read_text())["fingerprint"] == "abc"
+    finally:
+        (saved["llama"] / "prompt.json").unlink()

@@ -182,7 +182,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     results = []
     (output_dir / "generations").mkdir(exist_ok=True)
     for index, path in enumerate(cfg.models):
-        tm = load_model(ModelConfig(path=path), key=f"models[{index}]", data=cfg.data)
+        tm = load_model(ModelConfig(path=path), key=f"models[{index}]", data=cfg.data, allow_export=True)
         tm.to(device)
         result, predictions = evaluate_model(tm, examples, cfg.metrics, cfg.decoding, cfg.data, cfg.cost, path)
         name = model_label(path)

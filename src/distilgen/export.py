@@ -6,8 +6,8 @@
 The output directory holds CTranslate2's model (`ctranslate2/`), the tokenizer, the `transformers` config and the
 prompt the model reads sources through (so distilgen loads it like any model: `evaluate`, `serve`, `cost`), and a
 manifest (`export.json`: format, quantization, the source model and the sha256 of its weights, versions).
-CTranslate2's own converters do the work, for BART, T5, GPT-2 and the Llama family (Llama, Qwen2/3, Mistral,
-Gemma 2/3); BART of transformers 5 lacks `normalize_before`, added to a staging copy of its config.
+CTranslate2's own converters do the work, for BART, T5, GPT-2 and the Llama family (Llama, Qwen2/3, Mistral);
+BART of transformers 5 lacks `normalize_before`, added to a staging copy of its config.
 """
 
 from __future__ import annotations
@@ -20,18 +20,22 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from distilgen.checkpoints import model_dir
 from distilgen.config import ConfigError, ExportConfig, ModelConfig
-from distilgen.generation.ct2 import MANIFEST, RUNTIME_DIR
+from distilgen.generation.ct2 import MANIFEST, RUNTIME_DIR, is_export
+from distilgen.generation.decode import generation_rules
 from distilgen.models import PROMPT_FILE, load_model
 
 log = logging.getLogger(__name__)
 
-CT2_FAMILIES = ("bart", "t5", "gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3")
-"""Model types CTranslate2 converts and distilgen has checked (greedy outputs equal the PyTorch model's)."""
+CT2_FAMILIES = ("bart", "t5", "gpt2", "llama", "qwen2", "qwen3", "mistral")
+"""Model types whose CTranslate2 export writes the PyTorch model's greedy outputs (tests/test_export.py). Gemma 2
+and 3 convert but write other text (the converter ignores `query_pre_attn_scalar`); Phi-3 does not convert."""
 
 
 def weights_sha256(directory: Path) -> str:
-    """sha256 over a saved model's weight files, in name order: which weights an export came from."""
+    """sha256 over a saved model's weight files, in name order: the weights exported, as distilgen saves them (for a
+    model distilgen trained, its own files' hash)."""
     digest = hashlib.sha256()
     for file in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
         digest.update(file.name.encode())
@@ -49,13 +53,19 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         raise ConfigError("format", "ctranslate2 is not installed: pip install 'distilgen[export]'") from None
     from distilgen import __version__
 
+    out = Path(cfg.output_dir)
+    if out.exists() and not cfg.overwrite:
+        raise ConfigError("output_dir", f"{out} exists: choose another directory, or set overwrite=true")
+    if out.exists() and not is_export(out):
+        raise ConfigError("output_dir", f"{out} exists and is not an export: overwrite replaces only an export")
     tm = load_model(ModelConfig(path=cfg.model), key="model")
     family = tm.model.config.model_type
     if family not in CT2_FAMILIES:
         raise ConfigError("model", f"a {family} model: CTranslate2 export covers {', '.join(CT2_FAMILIES)}")
-    out = Path(cfg.output_dir)
-    if out.exists() and not cfg.overwrite:
-        raise ConfigError("output_dir", f"{out} exists: choose another directory, or set overwrite=true")
+    rules = generation_rules(tm.model)
+    if rules:
+        log.warning("%s: its generation config adds %s, which the export does not apply", cfg.model, rules)
+    source_dir = Path(model_dir(ModelConfig(path=cfg.model)))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         staging, result = Path(tmp) / "staging", Path(tmp) / "export"
@@ -68,20 +78,21 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         converter.convert(str(result / RUNTIME_DIR), quantization=cfg.quantization)
         tm.tokenizer.save_pretrained(result)
         tm.model.config.save_pretrained(result)
-        if (staging / PROMPT_FILE).is_file():
-            shutil.copy(staging / PROMPT_FILE, result / PROMPT_FILE)
+        if (source_dir / PROMPT_FILE).is_file():  # the prompt it was trained to read: the deployer's to send
+            shutil.copy(source_dir / PROMPT_FILE, result / PROMPT_FILE)
         info = {
             "format": "ctranslate2",
             "quantization": cfg.quantization,
             "family": family,
-            "source": cfg.model,
-            "source_weights_sha256": weights_sha256(staging),
+            "source": str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model,
+            "weights_sha256": weights_sha256(staging),
+            "generation_rules_not_applied": sorted(rules),
             "distilgen_version": __version__,
             "ctranslate2_version": ctranslate2.__version__,
         }
         (result / MANIFEST).write_text(json.dumps(info, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
+        if out.exists():  # an older export: set aside, then replaced, so a crash leaves one of the two whole
+            out.rename(Path(tmp) / "old")
         result.rename(out)
     log.info("exported %s to %s (%s, %s)", cfg.model, out, family, cfg.quantization)
     return {"output_dir": str(out), **info}

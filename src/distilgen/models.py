@@ -40,7 +40,7 @@ from transformers import (
 
 from distilgen.checkpoints import model_dir
 from distilgen.config import DECODER_ONLY_FAMILIES, TASK_TOKENIZER, ConfigError, DataConfig, ModelConfig
-from distilgen.generation.ct2 import is_export, open_runtime
+from distilgen.generation.ct2 import is_export, manifest, open_runtime
 from distilgen.generation.decode import DecoderOnlySteps, EncoderDecoderSteps, forward_parameters
 from distilgen.objectives import cross_entropy, masked_sum
 from distilgen.prompts import Prompt, prompt_for
@@ -502,12 +502,14 @@ def load_model(
     texts: Callable[[], Iterable[str]] | None = None,
     key: str = "model",
     data: DataConfig | None = None,
+    allow_export: bool = False,
 ) -> TextModel:
     """Load `cfg.path` (hub id, directory, GGUF file) or build `cfg.arch` at random.
 
     A model built from scratch gets `cfg.tokenizer` if set, else a tokenizer trained on `texts()`. `key` is where
     `cfg` sits in the command's config (model, student, teacher; "" at the top), for errors naming its keys. With
-    `data`, the model reads sources through `data.prompt` (`prompts.prompt_for`).
+    `data`, the model reads sources through `data.prompt` (`prompts.prompt_for`). An export (`distilgen export`)
+    loads only where text is all that is asked (`allow_export`: evaluation, serving); elsewhere it is refused.
     """
     runtime = None
     if cfg.path is not None:
@@ -521,6 +523,10 @@ def load_model(
             raise ConfigError("path", f"cannot load a model from {cfg.path}: {reason}").under(key) from None
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         if is_export(path):  # `distilgen export`: CTranslate2 generates; the torch model only holds the config
+            source = manifest(path).get("source")
+            if not allow_export:
+                message = f"{cfg.path} is an export (CTranslate2), which writes text only: use its source, {source}"
+                raise ConfigError("path", message).under(key)
             if cfg.shrink is not None:
                 raise ConfigError("shrink", "an export cannot be shrunk: shrink the model, then export it").under(key)
             with torch.device("meta"):

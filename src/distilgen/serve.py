@@ -12,6 +12,7 @@ strings with their bytes) and `stream`. A completion prompt is read as a source 
 token usage. Concurrent requests are decoded together (`max_batch_size`, `max_wait_ms`) by the generation seam
 (`distilgen.generation`), one batch at a time. Bad requests get a 4xx in OpenAI's error shape; the server
 carries on. A stream sends the finished completion's tokens as chunks (the first arrives when decoding ends).
+An export (`distilgen export`) is served by its runtime: no logprobs, and samples seeded per batch.
 """
 
 from __future__ import annotations
@@ -495,7 +496,7 @@ def serve(cfg: ServeConfig) -> None:
     """Load the model and answer requests until interrupted."""
     import uvicorn
 
-    tm = load_model(ModelConfig(path=cfg.model), key="")
+    tm = load_model(ModelConfig(path=cfg.model), key="", allow_export=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tm.to(device)
     if tm.runtime is None and (

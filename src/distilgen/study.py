@@ -51,7 +51,7 @@ def _evaluate_cached(path: str, cache: Path, examples, cfg: StudyConfig, with_co
         cached = json.loads(cache.read_text())
         if not (with_cost and cfg.cost.enabled) or "latency_s" in cached.get("cost", {}):
             return cached
-    tm = load_model(ModelConfig(path=path), data=cfg.data)
+    tm = load_model(ModelConfig(path=path), data=cfg.data, allow_export=True)
     tm.to("cuda" if torch.cuda.is_available() else "cpu")
     result, _ = evaluate_model(tm, examples, cfg.metrics, cfg.decoding, cfg.data, cfg.cost if with_cost else None, path)
     cache.parent.mkdir(parents=True, exist_ok=True)

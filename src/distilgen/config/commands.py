@@ -31,9 +31,9 @@ class ExportConfig:
     model: str
     """Model directory, hub id or `pkg:` file to export (a student, a teacher, an HF checkpoint, a GGUF file)."""
     output_dir: str
-    """The export (loaded by `evaluate`, `serve` and `inspect` like any model)."""
+    """The export (loaded by `evaluate` and `serve` like any model)."""
     format: Literal["ctranslate2"] = "ctranslate2"
-    """The runtime: CTranslate2 (BART, T5, GPT-2, the Llama family)."""
+    """The runtime: CTranslate2 (BART, T5, GPT-2, Llama, Qwen2/3, Mistral)."""
     quantization: Literal["int8", "int8_float32", "float16", "float32"] = "int8"
     """Weights as stored and computed: int8 (int8 matrix products), int8_float32, float16 (GPU), float32."""
     overwrite: bool = False

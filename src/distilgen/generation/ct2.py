@@ -5,9 +5,11 @@ as `hf.py` gives for the PyTorch model, decoded by CTranslate2's own kernels (in
     outputs = open_generator("ct2", tm).generate(sources, DecodingConfig().settings())
 
 Tokenizing, the prompt and what is kept of an output are the `TextModel`'s (its torch model is an empty shell on
-the meta device, for its config). Greedy and beam outputs are deterministic; sampling is seeded once per call
-(CTranslate2 has no per-sample seed), so a sample depends on the batch it is drawn in. It gives text only: no top-k,
-no prefixes (PTs and student PTs are the PyTorch model's work).
+the meta device, for its config). Greedy outputs are the PyTorch model's; sampling is seeded once per call
+(CTranslate2 has no per-sample seed), so a sample depends on the batch it is drawn in. Beam search and n-gram
+blocking are refused (CTranslate2's rank and block otherwise). An output runs to EOS or `max_new_tokens`, with no
+early stop at a line break under `prompt.first_line` (the text kept is the same; the tokens spent may be more).
+It gives text only: no top-k, no prefixes (PTs and student PTs are the PyTorch model's work).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from distilgen.config import GenerationSettings
+from distilgen.config import ConfigError, GenerationSettings
 from distilgen.data import Example
 from distilgen.generation import Generated
 
@@ -31,12 +33,15 @@ def is_export(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def open_runtime(path: str | Path, is_encoder_decoder: bool, device: str = "cpu") -> Any:
-    """The CTranslate2 model of the export at `path`: a Translator (encoder-decoder) or a Generator."""
+def open_runtime(path: str | Path, is_encoder_decoder: bool) -> Any:
+    """The CTranslate2 model of the export at `path`: a Translator (encoder-decoder) or a Generator, on the GPU when
+    there is one, with as many threads as torch uses."""
     import ctranslate2
+    import torch
 
     kind = ctranslate2.Translator if is_encoder_decoder else ctranslate2.Generator
-    return kind(str(Path(path) / RUNTIME_DIR), device=device)
+    device = "cuda" if torch.cuda.is_available() and ctranslate2.get_cuda_device_count() else "cpu"
+    return kind(str(Path(path) / RUNTIME_DIR), device=device, intra_threads=torch.get_num_threads())
 
 
 def manifest(path: str | Path) -> dict[str, Any]:
@@ -67,17 +72,17 @@ class CT2Generator:
 
         if topk or prefixes is not None:
             raise ValueError("a CTranslate2 export writes text only: no top-k, no prefixes")
+        if settings.kind == "beam" or settings.no_repeat_ngram_size:  # CTranslate2 ranks and blocks otherwise
+            raise ConfigError("decoding", "an export decodes greedy or sampled, without n-gram blocking: its beam "
+                              "search and blocking give other outputs than the PyTorch model's")  # fmt: skip
         tm = self.tm
         examples = [Example(str(i), s, None, ()) for i, s in enumerate(sources)]
         encoded = tm.encode(examples, self.max_source_length, targets=False)[0]
         tokens = [tm.tokenizer.convert_ids_to_tokens(e.source) for e in encoded]
-        beams = settings.num_beams if settings.kind == "beam" else 1
         common: dict[str, Any] = {
             "max_batch_size": self.batch_size,
-            "beam_size": beams,
+            "beam_size": 1,
             "num_hypotheses": settings.num_return,
-            "length_penalty": settings.length_penalty,
-            "no_repeat_ngram_size": settings.no_repeat_ngram_size,
             "return_end_token": True,
         }
         if settings.kind == "sample":
@@ -86,7 +91,7 @@ class CT2Generator:
                           sampling_temperature=settings.temperature)  # fmt: skip
         if tm.is_encoder_decoder:
             results = tm.runtime.translate_batch(
-                tokens, max_decoding_length=settings.max_new_tokens, min_decoding_length=0, **common
+                tokens, max_decoding_length=settings.max_new_tokens, min_decoding_length=0, max_input_length=0, **common
             )
             rows = [[tm.tokenizer.convert_tokens_to_ids(h) for h in r.hypotheses] for r in results]
         else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -57,9 +58,17 @@ def main() -> None:
     parser.add_argument("--out", default="runs/nolabel")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--port", type=int, default=8411)
+    parser.add_argument("--sample", type=int, default=0, help="a seeded random sample of N unlabeled pages (0: the "
+                        "config's first 300, which are nearly all gcloud pages)")  # fmt: skip
     args = parser.parse_args()
     out = Path(args.out)
-    endpoint = f"teacher.api.base_url=http://127.0.0.1:{args.port}/v1"
+    endpoint = [f"teacher.api.base_url=http://127.0.0.1:{args.port}/v1"]
+    if args.sample:
+        pages = Path("runs/data/manpages/unlabeled.jsonl").read_text().splitlines()
+        sample = out / "unlabeled_sample.jsonl"
+        out.mkdir(parents=True, exist_ok=True)
+        sample.write_text("\n".join(random.Random(0).sample(pages, args.sample)) + "\n")
+        endpoint += [f"data.unlabeled={sample}", f"data.limits.unlabeled={args.sample}"]
     server = serve(args.port)
     summaries, walls = {}, {}
     try:
@@ -67,7 +76,7 @@ def main() -> None:
             name = f"{method}_k{k}"
             start = time.perf_counter()
             cli("distill", CONFIG, f"output_dir={out / name}", f"method={method}", f"pts.k={k}",
-                f"pts.store={out / 'pts'}", f"train.max_steps={args.steps}", endpoint)  # fmt: skip
+                f"pts.store={out / 'pts'}", f"train.max_steps={args.steps}", *endpoint)  # fmt: skip
             walls[name] = time.perf_counter() - start
             summaries[name] = json.loads((out / name / "summary.json").read_text())
         health = httpx.get(f"http://127.0.0.1:{args.port}/health").json()
@@ -80,8 +89,8 @@ def main() -> None:
     eval_cfg.write_text(json.dumps({"output_dir": str(out / "evaluate"), "data": data, "models": models,
                                     "metrics": ["bleu", "rouge", "chrf"], "decoding": {"max_new_tokens": 24,
                                     "batch_size": 16}}))  # fmt: skip
-    report = json.loads(cli("evaluate", str(eval_cfg)))
-    _print(report, summaries, walls, health)
+    cli("evaluate", str(eval_cfg))
+    _print(json.loads((out / "evaluate" / "report.json").read_text()), summaries, walls, health)
 
 
 def _config_data() -> dict:

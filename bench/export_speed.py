@@ -47,14 +47,14 @@ def measure(name: str, model: str, data: DataConfig, out: Path, max_new_tokens: 
     rows = []
     versions = {"pytorch": model}
     for quantization in ("float32", "int8"):
-        target = out / f"{name}_{quantization}"
+        target = out / f"{name.split()[0]}_{quantization}"
         export(ExportConfig(model=model, output_dir=str(target), quantization=quantization, overwrite=True))
         versions[f"ct2 {quantization}"] = str(target)
     examples = scored_split(data, "test")
     decoding = DecodingConfig(max_new_tokens=max_new_tokens, batch_size=32)
     cost = CostConfig(latency_examples=32, latency_runs=3, throughput_batch=32, throughput_examples=128)
     for version, path in versions.items():
-        tm = load_model(ModelConfig(path=path), data=data)
+        tm = load_model(ModelConfig(path=path), data=data, allow_export=True)
         result, _ = evaluate_model(tm, examples, ["bleu", "rouge"], decoding, data, cost, path)
         rows.append({"student": name, "version": version, **result})
         print(json.dumps(rows[-1]["scores"]), version, flush=True)

@@ -181,5 +181,5 @@ def test_validating_a_config_imports_nothing_that_imports_config():
     assert not any(graph[module] & package for module in reached)  # no circle through config
     assert reached == {"distilgen.metrics", "distilgen.objectives", "distilgen.registry", "distilgen.tasks",
                        "distilgen.teachers"}  # fmt: skip
-    assert all(len((ROOT / "src" / "distilgen" / "config" / f).read_text().splitlines()) <= 400
-               for f in ("base.py", "sources.py", "decoding.py", "training.py", "commands.py"))  # fmt: skip
+    files = ("base.py", "sources.py", "decoding.py", "training.py", "commands.py", "deploy.py")
+    assert all(len((ROOT / "src" / "distilgen" / "config" / f).read_text().splitlines()) <= 400 for f in files)

@@ -13,6 +13,7 @@ CLI prints as one line with exit code 2. Files and directories are checked after
 | `decoding.py` | how a model writes: `GenerationSettings` (what generators read), the configs and specs |
 | `training.py` | `TrainConfig`, the KD objectives' settings, PTs and student PTs, cost, denoising |
 | `commands.py` | one config per command: finetune, distill, generate, study, evaluate, diagnose, inspect |
+| `deploy.py` | the commands that put a model to use: `serve`, `export` |
 
 This package imports nothing of the pipeline (a test walks the import graph): names are checked against
 registries that import no config (tasks, metrics, objectives, teachers).
@@ -36,11 +37,9 @@ from distilgen.config.commands import (
     DiagnoseConfig,
     DistillConfig,
     EvaluateConfig,
-    ExportConfig,
     FinetuneConfig,
     GenerateConfig,
     InspectConfig,
-    ServeConfig,
     StudyConfig,
     StudyVariant,
 )
@@ -52,6 +51,7 @@ from distilgen.config.decoding import (
     get_spec,
     register_spec,
 )
+from distilgen.config.deploy import ExportConfig, ServeConfig
 from distilgen.config.sources import (
     DECODER_ONLY_FAMILIES,
     PACKAGE_SCHEME,

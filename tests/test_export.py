@@ -139,3 +139,14 @@ def test_an_export_carries_the_prompt_its_model_was_trained_to_read(saved, tmp_p
         assert json.loads((tmp_path / "export" / "prompt.json").read_text())["fingerprint"] == "abc"
     finally:
         (saved["llama"] / "prompt.json").unlink()
+
+
+def test_under_first_line_a_row_ends_at_a_line_break_after_text_as_in_the_pytorch_loop():
+    from types import SimpleNamespace
+
+    from distilgen.generation.ct2 import _line_stop
+
+    stop = _line_stop(breaks=[10, 11], blanks=[10, 20])  # 10: "\n" (blank), 11: ".\n", 20: " "
+    steps = [(0, 10), (0, 20), (1, 5), (0, 7), (1, 11), (0, 10)]  # (row, token)
+    ended = [stop(SimpleNamespace(batch_id=row, token_id=token)) for row, token in steps]
+    assert ended == [False, False, False, False, True, True]  # a break before any text does not end a row

@@ -7,8 +7,8 @@ as `hf.py` gives for the PyTorch model, decoded by CTranslate2's own kernels (in
 Tokenizing, the prompt and what is kept of an output are the `TextModel`'s (its torch model is an empty shell on
 the meta device, for its config). Greedy outputs are the PyTorch model's; sampling is seeded once per call
 (CTranslate2 has no per-sample seed), so a sample depends on the batch it is drawn in. Beam search and n-gram
-blocking are refused (CTranslate2's rank and block otherwise). An output runs to EOS or `max_new_tokens`, with no
-early stop at a line break under `prompt.first_line` (the text kept is the same; the tokens spent may be more).
+blocking are refused (CTranslate2's rank and block otherwise). Under `prompt.first_line` a single output per input
+ends at its first line break after some text, as in the PyTorch loop.
 It gives text only: no top-k, no prefixes (PTs and student PTs are the PyTorch model's work).
 """
 
@@ -85,6 +85,8 @@ class CT2Generator:
             "num_hypotheses": settings.num_return,
             "return_end_token": True,
         }
+        if tm.prompt is not None and tm.prompt.first_line and settings.num_return == 1:
+            common["callback"] = _line_stop(*tm.prompt.line_breaks())
         if settings.kind == "sample":
             ctranslate2.set_random_seed(settings.seed)
             common.update(sampling_topk=settings.top_k, sampling_topp=settings.top_p,
@@ -112,6 +114,21 @@ class CT2Generator:
             if on_done is not None:
                 on_done(at, written)
         return out
+
+
+def _line_stop(breaks: Sequence[int], blanks: Sequence[int]) -> Callable[[Any], bool]:
+    """CTranslate2's per-step callback that ends a row at a line break once it has written text, as the PyTorch
+    loop does under `prompt.first_line` (`decode`'s `stops`): the text kept is the same, and so is the work."""
+    breaks, blanks, written = set(breaks), set(blanks), set()
+
+    def step(result: Any) -> bool:
+        if result.token_id in breaks and result.batch_id in written:
+            return True
+        if result.token_id not in blanks:
+            written.add(result.batch_id)
+        return False
+
+    return step
 
 
 def open(tm: Any, **options: Any) -> CT2Generator:  # noqa: A001 (the backend entry point, `generation.BACKENDS`)

@@ -356,8 +356,10 @@ class ApiGenerator:
             self._probed = self.usage.requests > before
         pool = concurrent.futures.ThreadPoolExecutor(self.cfg.concurrency)
         futures = {pool.submit(self._answer, r, settings, topk): r for r in requests} if error is None else {}
+        handled: set[concurrent.futures.Future] = set()
         try:
             for future in concurrent.futures.as_completed(futures):
+                handled.add(future)
                 failed = self._run(lambda f=future: deliver(futures[f], f.result()))
                 if failed is not None:  # stop sending; keep what is in flight, since it is paid for
                     self._stop.set()
@@ -366,7 +368,7 @@ class ApiGenerator:
             self._stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
             for future, request in futures.items():
-                if future.done() and not future.cancelled() and future.exception() is None and left[request.at]:
+                if future not in handled and future.done() and not future.cancelled() and future.exception() is None:
                     with contextlib.suppress(Exception):
                         deliver(request, future.result())
             raise

@@ -351,7 +351,7 @@ class PTStore:
             pq.write_table(table, sink, compression="zstd")
             data = sink.getvalue().to_pybytes()
             file = f"shards/{uuid.uuid4().hex}.parquet"
-            _write_atomic(self.root / file, data)
+            write_atomic(self.root / file, data)
             entry = _shard_entry(file, teacher_fp, spec_fp, table, data)
             manifest = {
                 **self._manifest,
@@ -570,7 +570,7 @@ class PTStore:
         self._manifest = manifest
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
-        _write_atomic(self.root / "manifest.json", json.dumps(manifest, indent=1).encode())
+        write_atomic(self.root / "manifest.json", json.dumps(manifest, indent=1).encode())
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -660,7 +660,7 @@ def _shard_entry(file: str, teacher_fp: str, spec_fp: str, table: pa.Table, data
     }
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one, even after a crash; a failed
     write (a full disk) leaves no partial file and names the path."""
     tmp = path.with_name(path.name + ".tmp")

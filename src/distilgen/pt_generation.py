@@ -28,7 +28,7 @@ from distilgen.generation import Generated, Generator
 from distilgen.generation import plan_batches as batches_of
 from distilgen.generation.api import ApiGenerator, EndpointError
 from distilgen.progress import progress_bar
-from distilgen.pseudo_targets import MissingPT, PTRecord, PTStore, get_spec
+from distilgen.pseudo_targets import MissingPT, PTRecord, PTStore, get_spec, write_atomic
 from distilgen.teachers import load_teacher
 from distilgen.teachers.hf import teacher_fingerprint  # noqa: F401 (its earlier home: imports keep working)
 
@@ -312,9 +312,7 @@ def write_batch(
     lines = generator.batch_lines([r.source for r in rows], spec.settings(), [r.sample_indices for r in rows], topk)
     text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomic(Path(path), text.encode())
     log.info("wrote %d requests for %d PTs to %s", len(lines), sum(len(r.sample_indices) for r in rows), path)
     return {"batch_file": path, "requests": len(lines), "missing_pts": sum(len(r.sample_indices) for r in rows)}
 

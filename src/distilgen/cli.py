@@ -467,6 +467,15 @@ def _launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+"""What `accelerate launch --use_fsdp / --use_deepspeed` set in the environment: model sharding, which distilgen
+does not run (it evaluates, samples and saves the student whole on each process)."""
+
+
+def _sharded_launch() -> str | None:
+    return next((name for key, name in SHARDED_LAUNCHES.items() if os.environ.get(key, "").lower() == "true"), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from distilgen.data import DataError
@@ -483,6 +492,14 @@ def main(argv: list[str] | None = None) -> int:
             f"distilgen {args.command}: error: runs in one process, on one device, but `accelerate launch` started "
             f"{processes}: run `distilgen {args.command}` without it (commands that use several processes: "
             f"{several})",
+            file=sys.stderr,
+        )
+        return 2
+    if sharded := _sharded_launch():
+        print(
+            f"distilgen {args.command}: error: `accelerate launch` asked for {sharded}, which distilgen does not run: "
+            "it trains data-parallel (DDP), a whole student on each device. A teacher too large for one device: serve "
+            "it (vLLM, TGI) and set teacher.kind=api (README: 'Models larger than one device')",
             file=sys.stderr,
         )
         return 2

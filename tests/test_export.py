@@ -150,3 +150,15 @@ def test_under_first_line_a_row_ends_at_a_line_break_after_text_as_in_the_pytorc
     steps = [(0, 10), (0, 20), (1, 5), (0, 7), (1, 11), (0, 10)]  # (row, token)
     ended = [stop(SimpleNamespace(batch_id=row, token_id=token)) for row, token in steps]
     assert ended == [False, False, False, False, True, True]  # a break before any text does not end a row
+
+
+def test_decoder_only_prompts_are_batched_with_others_of_about_their_length():
+    """CTranslate2 feeds the part of each prompt beyond the batch's shortest through its decoding loop: batches are
+    cut so their prompts differ by at most `spread` tokens (the parity tests check the outputs come back in order)."""
+    from distilgen.generation.ct2 import prompt_groups
+
+    lengths = [30, 5, 12, 6, 29, 50, 7]
+    assert prompt_groups(lengths, batch_size=2, spread=8) == [[1, 3], [6, 2], [4, 0], [5]]
+    assert prompt_groups(lengths, batch_size=10, spread=8) == [[1, 3, 6, 2], [4, 0], [5]]
+    assert prompt_groups(lengths, batch_size=10, spread=100) == [[1, 3, 6, 2, 4, 0, 5]]
+    assert prompt_groups([], batch_size=4, spread=8) == []

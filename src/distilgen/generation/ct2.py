@@ -79,28 +79,31 @@ class CT2Generator:
         examples = [Example(str(i), s, None, ()) for i, s in enumerate(sources)]
         encoded = tm.encode(examples, self.max_source_length, targets=False)[0]
         tokens = [tm.tokenizer.convert_ids_to_tokens(e.source) for e in encoded]
-        common: dict[str, Any] = {
-            "max_batch_size": self.batch_size,
-            "beam_size": 1,
-            "num_hypotheses": settings.num_return,
-            "return_end_token": True,
-        }
-        if tm.prompt is not None and tm.prompt.first_line and settings.num_return == 1:
-            common["callback"] = _line_stop(*tm.prompt.line_breaks())
+        common: dict[str, Any] = {"beam_size": 1, "num_hypotheses": settings.num_return, "return_end_token": True}
+        line_stop = tm.prompt is not None and tm.prompt.first_line and settings.num_return == 1
         if settings.kind == "sample":
             ctranslate2.set_random_seed(settings.seed)
             common.update(sampling_topk=settings.top_k, sampling_topp=settings.top_p,
                           sampling_temperature=settings.temperature)  # fmt: skip
         if tm.is_encoder_decoder:
+            if line_stop:
+                common["callback"] = _line_stop(*tm.prompt.line_breaks())
             results = tm.runtime.translate_batch(
-                tokens, max_decoding_length=settings.max_new_tokens, min_decoding_length=0, max_input_length=0, **common
-            )
+                tokens, max_decoding_length=settings.max_new_tokens, min_decoding_length=0, max_input_length=0,
+                max_batch_size=self.batch_size, **common,
+            )  # fmt: skip
             rows = [[tm.tokenizer.convert_tokens_to_ids(h) for h in r.hypotheses] for r in results]
         else:
-            results = tm.runtime.generate_batch(
-                tokens, max_length=settings.max_new_tokens, min_length=0, include_prompt_in_result=False, **common
-            )
-            rows = [list(r.sequences_ids) for r in results]
+            rows = [[] for _ in tokens]
+            for group in prompt_groups([len(t) for t in tokens], self.batch_size, PROMPT_SPREAD):
+                if line_stop:
+                    common["callback"] = _line_stop(*tm.prompt.line_breaks())  # a group's rows count from 0
+                results = tm.runtime.generate_batch(
+                    [tokens[i] for i in group], max_length=settings.max_new_tokens, min_length=0,
+                    include_prompt_in_result=False, max_batch_size=len(group), **common,
+                )  # fmt: skip
+                for i, result in zip(group, results, strict=True):
+                    rows[i] = list(result.sequences_ids)
         wanted = indices if indices is not None else [range(settings.num_return)] * len(sources)
         out: list[list[Generated]] = []
         for at, (hypotheses, chosen) in enumerate(zip(rows, wanted, strict=True)):
@@ -114,6 +117,24 @@ class CT2Generator:
             if on_done is not None:
                 on_done(at, written)
         return out
+
+
+PROMPT_SPREAD = 16
+"""The most a decoder-only batch's prompts differ in length (tokens). CTranslate2 reads the prompts at once only up
+to the shortest one's length; the rest of each longer prompt goes through the decoding loop a token per step, for
+the whole batch (`bench/export_speed.py`: a batch of 32 man pages of 100 to 256 tokens ran slower than PyTorch)."""
+
+
+def prompt_groups(lengths: Sequence[int], batch_size: int, spread: int) -> list[list[int]]:
+    """Indices of prompts in batches of at most `batch_size` whose lengths differ by at most `spread`, shortest
+    first: fewer prompt tokens in CTranslate2's decoding loop, at the price of more, smaller batches."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        last = groups[-1] if groups else None
+        if last is None or len(last) == batch_size or lengths[i] - lengths[last[0]] > spread:
+            groups.append([])
+        groups[-1].append(i)
+    return groups
 
 
 def _line_stop(breaks: Sequence[int], blanks: Sequence[int]) -> Callable[[Any], bool]:

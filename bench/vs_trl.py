@@ -115,6 +115,13 @@ def smollm2_pair(train_size: int) -> Pair:
 # ---------------------------------------------------------------------------------------------
 
 
+def now() -> float:
+    """The clock, once the GPU (if any) has done what was queued."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 class Profile:
     """Seconds spent in generation and in each model's forward passes outside it."""
 
@@ -124,23 +131,23 @@ class Profile:
 
     @contextmanager
     def section(self, name: str):
-        start = time.perf_counter()
+        start = now()
         try:
             yield
         finally:
-            self.seconds[name] += time.perf_counter() - start
+            self.seconds[name] += now() - start
 
     def watch(self, model: torch.nn.Module, name: str) -> None:
         """Time `model`'s forward passes outside generation as `name` forward."""
         starts: list[float] = []
 
         def before(*_):
-            starts.append(time.perf_counter())
+            starts.append(now())
 
         def after(*_):
             start = starts.pop()
             if not self.generating and not starts:
-                self.seconds[f"{name} forward"] += time.perf_counter() - start
+                self.seconds[f"{name} forward"] += now() - start
 
         model.register_forward_pre_hook(before)
         model.register_forward_hook(after)
@@ -218,16 +225,16 @@ def run_distilgen(cfg: DistillConfig, splits, decoding: DecodingConfig) -> dict:
     profile.watch(teacher.model, "teacher")
     pt_seconds = 0.0
     if METHODS[cfg.method].teacher_pts:
-        start = time.perf_counter()
+        start = now()
         prepare_pts(ctx, accelerator)
-        pt_seconds = time.perf_counter() - start
+        pt_seconds = now() - start
         profile.seconds.clear()  # the PTs' generation is their own figure
     plan = METHODS[cfg.method].build(ctx)
     ended: list[float] = []
     with profile.generation(HFGenerator, "run"):
-        start = time.perf_counter()
+        start = now()
         train(student, plan.items, plan.loss, cfg.train, Path(cfg.output_dir), accelerator, cfg.seed,
-              on_step=lambda state: ended.append(time.perf_counter()), prepare=plan.prepare)  # fmt: skip
+              on_step=lambda state: ended.append(now()), prepare=plan.prepare)  # fmt: skip
     seconds = ended[-1] - start
     return _result(student, seconds, pt_seconds, profile, splits["dev"], decoding, cfg.data)
 
@@ -246,8 +253,9 @@ def run_trl(cfg: DistillConfig, lmbda: float, seq_kd: bool, splits, decoding: De
     args = GKDConfig(
         output_dir=str(work / f"trl_{lmbda}"), per_device_train_batch_size=t.batch_size, max_steps=t.max_steps,
         learning_rate=t.lr, weight_decay=t.weight_decay, warmup_steps=int(t.warmup_ratio * t.max_steps),
-        lr_scheduler_type="linear", max_grad_norm=t.max_grad_norm, optim="adamw_torch", use_cpu=True,
-        save_strategy="no", eval_strategy="no", report_to="none", logging_steps=10**9, disable_tqdm=True,
+        lr_scheduler_type="linear", max_grad_norm=t.max_grad_norm, optim="adamw_torch", save_strategy="no",
+        use_cpu=not torch.cuda.is_available(), eval_strategy="no", report_to="none", logging_steps=10**9,
+        disable_tqdm=True,
         seed=cfg.seed, lmbda=lmbda, seq_kd=seq_kd, beta=cfg.kd.beta, temperature=1.0,
         max_new_tokens=cfg.student_pts.max_new_tokens, dataloader_num_workers=0, bf16=False,
         gradient_checkpointing=False,  # TRL's default is on: the step would recompute the forward pass
@@ -259,14 +267,14 @@ def run_trl(cfg: DistillConfig, lmbda: float, seq_kd: bool, splits, decoding: De
 
     class StepEnd(TrainerCallback):
         def on_step_end(self, *_, **__):
-            ended.append(time.perf_counter())
+            ended.append(now())
 
     trainer = GKDTrainer(
         model=student.model, teacher_model=teacher, args=args, train_dataset=dataset,
         processing_class=student.tokenizer, data_collator=ChatMLLayout(student.tokenizer.pad_token_id),
         callbacks=[StepEnd()],
     )  # fmt: skip
-    start = time.perf_counter()
+    start = now()
     with profile.generation(student.model, "generate"), profile.generation(teacher, "generate"):
         trainer.train()
     seconds = ended[-1] - start

@@ -13,9 +13,12 @@ Two races:
 - `trl_lmbda0` (GKD, lmbda 0: gold targets, the teacher live) against `logits_kd`: no generation, the training
   step alone.
 
-Both sides use the generalized JSD at beta 0.5 (where TRL and distilgen agree), temperature 1 (TRL divides the
-logits by its sampling temperature), sampling at top-p 1, dropout off, AdamW at the same learning rate, warm-up,
-weight decay and clipping, float32, no gradient checkpointing (TRL's defaults are bf16 and checkpointing on).
+Both sides use the generalized JSD at beta 0.5 (where TRL and distilgen agree; on its teacher-PT steps distilgen
+takes it over the stored top-20 and a tail bucket), temperature 1 (TRL divides the logits by its sampling
+temperature), sampling at top-p 1, dropout off, AdamW at the same learning rate, warm-up, weight decay and
+clipping, float32, no gradient checkpointing (TRL's defaults are bf16 and checkpointing on), batches of inputs of
+similar length (TRL's `group_by_length`). GKD draws each step's kind at random (`lmbda`); joint_teaching
+alternates exactly. distilgen's one checkpoint, at the last step, is not timed (TRL saves none).
 Both train on the same token ids: distilgen's encoding of each prompt and target, handed to TRL by a collator in
 the layout its ChatML collator produces. Each side's time is split by timers on generation (TRL: `generate`;
 distilgen: its generator) and on the two models' forward passes outside it; the rest is backward, the optimizer,
@@ -41,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from distilgen import train as train_module
 from distilgen.config import (
     BuiltinTaskConfig,
     DataConfig,
@@ -142,25 +146,28 @@ class Profile:
         starts: list[float] = []
 
         def before(*_):
-            starts.append(now())
+            if not self.generating:  # no clock inside generation (on a GPU, inside the compiled decoder step)
+                starts.append(now())
 
         def after(*_):
-            start = starts.pop()
-            if not self.generating and not starts:
-                self.seconds[f"{name} forward"] += now() - start
+            if not self.generating:
+                start = starts.pop()
+                if not starts:
+                    self.seconds[f"{name} forward"] += now() - start
 
         model.register_forward_pre_hook(before)
         model.register_forward_hook(after)
 
     @contextmanager
-    def generation(self, owner, attr: str):
-        """Time `owner.attr` (TRL: a model's `generate`; distilgen: its generator's `run`) as generation."""
+    def generation(self, owner, attr: str, name: str = "generation"):
+        """Time `owner.attr` (TRL: a model's `generate`; distilgen: its generator's `run`) as `name`, with no
+        forward pass inside it counted elsewhere."""
         inner = getattr(owner, attr)
 
         def timed(*args, **kwargs):
             self.generating = True
             try:
-                with self.section("generation"):
+                with self.section(name):
                     return inner(*args, **kwargs)
             finally:
                 self.generating = False
@@ -178,8 +185,8 @@ class Profile:
 
 
 def distill_config(pair: Pair, method: str, args, work: Path, num_train: int) -> DistillConfig:
-    """distilgen's side: teacher PTs on the training inputs only, as many samples per input as the teacher-PT steps
-    use (each sample trained on once, like TRL's fresh teacher samples), their top-20 stored."""
+    """distilgen's side: teacher PTs on the training inputs only, enough whole samples per input for the rows the
+    teacher-PT steps train on (epoch e takes sample e % K of each input), their top-20 stored."""
     teacher_rows = args.steps * args.batch_size * 0.5
     spec = DecodingSpec(
         name=f"vs_trl_t1_{args.max_new_tokens}",
@@ -206,7 +213,9 @@ def distill_config(pair: Pair, method: str, args, work: Path, num_train: int) ->
 
 
 def train_config(pair: Pair, args) -> TrainConfig:
-    return TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=pair.lr, eval_every=10**9, log_every=10**9)
+    """float32 (`precision: no`: `auto` would train in bf16 on a GPU, where TRL runs in float32)."""
+    return TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=pair.lr, eval_every=10**9,
+                       log_every=10**9, precision="no")  # fmt: skip
 
 
 def load_student(cfg: DistillConfig, splits) -> TextModel:
@@ -220,22 +229,22 @@ def run_distilgen(cfg: DistillConfig, splits, decoding: DecodingConfig) -> dict:
     teacher = load_teacher(cfg.teacher, cfg.precision, accelerator.device, cfg.data)
     student = load_student(cfg, splits)
     ctx = Context(cfg, teacher, student, splits)
+    pt_seconds = 0.0
+    start = now()
+    if METHODS[cfg.method].teacher_pts:
+        prepare_pts(ctx, accelerator)
+    plan = METHODS[cfg.method].build(ctx)  # reads the PTs back from the store: part of their cost
+    pt_seconds = now() - start if METHODS[cfg.method].teacher_pts else 0.0
     profile = Profile()
     profile.watch(student.model, "student")
     profile.watch(teacher.model, "teacher")
-    pt_seconds = 0.0
-    if METHODS[cfg.method].teacher_pts:
-        start = now()
-        prepare_pts(ctx, accelerator)
-        pt_seconds = now() - start
-        profile.seconds.clear()  # the PTs' generation is their own figure
-    plan = METHODS[cfg.method].build(ctx)
     ended: list[float] = []
-    with profile.generation(HFGenerator, "run"):
+    # The loop's one checkpoint (at the last step, before `on_step`) is left out: TRL saves none here.
+    with profile.generation(HFGenerator, "run"), profile.generation(train_module, "_save_checkpoint", "checkpoint"):
         start = now()
         train(student, plan.items, plan.loss, cfg.train, Path(cfg.output_dir), accelerator, cfg.seed,
               on_step=lambda state: ended.append(now()), prepare=plan.prepare)  # fmt: skip
-    seconds = ended[-1] - start
+    seconds = ended[-1] - start - profile.seconds.pop("checkpoint", 0.0)
     return _result(student, seconds, pt_seconds, profile, splits["dev"], decoding, cfg.data)
 
 
@@ -247,7 +256,9 @@ def run_trl(cfg: DistillConfig, lmbda: float, seq_kd: bool, splits, decoding: De
     student = load_student(cfg, splits)
     teacher = load_model(ModelConfig(path=cfg.teacher.path), data=cfg.data, key="teacher").model.eval()
     encoded, _ = student.encode(splits["train"], cfg.data.max_source_length, cfg.data.max_target_length)
-    dataset = Dataset.from_list([{"prompt": e.source, "target": e.target} for e in encoded])
+    # `length`: TRL batches inputs of similar length, as distilgen does (fewer padded positions on both sides).
+    rows = [{"prompt": e.source, "target": e.target, "length": len(e.source) + len(e.target)} for e in encoded]
+    dataset = Dataset.from_list(rows)
     student.model.generation_config.eos_token_id = student.tokenizer.eos_token_id
     t = cfg.train
     args = GKDConfig(
@@ -259,6 +270,7 @@ def run_trl(cfg: DistillConfig, lmbda: float, seq_kd: bool, splits, decoding: De
         seed=cfg.seed, lmbda=lmbda, seq_kd=seq_kd, beta=cfg.kd.beta, temperature=1.0,
         max_new_tokens=cfg.student_pts.max_new_tokens, dataloader_num_workers=0, bf16=False,
         gradient_checkpointing=False,  # TRL's default is on: the step would recompute the forward pass
+        train_sampling_strategy="group_by_length",
     )  # fmt: skip
     profile = Profile()
     profile.watch(student.model, "student")
@@ -345,6 +357,9 @@ def main() -> None:
         parser.error(f"--cases: unknown {unknown}")
     out = Path(args.out)
     pair = tiny_pair(out / "tiny", args.train_size) if args.pair == "tiny" else smollm2_pair(args.train_size)
+    if args.max_new_tokens > pair.data.max_target_length:  # distilgen cuts its PTs there; TRL would not
+        print(f"--max-new-tokens {args.max_new_tokens} cut to the pair's longest target, {pair.data.max_target_length}")
+        args.max_new_tokens = pair.data.max_target_length
     splits = load_splits(pair.data, ("train", "dev"))
     decoding = DecodingConfig(max_new_tokens=args.max_new_tokens, batch_size=50)
     samples = args.steps * args.batch_size
@@ -376,7 +391,7 @@ def _report(results: dict[str, list[dict]], samples: int) -> None:
     print("\n| run | samples/s | train s | teacher PTs s | dev BLEU | where the time goes (s) |")
     print("|---|---|---|---|---|---|")
     for case, rows in results.items():
-        profile = ", ".join(f"{k} {v}" for k, v in rows[-1]["profile_s"].items())
+        profile = ", ".join(f"{k} {v}" for k, v in rows[-1]["profile_s"].items())  # the last round's
         print(f"| {case} | {median(case, 'samples_per_s')} | {median(case, 'train_s')} | "
               f"{median(case, 'teacher_pts_s')} | {median(case, 'dev_bleu')} | {profile} |")  # fmt: skip
     for ours, theirs in (("joint_teaching", "trl_gkd"), ("logits_kd", "trl_lmbda0")):

@@ -188,6 +188,21 @@ def test_an_fsdp_launch_is_refused_in_one_line_before_anything_is_written(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("key, name", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+                                       ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")])  # fmt: skip
+def test_every_sharded_launch_is_refused_the_same_way(tmp_path, monkeypatch, capsys, key, name):
+    from distilgen.cli import main
+
+    cfg = tmp_path / "finetune.yaml"
+    task = {"train_size": 5, "unlabeled_size": 0, "dev_size": 2}
+    cfg.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "data": {"task": task},
+                                   "model": {"arch": "llama", "hidden_size": 32}}))  # fmt: skip
+    monkeypatch.setenv(key, "True")  # as accelerate reads it: any case
+    assert main(["finetune", str(cfg)]) == 2
+    assert f"distilgen finetune: error: `accelerate launch` asked for {name}," in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_sigkill_during_finetune_then_rerun_resumes_and_finishes(tmp_path, tokenizer_dir):
     config = _finetune_yaml(tmp_path, tokenizer_dir, max_steps=40, checkpoint_every=4, eval_every=20)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}

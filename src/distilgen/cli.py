@@ -467,9 +467,13 @@ def _launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
-"""What `accelerate launch --use_fsdp / --use_deepspeed` set in the environment: model sharding, which distilgen
-does not run (it evaluates, samples and saves the student whole on each process)."""
+SHARDED_LAUNCHES = {
+    "ACCELERATE_USE_FSDP": "FSDP",
+    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
+}
+"""What `accelerate launch --use_fsdp / --use_deepspeed / --use_megatron_lm` set in the environment: model
+sharding, which distilgen does not run (it evaluates, samples and saves the student whole on each process)."""
 
 
 def _sharded_launch() -> str | None:

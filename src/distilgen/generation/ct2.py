@@ -95,7 +95,8 @@ class CT2Generator:
             rows = [[tm.tokenizer.convert_tokens_to_ids(h) for h in r.hypotheses] for r in results]
         else:
             rows = [[] for _ in tokens]
-            for group in prompt_groups([len(t) for t in tokens], self.batch_size, PROMPT_SPREAD):
+            per_batch = max(1, self.batch_size // settings.num_return)  # batch_size counts output rows, as in hf.py
+            for group in prompt_groups([len(t) for t in tokens], per_batch, PROMPT_SPREAD):
                 if line_stop:
                     common["callback"] = _line_stop(*tm.prompt.line_breaks())  # a group's rows count from 0
                 results = tm.runtime.generate_batch(

@@ -64,7 +64,7 @@ from distilgen.config.decoding import DecodingSpec
 from distilgen.data import load_splits
 from distilgen.distill import METHODS, Context, _load_student, prepare_pts
 from distilgen.generation.hf import HFGenerator
-from distilgen.models import TextModel, load_model
+from distilgen.models import TextModel, load_model, pad_rows
 from distilgen.teachers import load_teacher
 from distilgen.train import dev_score, finetune, make_accelerator, train
 
@@ -229,7 +229,6 @@ def run_distilgen(cfg: DistillConfig, splits, decoding: DecodingConfig) -> dict:
     teacher = load_teacher(cfg.teacher, cfg.precision, accelerator.device, cfg.data)
     student = load_student(cfg, splits)
     ctx = Context(cfg, teacher, student, splits)
-    pt_seconds = 0.0
     start = now()
     if METHODS[cfg.method].teacher_pts:
         prepare_pts(ctx, accelerator)
@@ -304,22 +303,15 @@ class ChatMLLayout:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         full = [r["prompt"] + r["target"] for r in rows]
         labels = [[-100] * len(r["prompt"]) + r["target"] for r in rows]
-        input_ids, attention_mask = self._left(full, self.pad_id)
-        prompts, prompt_mask = self._left([r["prompt"] for r in rows], self.pad_id)
+        input_ids, attention_mask = pad_rows(full, self.pad_id, left=True)
+        prompts, prompt_mask = pad_rows([r["prompt"] for r in rows], self.pad_id, left=True)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "labels": self._left(labels, -100)[0],
+            "labels": pad_rows(labels, -100, left=True)[0],
             "prompts": prompts,
             "prompt_attention_mask": prompt_mask,
         }
-
-    @staticmethod
-    def _left(seqs: list[list[int]], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(map(len, seqs))
-        ids = torch.tensor([[fill] * (width - len(s)) + s for s in seqs])
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-        return ids, mask
 
 
 def _result(tm: TextModel, seconds: float, pt_seconds: float, profile: Profile, dev, decoding, data) -> dict:

@@ -531,7 +531,7 @@ def load_model(
                 raise ConfigError("shrink", "an export cannot be shrunk: shrink the model, then export it").under(key)
             with torch.device("meta"):
                 model = auto.from_config(config)
-            runtime = open_runtime(path, config.is_encoder_decoder)
+            runtime = open_runtime(path, config.is_encoder_decoder, sum(p.numel() for p in model.parameters()))
         else:
             model = auto.from_pretrained(path)
         if cfg.shrink is not None:

@@ -33,15 +33,28 @@ def is_export(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def open_runtime(path: str | Path, is_encoder_decoder: bool) -> Any:
+PARALLEL_PARAMETERS = 16_000_000
+"""Below this many parameters an export decodes on one CPU thread. CTranslate2 splits every matrix product of a step
+across its threads, and for a small model the threads' meeting costs more than the product: on a 2-core CPU a
+1.3M-parameter Llama decoded 16x faster on one thread than on two, a 42.5M one 1.25x slower (`bench/export_speed.py`
+in BENCHMARKS.md)."""
+
+
+def runtime_threads(parameters: int, available: int) -> int:
+    """CTranslate2's threads for a model of `parameters` on a CPU where torch uses `available`."""
+    return available if parameters >= PARALLEL_PARAMETERS else 1
+
+
+def open_runtime(path: str | Path, is_encoder_decoder: bool, parameters: int) -> Any:
     """The CTranslate2 model of the export at `path`: a Translator (encoder-decoder) or a Generator, on the GPU when
-    there is one, with as many threads as torch uses."""
+    there is one, else with as many CPU threads as torch uses for a large model and one for a small one."""
     import ctranslate2
     import torch
 
     kind = ctranslate2.Translator if is_encoder_decoder else ctranslate2.Generator
     device = "cuda" if torch.cuda.is_available() and ctranslate2.get_cuda_device_count() else "cpu"
-    return kind(str(Path(path) / RUNTIME_DIR), device=device, intra_threads=torch.get_num_threads())
+    threads = runtime_threads(parameters, torch.get_num_threads())
+    return kind(str(Path(path) / RUNTIME_DIR), device=device, intra_threads=threads)
 
 
 def manifest(path: str | Path) -> dict[str, Any]:

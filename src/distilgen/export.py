@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from distilgen.checkpoints import model_dir
-from distilgen.config import ConfigError, ExportConfig, ModelConfig
+from distilgen.config import ConfigError, DataConfig, ExportConfig, ModelConfig, from_dict
+from distilgen.config.base import read_yaml
+from distilgen.data import load_splits
 from distilgen.generation.ct2 import MANIFEST, RUNTIME_DIR, is_export
 from distilgen.generation.decode import generation_rules
-from distilgen.models import PROMPT_FILE, load_model
+from distilgen.models import PROMPT_FILE, TextModel, load_model
+from distilgen.vocabulary import task_token_ids, trim_embeddings, trim_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         import ctranslate2
     except ImportError:
         raise ConfigError("format", "ctranslate2 is not installed: pip install 'distilgen[export]'") from None
+    from transformers import AutoTokenizer
+
     from distilgen import __version__
 
     out = Path(cfg.output_dir)
@@ -58,7 +63,8 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         raise ConfigError("output_dir", f"{out} exists: choose another directory, or set overwrite=true")
     if out.exists() and not is_export(out):
         raise ConfigError("output_dir", f"{out} exists and is not an export: overwrite replaces only an export")
-    tm = load_model(ModelConfig(path=cfg.model), key="model")
+    data = task_data(cfg.trim_vocabulary) if cfg.trim_vocabulary is not None else None
+    tm = load_model(ModelConfig(path=cfg.model), key="model", data=data)
     family = tm.model.config.model_type
     if family not in CT2_FAMILIES:
         raise ConfigError("model", f"a {family} model: CTranslate2 export covers {', '.join(CT2_FAMILIES)}")
@@ -70,13 +76,17 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         staging, result = Path(tmp) / "staging", Path(tmp) / "export"
         tm.save(staging)  # a plain checkpoint whatever the source (a GGUF file, a hub id, a directory)
+        source_sha256 = weights_sha256(staging)
+        trimmed = None
+        if data is not None:
+            trimmed = {**_trim_vocabulary(tm, data, staging), "from": str(Path(cfg.trim_vocabulary).resolve())}
         if family == "bart":  # transformers 5's BartConfig has no normalize_before, which the converter reads
             config = json.loads((staging / "config.json").read_text())
             config.setdefault("normalize_before", False)
             (staging / "config.json").write_text(json.dumps(config))
         converter = ctranslate2.converters.TransformersConverter(str(staging))
         converter.convert(str(result / RUNTIME_DIR), quantization=cfg.quantization)
-        tm.tokenizer.save_pretrained(result)
+        (AutoTokenizer.from_pretrained(staging) if trimmed else tm.tokenizer).save_pretrained(result)
         tm.model.config.save_pretrained(result)
         if (source_dir / PROMPT_FILE).is_file():  # the prompt it was trained to read: the deployer's to send
             shutil.copy(source_dir / PROMPT_FILE, result / PROMPT_FILE)
@@ -85,7 +95,8 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             "quantization": cfg.quantization,
             "family": family,
             "source": str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model,
-            "weights_sha256": weights_sha256(staging),
+            "weights_sha256": source_sha256,
+            "vocabulary": trimmed or {"kept": tm.model.config.get_text_config(decoder=True).vocab_size},
             "generation_rules_not_applied": sorted(rules),
             "distilgen_version": __version__,
             "ctranslate2_version": ctranslate2.__version__,
@@ -96,3 +107,33 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         result.rename(out)
     log.info("exported %s to %s (%s, %s)", cfg.model, out, family, cfg.quantization)
     return {"output_dir": str(out), **info}
+
+
+def task_data(config_path: str) -> DataConfig:
+    """The `data` section of a distilgen YAML config (a distill or finetune config names the model's task)."""
+    section = read_yaml(config_path).get("data")
+    if not isinstance(section, dict):
+        raise ConfigError("trim_vocabulary", f"{config_path} has no `data` section to take the task's tokens from")
+    try:
+        return from_dict(DataConfig, section, "data")
+    except ConfigError as err:
+        raise ConfigError("trim_vocabulary", f"{config_path}: {err}") from None
+
+
+def _trim_vocabulary(tm: TextModel, data: DataConfig, staging: Path) -> dict[str, Any]:
+    """Cut the staged model and tokenizer to the task's tokens (`vocabulary.py`); what was kept, for the manifest."""
+    spec_file = staging / "tokenizer.json"
+    if not spec_file.is_file():
+        raise ConfigError("trim_vocabulary", "the model's tokenizer has no tokenizer.json (a fast tokenizer's file)")
+    splits = load_splits(data, ("train", "unlabeled", "dev"))
+    examples = [example for split in splits.values() for example in split]
+    if not examples:
+        raise ConfigError("trim_vocabulary", "the config's data has no train, unlabeled or dev examples")
+    vocab_size = tm.model.get_input_embeddings().weight.shape[0]
+    keep = task_token_ids(tm, examples, data.max_source_length, data.max_target_length)
+    spec, old_ids = trim_tokenizer(json.loads(spec_file.read_text()), keep)
+    spec_file.write_text(json.dumps(spec, ensure_ascii=False))
+    trim_embeddings(tm.model, old_ids)
+    tm.model.save_pretrained(staging)
+    log.info("vocabulary trimmed to %d of %d tokens (%d examples)", len(old_ids), vocab_size, len(examples))
+    return {"kept": len(old_ids), "of": vocab_size, "examples": len(examples)}

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from distilgen.config.base import check
+from distilgen.config.base import check, check_path
 from distilgen.config.sources import check_model_path
 
 
@@ -24,9 +24,15 @@ class ExportConfig:
     """Weights as stored and computed: int8 (int8 matrix products), int8_float32, float16 (GPU), float32."""
     overwrite: bool = False
     """Replace an existing `output_dir`."""
+    trim_vocabulary: str | None = None
+    """A YAML config whose `data` is the model's task (its distill config): the export keeps only the tokens of the
+    train, unlabeled and dev prompts and references, and what tokenizing other text needs (README, "Deployment"): a
+    smaller output layer, faster decoding for a student with an LLM's vocabulary. Empty: the whole vocabulary."""
 
     def __post_init__(self):
         check(self.format == "ctranslate2", "format", f"must be ctranslate2, got {self.format!r}")
+        if self.trim_vocabulary is not None:
+            check_path(os.path.isfile(self.trim_vocabulary), "trim_vocabulary", f"{self.trim_vocabulary} is not a file")
         valid = ("int8", "int8_float32", "float16", "float32")
         got = self.quantization
         check(got in valid, "quantization", f"must be one of {', '.join(valid)}, got {got!r}")

@@ -97,12 +97,12 @@ def test_trimmed_embeddings_give_the_kept_tokens_the_logits_they_had(family, tok
     new = torch.tensor([[5, 9, 2]])
     kwargs = lambda x: {"input_ids": x, **({"decoder_input_ids": x} if family == "bart" else {})}  # noqa: E731
     before = tm.model(**kwargs(ids)).logits[..., old_ids]
-    pad_before = tm.model.config.pad_token_id
+    tm.model.config.eos_token_id = tm.model.generation_config.eos_token_id = old_ids[7]  # renumbered to 7
     trim_embeddings(tm.model, old_ids)
     assert tm.model.config.vocab_size == len(old_ids) and tm.model.get_output_embeddings().weight.shape[0] == len(
         old_ids
     )
-    assert tm.model.config.pad_token_id == old_ids.index(pad_before)
+    assert tm.model.config.eos_token_id == tm.model.generation_config.eos_token_id == 7
     torch.testing.assert_close(tm.model(**kwargs(new)).logits, before)
     if family == "bart":
         assert tm.model.get_output_embeddings().weight is tm.model.get_input_embeddings().weight  # still tied

@@ -3,11 +3,12 @@
     distilgen quickstart      # the built-in task's Joint-Teaching student: runs/quickstart/joint_teaching
     python bench/export_speed.py [--student RUN_OR_MODEL] [--smollm2 RUN_OR_MODEL] [--out runs/export_bench]
 
-Each student is exported twice (`distilgen export`, float32 and int8) and the three versions are scored on their
-task's test split with their latency at batch 1 (each of 32 inputs alone, median of 3 passes) and throughput at
-batch 32, through the generator each runs in distilgen (tokenizing and detokenizing included). The built-in task's
-student is scored on 200 test reports; the SmolLM2 student (a 4-layer cut of SmolLM2-135M-Instruct distilled on
-the man pages, BENCHMARKS.md) on 100 test pages. Ratios are against PyTorch eager.
+Each student is exported three times (`distilgen export`: float32, int8, and int8 with the vocabulary trimmed to
+its task's tokens, when the run's config.yaml names the task) and the four versions are scored on their task's test
+split with their latency at batch 1 (each of 32 inputs alone, median of 3 passes) and throughput at batch 32,
+through the generator each runs in distilgen (tokenizing and detokenizing included). The built-in task's student is
+scored on 200 test reports; the SmolLM2 student (a 4-layer cut of SmolLM2-135M-Instruct distilled on the man pages,
+BENCHMARKS.md) on 100 test pages. Ratios are against PyTorch eager.
 """
 
 from __future__ import annotations
@@ -43,13 +44,18 @@ MANPAGES = DataConfig(
 BUILTIN = DataConfig(task=BuiltinTaskConfig(train_size=1000, unlabeled_size=4000, dev_size=100, test_size=200))
 
 
-def measure(name: str, model: str, data: DataConfig, out: Path, max_new_tokens: int) -> list[dict]:
-    rows = []
+def measure(name: str, run: str, data: DataConfig, out: Path, max_new_tokens: int) -> list[dict]:
+    """The student of `run` as PyTorch eager, CTranslate2 float32 and int8, and int8 with its vocabulary trimmed to
+    the task (`trim_vocabulary`: the run's own config.yaml names the task's data)."""
+    rows, model = [], final_model(run)
     versions = {"pytorch": model}
-    for quantization in ("float32", "int8"):
-        target = out / f"{name.split()[0]}_{quantization}"
-        export(ExportConfig(model=model, output_dir=str(target), quantization=quantization, overwrite=True))
-        versions[f"ct2 {quantization}"] = str(target)
+    exports = {"ct2 float32": {"quantization": "float32"}, "ct2 int8": {"quantization": "int8"}}
+    if (Path(run) / "config.yaml").is_file():
+        exports["ct2 int8, trimmed vocabulary"] = {"quantization": "int8", "trim_vocabulary": f"{run}/config.yaml"}
+    for version, options in exports.items():
+        target = out / f"{name.split()[0]}_{version.split()[-1]}{'_trim' if 'trim_vocabulary' in options else ''}"
+        export(ExportConfig(model=model, output_dir=str(target), overwrite=True, **options))
+        versions[version] = str(target)
     examples = scored_split(data, "test")
     decoding = DecodingConfig(max_new_tokens=max_new_tokens, batch_size=32)
     cost = CostConfig(latency_examples=32, latency_runs=3, throughput_batch=32, throughput_examples=128)
@@ -74,9 +80,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/export_bench")
     args = parser.parse_args()
     out = Path(args.out)
-    rows = measure("built-in task student", final_model(args.student), BUILTIN, out, 48)
+    rows = measure("built-in task student", args.student, BUILTIN, out, 48)
     if Path(args.smollm2).is_dir():
-        rows += measure("SmolLM2 4-layer student", final_model(args.smollm2), MANPAGES, out, 24)
+        rows += measure("SmolLM2 4-layer student", args.smollm2, MANPAGES, out, 24)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     header = "student | version | BLEU | ROUGE-L | size (MB) | latency b=1 (ms) | speed-up | throughput b=32 (ex/s) | x"
     print(f"\n| {header} |")

@@ -6,9 +6,10 @@
 Each student is exported three times (`distilgen export`: float32, int8, and int8 with the vocabulary trimmed to
 its task's tokens, when the run's config.yaml names the task) and the four versions are scored on their task's test
 split with their latency at batch 1 (each of 32 inputs alone, median of 3 passes) and throughput at batch 32,
-through the generator each runs in distilgen (tokenizing and detokenizing included). The built-in task's student is
-scored on 200 test reports; the SmolLM2 student (a 4-layer cut of SmolLM2-135M-Instruct distilled on the man pages,
-BENCHMARKS.md) on 100 test pages. Ratios are against PyTorch eager.
+through the generator each runs in distilgen (tokenizing and detokenizing included), and how many of its outputs
+are the PyTorch model's, word for word. The built-in task's student is scored on 200 test reports; the SmolLM2
+student (a 4-layer cut of SmolLM2-135M-Instruct distilled on the man pages, BENCHMARKS.md) on 100 test pages.
+Ratios are against PyTorch eager.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ BUILTIN = DataConfig(task=BuiltinTaskConfig(train_size=1000, unlabeled_size=4000
 def measure(name: str, run: str, data: DataConfig, out: Path, max_new_tokens: int) -> list[dict]:
     """The student of `run` as PyTorch eager, CTranslate2 float32 and int8, and int8 with its vocabulary trimmed to
     the task (`trim_vocabulary`: the run's own config.yaml names the task's data)."""
-    rows, model = [], final_model(run)
+    rows, model, reference = [], final_model(run), []
     versions = {"pytorch": model}
     exports = {"ct2 float32": {"quantization": "float32"}, "ct2 int8": {"quantization": "int8"}}
     if (Path(run) / "config.yaml").is_file():
@@ -61,8 +62,10 @@ def measure(name: str, run: str, data: DataConfig, out: Path, max_new_tokens: in
     cost = CostConfig(latency_examples=32, latency_runs=3, throughput_batch=32, throughput_examples=128)
     for version, path in versions.items():
         tm = load_model(ModelConfig(path=path), data=data, allow_export=True)
-        result, _ = evaluate_model(tm, examples, ["bleu", "rouge"], decoding, data, cost, path)
-        rows.append({"student": name, "version": version, **result})
+        result, predictions = evaluate_model(tm, examples, ["bleu", "rouge"], decoding, data, cost, path)
+        reference = reference if version != "pytorch" else predictions
+        same = sum(a == b for a, b in zip(predictions, reference, strict=True))
+        rows.append({"student": name, "version": version, **result, "same_outputs": same, "of": len(predictions)})
         print(json.dumps(rows[-1]["scores"]), version, flush=True)
     return rows
 
@@ -84,9 +87,11 @@ def main() -> None:
     if Path(args.smollm2).is_dir():
         rows += measure("SmolLM2 4-layer student", args.smollm2, MANPAGES, out, 24)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
-    header = "student | version | BLEU | ROUGE-L | size (MB) | latency b=1 (ms) | speed-up | throughput b=32 (ex/s) | x"
+    header = (
+        "student | version | BLEU | ROUGE-L | = PyTorch | size (MB) | latency b=1 (ms) | speed-up | b=32 (ex/s) | x"
+    )
     print(f"\n| {header} |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     base: dict[str, dict] = {}
     for r in rows:
         c = r["cost"]
@@ -94,6 +99,7 @@ def main() -> None:
         through = c["throughput"]["examples_per_s"]
         print(
             f"| {r['student']} | {r['version']} | {r['scores']['bleu']:.2f} | {r['scores']['rougeL']:.2f} | "
+            f"{r['same_outputs']}/{r['of']} | "
             f"{c['size_on_disk_mb']:.1f} | {c['latency_s'] * 1e3:.1f} | {ref['latency_s'] / c['latency_s']:.2f}x | "
             f"{through:.1f} | {through / ref['throughput']['examples_per_s']:.2f}x |"
         )

@@ -12,6 +12,7 @@ BART of transformers 5 lacks `normalize_before`, added to a staging copy of its 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from distilgen.checkpoints import model_dir
-from distilgen.config import ConfigError, DataConfig, ExportConfig, ModelConfig, from_dict
+from distilgen.config import ConfigError, DataConfig, ExportConfig, ModelConfig, SplitLimits, from_dict
 from distilgen.config.base import read_yaml
 from distilgen.data import load_splits
 from distilgen.generation.ct2 import MANIFEST, RUNTIME_DIR, is_export
@@ -125,7 +126,8 @@ def _trim_vocabulary(tm: TextModel, data: DataConfig, staging: Path) -> dict[str
     spec_file = staging / "tokenizer.json"
     if not spec_file.is_file():
         raise ConfigError("trim_vocabulary", "the model's tokenizer has no tokenizer.json (a fast tokenizer's file)")
-    splits = load_splits(data, ("train", "unlabeled", "dev"))
+    # every example, beyond the training's `limits`: each rare word a split holds is one a deployed input may hold
+    splits = load_splits(dataclasses.replace(data, limits=SplitLimits()), ("train", "unlabeled", "dev"))
     examples = [example for split in splits.values() for example in split]
     if not examples:
         raise ConfigError("trim_vocabulary", "the config's data has no train, unlabeled or dev examples")

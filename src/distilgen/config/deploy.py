@@ -26,8 +26,9 @@ class ExportConfig:
     """Replace an existing `output_dir`."""
     trim_vocabulary: str | None = None
     """A YAML config whose `data` is the model's task (its distill config): the export keeps only the tokens of the
-    train, unlabeled and dev prompts and references, and what tokenizing other text needs (README, "Deployment"): a
-    smaller output layer, faster decoding for a student with an LLM's vocabulary. Empty: the whole vocabulary."""
+    train, unlabeled and dev prompts and references (all of them, whatever `data.limits` says), and what tokenizing
+    other text needs (README, "Deployment"): a smaller output layer, faster decoding for a student with an LLM's
+    vocabulary. Empty: the whole vocabulary."""
 
     def __post_init__(self):
         check(self.format == "ctranslate2", "format", f"must be ctranslate2, got {self.format!r}")

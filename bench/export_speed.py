@@ -54,7 +54,7 @@ def measure(name: str, run: str, data: DataConfig, out: Path, max_new_tokens: in
     if (Path(run) / "config.yaml").is_file():
         exports["ct2 int8, trimmed vocabulary"] = {"quantization": "int8", "trim_vocabulary": f"{run}/config.yaml"}
     for version, options in exports.items():
-        target = out / f"{name.split()[0]}_{version.split()[-1]}{'_trim' if 'trim_vocabulary' in options else ''}"
+        target = out / f"{name.split()[0]}_{options['quantization']}{'_trim' if 'trim_vocabulary' in options else ''}"
         export(ExportConfig(model=model, output_dir=str(target), overwrite=True, **options))
         versions[version] = str(target)
     examples = scored_split(data, "test")

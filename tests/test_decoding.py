@@ -82,9 +82,10 @@ class _SeededChoice:
 
 
 class _RisingEos:
-    """A forward hook raising the EOS logit of odd rows a little more at every call, so that they end at various
-    steps and even rows run to the limit (a random model rarely writes EOS). `reset` before each decoding,
-    which calls the model once per step."""
+    """A forward hook raising the EOS logit a little more at every call, of the rows whose last hidden state's first
+    feature is positive, so that rows end at various steps and some run to the limit (a random model rarely writes
+    EOS). The choice is the row's own, wherever it sits in the batch (`decode` drops finished rows). `reset` before
+    each decoding, which calls the model once per step."""
 
     def __init__(self, eos: int):
         self.eos, self.rise, self.calls = eos, 0.3, 0
@@ -94,7 +95,7 @@ class _RisingEos:
 
     def __call__(self, module, args, out):
         self.calls += 1
-        rows = torch.arange(out.shape[0]) % 2
+        rows = (args[0][:, -1, 0] > 0).to(out.dtype)
         return out.index_add(
             -1, torch.tensor([self.eos]), (self.calls * self.rise * rows)[:, None, None].expand(-1, out.shape[1], 1)
         )
@@ -158,6 +159,36 @@ def test_decode_gives_the_tokens_generate_gives(model_with_eos, spec, static):
     assert torch.equal(ours, theirs)
     ended = (ours == tm.tokenizer.eos_token_id).any(1)
     assert 0 < ended.sum() < len(ours)  # some rows end early, some run to the limit: both paths are checked
+
+
+@pytest.mark.parametrize("arch", ["bart", "gpt2"])
+@pytest.mark.parametrize("kind", ["greedy", "sample"])
+def test_finished_rows_leave_the_batch_with_nothing_else_changed(model_with_eos, kind, monkeypatch):
+    """A dynamic cache drops finished rows (`COMPACT_SHARE`): the tokens and every step's scores of each row are
+    those of a decoding that keeps them, only fewer rows are computed at the late steps."""
+    from distilgen.generation import decode as decoding
+    from distilgen.generation.hf import StepTopK
+
+    tm = model_with_eos
+    batch = _batch(tm, SOURCES)
+    spec = GenerationSettings(kind, max_new_tokens=14, **({"num_return": 3} if kind == "sample" else {}))
+    seeds = list(range(7, 7 + 3 * len(SOURCES))) if kind == "sample" else None
+    runs = {}
+    for share in (0, 10**6):  # never drop; drop as soon as a row has finished
+        monkeypatch.setattr(decoding, "COMPACT_SHARE", share)
+        tm.rising_eos.reset()
+        topk = StepTopK(3)
+        out = decode(tm, batch, spec, seeds, on_scores=topk)
+        runs[share] = out, topk.rows(*out.shape), [len(rows) for rows in topk.at]
+    (kept, kept_topk, kept_rows), (dropped, dropped_topk, dropped_rows) = runs[0], runs[10**6]
+    assert torch.equal(dropped, kept)
+    ends = [row.index(tm.tokenizer.eos_token_id) if tm.tokenizer.eos_token_id in row else None for row in kept.tolist()]
+    assert any(e is not None for e in ends) and any(e is None for e in ends)
+    assert set(kept_rows) == {len(kept)} and dropped_rows[0] == len(kept) and dropped_rows[-1] < len(kept)
+    for b, end in enumerate(ends):  # a row's top-k up to and with its EOS (the steps it trains on)
+        steps = kept.shape[1] if end is None else end + 1
+        for got, want in zip(dropped_topk, kept_topk, strict=True):  # ids, then log-probs
+            torch.testing.assert_close(torch.tensor(got[b][:steps]), torch.tensor(want[b][:steps]))
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])

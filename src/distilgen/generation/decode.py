@@ -254,6 +254,11 @@ def _cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def _cache(inputs: dict[str, Any]):
+    """The KV cache among a model call's keyword arguments."""
+    return inputs["cache"] if "cache" in inputs else inputs["past_key_values"]
+
+
 def _step_call(model, compile: bool) -> Callable:
     """The model call for decoding steps after the first: the compiled one `generate` uses with a static cache
     (`reduce-overhead`: CUDA graphs on a GPU), or the model itself."""
@@ -303,6 +308,16 @@ class EncoderDecoderSteps:
     def first(self) -> torch.Tensor:
         return _last_logits(self.model(decoder_input_ids=self.prefix, **self.inputs, return_dict=True))
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with only `rows` (indices into the current rows): a dynamic cache, rows that finished dropped."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        hidden = self.inputs["encoder_outputs"].last_hidden_state
+        self.inputs["encoder_outputs"] = BaseModelOutput(last_hidden_state=hidden[rows])
+        self.inputs["attention_mask"] = self.inputs["attention_mask"][rows]
+        _cache(self.inputs).batch_select_indices(rows)
+        self.prefix = self.prefix[rows]
+
     def next(self, tokens: torch.Tensor) -> torch.Tensor:
         return _last_logits(self.step(decoder_input_ids=tokens[:, None], **self.inputs, return_dict=True))
 
@@ -337,7 +352,6 @@ class DecoderOnlySteps:
         self.mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens)], dim=1)
         self.positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as `DecoderOnlyLayout.target_logits` numbers them
         self.inputs = _cache_kwargs(model, static, ids.shape[0], self.width + max_new_tokens)
-        self.cache_name = next(name for name in ("cache", "past_key_values") if name in self.inputs)
         if "logits_to_keep" in forward_parameters(type(model)):
             self.inputs["logits_to_keep"] = 1  # the prompt's other positions need no (B, S, V) logits
         self.prefix = ids
@@ -354,8 +368,13 @@ class DecoderOnlySteps:
         ids, mask = self.prompt
         positions = self.positions[:: self.shared]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **self.inputs)
-        self.inputs[self.cache_name].batch_repeat_interleave(self.shared)  # each input's cache, once per row
+        _cache(self.inputs).batch_repeat_interleave(self.shared)  # each input's cache, once per row
         return _last_logits(out).repeat_interleave(self.shared, dim=0)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with only `rows` (indices into the current rows): a dynamic cache, rows that finished dropped."""
+        self.mask, self.positions, self.prefix = self.mask[rows], self.positions[rows], self.prefix[rows]
+        _cache(self.inputs).batch_select_indices(rows)
 
     def next(self, tokens: torch.Tensor) -> torch.Tensor:
         self.fed += 1
@@ -395,6 +414,16 @@ class _AllFinished:
         return answer
 
 
+COMPACT_SHARE = 8
+"""A dynamic-cache batch drops its finished rows once they are at least 1/COMPACT_SHARE of its rows: each drop
+copies the cache once (as every step's growth of it does), and every later step computes only the rows left. PT
+samples end at very different lengths (tiny teacher, built-in task: 16.5 tokens on average, the longest of a
+batch of 64 up to 48), so most of a batch's late steps were spent on finished rows."""
+
+COMPACT_EVERY_ON_GPU = 16
+"""On a GPU, finished rows are counted every this many steps: counting waits for the device, which the loop avoids."""
+
+
 @torch.no_grad()
 def decode(
     tm: TextModel,
@@ -403,7 +432,7 @@ def decode(
     seeds: Sequence[int] | None = None,
     static: bool = False,
     compile: bool | None = None,
-    on_scores: Callable[[torch.Tensor], None] | None = None,
+    on_scores: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     prefix: torch.Tensor | None = None,
     stops: Sequence[int] = (),
     blanks: Sequence[int] = (),
@@ -417,10 +446,12 @@ def decode(
         stops: tokens that end a row as EOS does once it has written text, kept in its output (line breaks, when
             only the first line counts).
         blanks: tokens that write no text (whitespace): a stop after only these does not end a row.
-        static: a static KV cache (fixed shapes), as `generate`'s `cache_implementation="static"`.
+        static: a static KV cache (fixed shapes), as `generate`'s `cache_implementation="static"`. Without it,
+            rows that have finished are dropped from the batch as they accumulate (`COMPACT_SHARE`).
         compile: compile the decoder step and the sampler (default: with a static cache on a GPU).
-        on_scores: called at each step, before the step's tokens are chosen, with the model's (B * per_input, V)
-            fp32 scores for them, before any rule or warper (step t's are the distribution of output column t).
+        on_scores: called at each step, before the step's tokens are chosen, with the model's fp32 scores for them,
+            before any rule or warper (step t's are the distribution of output column t), and the output rows they
+            are for: (R, V) scores and (R,) row indices, every row until finished ones are dropped.
     """
     if settings.kind not in ("greedy", "sample"):
         raise ValueError(f"decode takes greedy and sampling settings, not {settings.kind}")
@@ -435,7 +466,8 @@ def decode(
     pad_id, eos_id = tm.tokenizer.pad_token_id, tm.tokenizer.eos_token_id
     breaks = torch.tensor(stops, dtype=torch.long, device=device)
     blank = torch.tensor(blanks, dtype=torch.long, device=device)
-    choose = _chooser(settings, seeds, device, compile)
+    choose = _chooser(settings, compile)
+    seeded = seed_tensor(seeds, device) if seeds is not None else None
     no_repeat = None
     if settings.no_repeat_ngram_size:
         from transformers import NoRepeatNGramLogitsProcessor
@@ -443,36 +475,45 @@ def decode(
         no_repeat = NoRepeatNGramLogitsProcessor(settings.no_repeat_ngram_size)
     rows, width = inputs * per_input, settings.max_new_tokens
     out = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    written = torch.zeros(rows, dtype=torch.bool, device=device)  # a row has written text (not only blanks)
     lengths = torch.full((rows,), width, dtype=torch.long, device=device)
+    alive = torch.arange(rows, device=device)  # the output row of each row decoding
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)  # of the rows decoding
+    written = torch.zeros(rows, dtype=torch.bool, device=device)  # a row has written text (not only blanks)
     all_finished = _AllFinished(device)
+    count_every = COMPACT_EVERY_ON_GPU if all_finished.lagged else 1
     step = torch.zeros((), dtype=torch.int64, device=device)
     scores = state.first()
     for t in range(width):
         if on_scores is not None:
-            on_scores(scores)
+            on_scores(scores, alive)
         if no_repeat is not None:
-            scores = no_repeat(torch.cat([state.prefix, out[:, :t]], dim=1), scores)
-        tokens = choose(scores, step).masked_fill_(finished, pad_id)  # finished rows write padding
-        out[:, t] = tokens
+            scores = no_repeat(torch.cat([state.prefix, out[alive, :t]], dim=1), scores)
+        tokens = choose(scores, step, seeded).masked_fill_(finished, pad_id)  # finished rows write padding
+        out[alive, t] = tokens
         ends = ~finished & ((tokens == eos_id) | (torch.isin(tokens, breaks) & written))  # not before any text
-        lengths = torch.where(ends, t + 1, lengths)
+        lengths[alive] = torch.where(ends, t + 1, lengths[alive])
         finished |= ends
         written |= ~torch.isin(tokens, blank)
         step += 1
         if t + 1 == width or all_finished(finished):
             break
+        if not static and (t + 1) % count_every == 0:
+            done = int(finished.sum())
+            if done and done * COMPACT_SHARE >= len(alive):
+                kept = (~finished).nonzero().squeeze(1)
+                state.keep(kept)
+                alive, tokens, finished, written = alive[kept], tokens[kept], finished[kept], written[kept]
+                seeded = seeded[kept] if seeded is not None else None
         scores = state.next(tokens)
     return out[:, : int(lengths.max())]  # up to and with each row's end
 
 
 def _chooser(
-    settings: GenerationSettings, seeds: Sequence[int] | None, device: torch.device, compile: bool
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """(scores (B, V), step) -> (B,) tokens: the argmax, or the seeded sample."""
-    if seeds is None:
-        return lambda scores, step: scores.argmax(-1)
-    seeded, warp = seed_tensor(seeds, device), warpers(settings.temperature, settings.top_k, settings.top_p)
+    settings: GenerationSettings, compile: bool
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """(scores (B, V), step, the rows' seeds) -> (B,) tokens: the argmax, or the seeded sample."""
+    if settings.kind != "sample":
+        return lambda scores, step, seeds: scores.argmax(-1)
+    warp = warpers(settings.temperature, settings.top_k, settings.top_p)
     sample = _compiled_gumbel_tokens() if compile else gumbel_tokens
-    return lambda scores, step: sample(scores, seeded, step, warp)
+    return lambda scores, step, seeds: sample(scores, seeds, step, warp)

@@ -221,16 +221,23 @@ class StepTopK:
     device and fetched once."""
 
     def __init__(self, k: int):
-        self.k, self.ids, self.logprobs = k, [], []
+        self.k, self.ids, self.logprobs, self.at = k, [], [], []
 
-    def __call__(self, scores: torch.Tensor) -> None:
+    def __call__(self, scores: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         logprobs, ids = torch.log_softmax(scores, dim=-1).topk(min(self.k, scores.shape[-1]), dim=-1)
         self.ids.append(ids)
         self.logprobs.append(logprobs)
+        self.at.append(rows)
 
-    def rows(self, width: int) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
-        """(B, width, k) ids and log-probs of the first `width` steps, as lists."""
-        ids, logprobs = torch.stack(self.ids[:width], dim=1), torch.stack(self.logprobs[:width], dim=1)
+    def rows(self, count: int, width: int) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
+        """(count, width, k) ids and log-probs of the first `width` steps, as lists; zeros at the steps after a row
+        was dropped from the batch (it had finished)."""
+        k = self.ids[0].shape[-1]
+        ids = self.ids[0].new_zeros((count, width, k))
+        logprobs = self.logprobs[0].new_zeros((count, width, k))
+        for t, (step_ids, step_logprobs, at) in enumerate(zip(self.ids[:width], self.logprobs, self.at, strict=False)):
+            where = slice(None) if at is None else at
+            ids[where, t], logprobs[where, t] = step_ids, step_logprobs
         return ids.cpu().tolist(), logprobs.cpu().tolist()
 
 
@@ -250,7 +257,7 @@ def _output_topk(
     logprobs: list = [None] * len(targets)
     if steps_topk is not None:
         decoded = generated.tolist()
-        step_ids, step_logprobs = steps_topk.rows(generated.shape[1])
+        step_ids, step_logprobs = steps_topk.rows(*generated.shape)
         for b, target in enumerate(targets):
             if decoded[b][: len(target)] == target:
                 ids[b], logprobs[b] = step_ids[b][: len(target)], step_logprobs[b][: len(target)]

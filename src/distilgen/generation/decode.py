@@ -6,7 +6,9 @@
 stopping criteria) and waits for the device every token to learn whether all rows have finished. A small
 model's decoder step, compiled into a CUDA graph, costs less than those launches. This loop keeps per token
 the step, the choice of the next tokens and three bookkeeping ops, and on a GPU learns that every row has
-finished one step late, without waiting for the step it has just queued. Under a static cache, batches of one
+finished one step late, without waiting for the step it has just queued. With a dynamic cache, rows that have
+finished leave the batch as they accumulate (`COMPACT_SHARE`), so a batch's late steps compute only the rows still
+writing (samples of one batch end at very different lengths). Under a static cache, batches of one
 shape decode in one cache, so the step's CUDA graph, recorded on its tensors, is replayed rather than recorded
 again for every batch (as it is when `generate` makes a new static cache per call).
 

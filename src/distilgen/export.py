@@ -55,8 +55,6 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         import ctranslate2
     except ImportError:
         raise ConfigError("format", "ctranslate2 is not installed: pip install 'distilgen[export]'") from None
-    from transformers import AutoTokenizer
-
     from distilgen import __version__
 
     out = Path(cfg.output_dir)
@@ -78,16 +76,17 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         staging, result = Path(tmp) / "staging", Path(tmp) / "export"
         tm.save(staging)  # a plain checkpoint whatever the source (a GGUF file, a hub id, a directory)
         source_sha256 = weights_sha256(staging)
-        trimmed = None
+        trimmed, tokenizer = None, tm.tokenizer
         if data is not None:
-            trimmed = {**_trim_vocabulary(tm, data, staging), "from": str(Path(cfg.trim_vocabulary).resolve())}
+            trimmed, tokenizer = _trim_vocabulary(tm, data, staging)
+            trimmed["from"] = str(Path(cfg.trim_vocabulary).resolve())
         if family == "bart":  # transformers 5's BartConfig has no normalize_before, which the converter reads
             config = json.loads((staging / "config.json").read_text())
             config.setdefault("normalize_before", False)
             (staging / "config.json").write_text(json.dumps(config))
         converter = ctranslate2.converters.TransformersConverter(str(staging))
         converter.convert(str(result / RUNTIME_DIR), quantization=cfg.quantization)
-        (AutoTokenizer.from_pretrained(staging) if trimmed else tm.tokenizer).save_pretrained(result)
+        tokenizer.save_pretrained(result)
         tm.model.config.save_pretrained(result)
         if (source_dir / PROMPT_FILE).is_file():  # the prompt it was trained to read: the deployer's to send
             shutil.copy(source_dir / PROMPT_FILE, result / PROMPT_FILE)
@@ -121,8 +120,11 @@ def task_data(config_path: str) -> DataConfig:
         raise ConfigError("trim_vocabulary", f"{config_path}: {err}") from None
 
 
-def _trim_vocabulary(tm: TextModel, data: DataConfig, staging: Path) -> dict[str, Any]:
-    """Cut the staged model and tokenizer to the task's tokens (`vocabulary.py`); what was kept, for the manifest."""
+def _trim_vocabulary(tm: TextModel, data: DataConfig, staging: Path) -> tuple[dict[str, Any], Any]:
+    """Cut the staged model and tokenizer to the task's tokens (`vocabulary.py`); what was kept, for the manifest,
+    and the trimmed tokenizer."""
+    from transformers import AutoTokenizer
+
     spec_file = staging / "tokenizer.json"
     if not spec_file.is_file():
         raise ConfigError("trim_vocabulary", "the model's tokenizer has no tokenizer.json (a fast tokenizer's file)")
@@ -137,5 +139,8 @@ def _trim_vocabulary(tm: TextModel, data: DataConfig, staging: Path) -> dict[str
     spec_file.write_text(json.dumps(spec, ensure_ascii=False))
     trim_embeddings(tm.model, old_ids)
     tm.model.save_pretrained(staging)
+    tokenizer = AutoTokenizer.from_pretrained(staging)
+    if len(tokenizer) != len(old_ids):  # the tokenizer's other files named tokens by their old ids
+        raise ValueError(f"the trimmed tokenizer has {len(tokenizer)} tokens, not the {len(old_ids)} kept")
     log.info("vocabulary trimmed to %d of %d tokens (%d examples)", len(old_ids), vocab_size, len(examples))
-    return {"kept": len(old_ids), "of": vocab_size, "examples": len(examples)}
+    return {"kept": len(old_ids), "of": vocab_size, "examples": len(examples)}, tokenizer

@@ -5,9 +5,10 @@
 
 The output directory holds CTranslate2's model (`ctranslate2/`), the tokenizer, the `transformers` config and the
 prompt the model reads sources through (so distilgen loads it like any model: `evaluate`, `serve`, `cost`), and a
-manifest (`export.json`: format, quantization, the source model and the sha256 of its weights, versions).
-CTranslate2's own converters do the work, for BART, T5, GPT-2 and the Llama family (Llama, Qwen2/3, Mistral);
-BART of transformers 5 lacks `normalize_before`, added to a staging copy of its config.
+manifest (`export.json`: format, quantization, the source model and the sha256 of its weights, the vocabulary kept,
+versions). CTranslate2's own converters do the work, for BART, T5, GPT-2 and the Llama family (Llama, Qwen2/3,
+Mistral); BART of transformers 5 lacks `normalize_before`, added to a staging copy of its config. With
+`trim_vocabulary` the staged copy's vocabulary is first cut to the task's tokens (`vocabulary.py`).
 """
 
 from __future__ import annotations

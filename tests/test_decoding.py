@@ -161,6 +161,16 @@ def test_decode_gives_the_tokens_generate_gives(model_with_eos, spec, static):
     assert 0 < ended.sum() < len(ours)  # some rows end early, some run to the limit: both paths are checked
 
 
+def _a_stop_token(tm, batch, spec, seeds) -> int:
+    """A token that, as a stop, ends a row that ran to the limit, while rows ending at EOS and some row running to
+    the limit never write it: all three kinds of end in one decoding."""
+    tm.rising_eos.reset()
+    rows, eos = decode(tm, batch, spec, seeds).tolist(), tm.tokenizer.eos_token_id
+    ended = {t for row in rows if eos in row for t in row[: row.index(eos) + 1]}
+    running = [row for row in rows if eos not in row]
+    return next(row[2] for row in running if row[2] not in ended and any(row[2] not in other for other in running))
+
+
 @pytest.mark.parametrize("arch", ["bart", "gpt2"])
 @pytest.mark.parametrize("kind", ["greedy", "sample"])
 def test_finished_rows_leave_the_batch_with_nothing_else_changed(model_with_eos, kind, monkeypatch):
@@ -173,20 +183,23 @@ def test_finished_rows_leave_the_batch_with_nothing_else_changed(model_with_eos,
     batch = _batch(tm, SOURCES)
     spec = GenerationSettings(kind, max_new_tokens=14, **({"num_return": 3} if kind == "sample" else {}))
     seeds = list(range(7, 7 + 3 * len(SOURCES))) if kind == "sample" else None
+    stop = _a_stop_token(tm, batch, spec, seeds)
     runs = {}
     for share in (0, 10**6):  # never drop; drop as soon as a row has finished
         monkeypatch.setattr(decoding, "COMPACT_SHARE", share)
         tm.rising_eos.reset()
         topk = StepTopK(3)
-        out = decode(tm, batch, spec, seeds, on_scores=topk)
+        out = decode(tm, batch, spec, seeds, on_scores=topk, stops=[stop])
         runs[share] = out, topk.rows(*out.shape), [len(rows) for rows in topk.at]
     (kept, kept_topk, kept_rows), (dropped, dropped_topk, dropped_rows) = runs[0], runs[10**6]
     assert torch.equal(dropped, kept)
-    ends = [row.index(tm.tokenizer.eos_token_id) if tm.tokenizer.eos_token_id in row else None for row in kept.tolist()]
-    assert any(e is not None for e in ends) and any(e is None for e in ends)
+    pad, eos = tm.tokenizer.pad_token_id, tm.tokenizer.eos_token_id
+    ends = [row.index(pad) - 1 if pad in row else None for row in kept.tolist()]  # a row's last token
+    last = [row[end] if end is not None else None for row, end in zip(kept.tolist(), ends, strict=True)]
+    assert eos in last and stop in last and None in ends  # rows end at EOS, at the stop, and at the limit
     assert set(kept_rows) == {len(kept)} and dropped_rows[0] == len(kept) and dropped_rows[-1] < len(kept)
-    for b, end in enumerate(ends):  # a row's top-k up to and with its EOS (the steps it trains on)
-        steps = kept.shape[1] if end is None else end + 1
+    for b, end in enumerate(ends):  # a row's top-k up to and with its end, and one step after it: the EOS a target
+        steps = kept.shape[1] if end is None else end + 2  # appends after a stop token takes that step's top-k
         for got, want in zip(dropped_topk, kept_topk, strict=True):  # ids, then log-probs
             torch.testing.assert_close(torch.tensor(got[b][:steps]), torch.tensor(want[b][:steps]))
 

@@ -64,10 +64,31 @@ def test_a_trimmed_tokenizer_tokenizes_kept_text_as_before_and_any_other_text_in
         assert after.tokens == before.tokens and [old_ids[i] for i in after.ids] == before.ids
     for text in other:
         after = trimmed.encode(text)
-        assert len(after.ids) >= len(tokenizer.encode(text).ids) and max(after.ids) < len(old_ids)
+        assert len(after.ids) >= len(tokenizer.encode(text).ids)
         if kind == "byte_level_bpe":  # bytes are always kept: any text comes back whole
             assert trimmed.decode(after.ids) == text
     assert trimmed.token_to_id("<|end|>" if kind == "byte_level_bpe" else "<unk>") is not None
+
+
+def test_special_tokens_outside_the_models_vocabulary_are_kept_and_renumbered(splits):
+    """Qwen and Llama 3 keep their chat tokens as added tokens only, after the BPE vocabulary; a template
+    post-processor names one by id."""
+    from tokenizers import processors
+
+    texts = _texts(splits)
+    tokenizer = _byte_level(texts)
+    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    start = tokenizer.token_to_id("<|im_start|>")
+    assert start >= tokenizer.get_vocab_size(with_added_tokens=False)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", start)]
+    )
+    trimmed, old_ids = _trimmed(tokenizer, texts[:5])
+    text = texts[0] + "<|im_end|>"
+    before, after = tokenizer.encode(text), trimmed.encode(text)
+    assert after.tokens == before.tokens and [old_ids[i] for i in after.ids] == before.ids
+    assert after.tokens[0] == "<|im_start|>" and after.tokens[-1] == "<|im_end|>"
+    assert trimmed.token_to_id("<|im_start|>") == old_ids.index(start) < start
 
 
 def test_the_trimmed_tokenizer_keeps_the_parts_every_kept_token_is_merged_from(splits):

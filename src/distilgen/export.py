@@ -136,8 +136,8 @@ def _trim_vocabulary(tm: TextModel, data: DataConfig, staging: Path) -> tuple[di
         raise ConfigError("trim_vocabulary", "the config's data has no train, unlabeled or dev examples")
     vocab_size = tm.model.get_input_embeddings().weight.shape[0]
     keep = task_token_ids(tm, examples, data.max_source_length, data.max_target_length)
-    spec, old_ids = trim_tokenizer(json.loads(spec_file.read_text()), keep)
-    spec_file.write_text(json.dumps(spec, ensure_ascii=False))
+    spec, old_ids = trim_tokenizer(json.loads(spec_file.read_text(encoding="utf-8")), keep)
+    spec_file.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     trim_embeddings(tm.model, old_ids)
     tm.model.save_pretrained(staging)
     tokenizer = AutoTokenizer.from_pretrained(staging)

@@ -1,6 +1,6 @@
 """A student's vocabulary trimmed to its task's tokens, for export: a smaller output layer to compute per token.
 
-    kept = task_token_ids(tm, examples)                      # every token the task's prompts and references use
+    kept = task_token_ids(tm, examples, 512, 128)            # every token the task's prompts and references use
     spec, old_ids = trim_tokenizer(json.loads(tokenizer_json), kept)
     trim_embeddings(tm.model, old_ids)                       # rows old_ids[0], old_ids[1], ... become ids 0, 1, ...
 
@@ -50,27 +50,33 @@ def named_ids(model: Any) -> list[int]:
 def trim_tokenizer(spec: dict[str, Any], keep: set[int]) -> tuple[dict[str, Any], list[int]]:
     """A tokenizer's `tokenizer.json` (`spec`) cut to the tokens of ids `keep` and what they need; the new spec and
     the old id of each new id (kept tokens in their old order)."""
-    model = spec["model"]
+    model, added = spec["model"], spec.get("added_tokens", [])
+    keep = keep | {a["id"] for a in added}  # all kept, whether or not the model's vocabulary holds them
     if model["type"] == "BPE":
+        if model.get("continuing_subword_prefix"):  # its merges drop the prefix: parts and results differ
+            raise ConfigError("trim_vocabulary", "a BPE tokenizer with a continuing-subword prefix cannot be trimmed")
         vocab, closed = model["vocab"], _bpe_closure(model, keep)
     elif model["type"] == "Unigram":
         vocab = {piece: i for i, (piece, _) in enumerate(model["vocab"])}
         closed = {p for p, i in vocab.items() if i in keep or len(p) == 1 or i == model.get("unk_id")}
+        if model.get("byte_fallback"):  # characters it lacks are written as <0xNN> bytes
+            closed |= {p for p in vocab if len(p) == 6 and p.startswith("<0x") and p.endswith(">")}
     else:
         raise ConfigError("trim_vocabulary", f"a {model['type']} tokenizer: trimming covers BPE and Unigram ones")
-    closed |= {added["content"] for added in spec.get("added_tokens", []) if added["content"] in vocab}
-    old_ids = sorted(vocab[token] for token in closed)
+    old_ids = sorted({vocab[token] for token in closed} | {a["id"] for a in added})
     new_id = {old: new for new, old in enumerate(old_ids)}
     out = {**spec, "model": dict(model)}
     if model["type"] == "BPE":
         out["model"]["vocab"] = {token: new_id[i] for token, i in vocab.items() if i in new_id}
         out["model"]["merges"] = [m for m in model["merges"] if _merged(m) in closed]
     else:
-        out["model"]["vocab"] = [model["vocab"][i] for i in old_ids]
+        out["model"]["vocab"] = [model["vocab"][i] for i in old_ids if i < len(model["vocab"])]
         if model.get("unk_id") is not None:
             out["model"]["unk_id"] = new_id[model["unk_id"]]
-    out["added_tokens"] = [{**a, "id": new_id[a["id"]]} for a in spec.get("added_tokens", []) if a["id"] in new_id]
+    out["added_tokens"] = [{**a, "id": new_id[a["id"]]} for a in added]
     out["post_processor"] = _renumbered(spec.get("post_processor"), new_id)
+    if isinstance(spec.get("padding"), dict) and spec["padding"].get("pad_id") in new_id:
+        out["padding"] = {**spec["padding"], "pad_id": new_id[spec["padding"]["pad_id"]]}
     return out, old_ids
 
 

@@ -246,14 +246,24 @@ def _kept_static_cache(model, shape: tuple, fresh: Callable[[], Any]):
     return cache
 
 
+def _cache_layers(cache) -> list:
+    """Every layer of a cache (an encoder-decoder's self- and cross-attention caches both)."""
+    encoder_decoder = hasattr(cache, "cross_attention_cache")
+    parts = [cache.self_attention_cache, cache.cross_attention_cache] if encoder_decoder else [cache]
+    return [layer for part in parts for layer in part.layers]
+
+
 def _cache_bytes(cache) -> int:
-    parts = (
-        [cache.self_attention_cache, cache.cross_attention_cache]
-        if hasattr(cache, "cross_attention_cache")
-        else [cache]
-    )
-    tensors = [getattr(layer, name, None) for part in parts for layer in part.layers for name in ("keys", "values")]
+    tensors = [getattr(layer, name, None) for layer in _cache_layers(cache) for name in ("keys", "values")]
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _droppable(cache) -> bool:
+    """Whether rows can leave the cache: every layer holds only keys and values per row (not the recurrent states
+    of a linear-attention layer, which `batch_select_indices` does not select)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in _cache_layers(cache))
 
 
 def _cache(inputs: dict[str, Any]):
@@ -485,6 +495,7 @@ def decode(
     count_every = COMPACT_EVERY_ON_GPU if all_finished.lagged else 1
     step = torch.zeros((), dtype=torch.int64, device=device)
     scores = state.first()
+    drops = not static and _droppable(_cache(state.inputs))
     for t in range(width):
         if on_scores is not None:
             on_scores(scores, alive)
@@ -499,10 +510,13 @@ def decode(
         step += 1
         if t + 1 == width or all_finished(finished):
             break
-        if not static and (t + 1) % count_every == 0:
-            done = int(finished.sum())
-            if done and done * COMPACT_SHARE >= len(alive):
-                kept = (~finished).nonzero().squeeze(1)
+        if drops and (t + 1) % count_every == 0:
+            # rows that ended at this step stay for one more: its scores are those at the EOS a target appends
+            # after a stop token (`on_scores`: their top-k)
+            gone = finished & ~ends
+            done = int(gone.sum())
+            if 0 < done < len(alive) and done * COMPACT_SHARE >= len(alive):
+                kept = (~gone).nonzero().squeeze(1)
                 state.keep(kept)
                 alive, tokens, finished, written = alive[kept], tokens[kept], finished[kept], written[kept]
                 seeded = seeded[kept] if seeded is not None else None

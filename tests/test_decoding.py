@@ -383,3 +383,18 @@ def test_on_a_gpu_the_compiled_step_is_one_cuda_graph_replayed_for_later_batches
     assert not counters["inductor"]["cudagraph_skips"] and not counters["recompiles"]
     for batch, compiled in zip(batches, (first, second), strict=True):
         assert torch.equal(compiled, decode(tm, batch, spec, seeds, static=True, compile=False))
+
+
+def test_rows_leave_only_caches_that_hold_keys_and_values_per_row(tokenizer_dir):
+    """A linear-attention layer's recurrent state is not selected by `batch_select_indices`: such a cache keeps
+    its finished rows."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import LinearAttentionLayer
+
+    from distilgen.generation.decode import _droppable
+
+    tm = load_model(tiny_model_config("llama", tokenizer_dir))
+    cache = DynamicCache(config=tm.model.config)
+    assert len(cache.layers) == tm.model.config.num_hidden_layers and _droppable(cache)
+    cache.layers[0] = LinearAttentionLayer.__new__(LinearAttentionLayer)
+    assert not _droppable(cache)

@@ -3,8 +3,8 @@
     distilgen quickstart      # the built-in task's Joint-Teaching student: runs/quickstart/joint_teaching
     python bench/export_speed.py [--student RUN_OR_MODEL] [--smollm2 RUN_OR_MODEL] [--out runs/export_bench]
 
-Each student is exported three times (`distilgen export`: float32, int8, and int8 with the vocabulary trimmed to
-its task's tokens, when the run's config.yaml names the task) and the four versions are scored on their task's test
+Each student is exported four times (`distilgen export`: float32 and int8, each also with the vocabulary trimmed to
+its task's tokens when the run's config.yaml names the task) and the five versions are scored on their task's test
 split with their latency at batch 1 (each of 32 inputs alone, median of 3 passes) and throughput at batch 32,
 through the generator each runs in distilgen (tokenizing and detokenizing included), and how many of its outputs
 are the PyTorch model's, word for word. The built-in task's student is scored on 200 test reports; the SmolLM2
@@ -46,13 +46,16 @@ BUILTIN = DataConfig(task=BuiltinTaskConfig(train_size=1000, unlabeled_size=4000
 
 
 def measure(name: str, run: str, data: DataConfig, out: Path, max_new_tokens: int) -> list[dict]:
-    """The student of `run` as PyTorch eager, CTranslate2 float32 and int8, and int8 with its vocabulary trimmed to
-    the task (`trim_vocabulary`: the run's own config.yaml names the task's data)."""
+    """The student of `run` as PyTorch eager and CTranslate2 float32 and int8, each also with its vocabulary trimmed
+    to the task (`trim_vocabulary`: the run's own config.yaml names the task's data)."""
     rows, model, reference = [], final_model(run), []
     versions = {"pytorch": model}
     exports = {"ct2 float32": {"quantization": "float32"}, "ct2 int8": {"quantization": "int8"}}
     if (Path(run) / "config.yaml").is_file():
-        exports["ct2 int8, trimmed vocabulary"] = {"quantization": "int8", "trim_vocabulary": f"{run}/config.yaml"}
+        for quantization in ("float32", "int8"):  # float32: what the trim alone changes
+            exports[f"ct2 {quantization}, trimmed vocabulary"] = {
+                "quantization": quantization, "trim_vocabulary": f"{run}/config.yaml"
+            }  # fmt: skip
     for version, options in exports.items():
         target = out / f"{name.split()[0]}_{options['quantization']}{'_trim' if 'trim_vocabulary' in options else ''}"
         export(ExportConfig(model=model, output_dir=str(target), overwrite=True, **options))

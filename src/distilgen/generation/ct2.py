@@ -36,8 +36,8 @@ def is_export(path: str | Path) -> bool:
 PARALLEL_PARAMETERS = 16_000_000
 """Below this many parameters an export decodes on one CPU thread. CTranslate2 splits every matrix product of a step
 across its threads, and for a small model the threads' meeting costs more than the product: on a 2-core CPU a
-1.3M-parameter Llama decoded 16x faster on one thread than on two, a 42.5M one 1.25x slower (`bench/export_speed.py`
-in BENCHMARKS.md)."""
+1.3M-parameter Llama decoded 16x faster on one thread than on two, a 42.5M one 1.25x slower (BENCHMARKS.md,
+"Deployed students")."""
 
 
 def runtime_threads(parameters: int, available: int) -> int:

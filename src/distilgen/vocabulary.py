@@ -37,13 +37,15 @@ def task_token_ids(tm: Any, examples: Iterable[Any], max_source_length: int, max
     return kept
 
 
+def _token_id_fields(model: Any) -> list[tuple[Any, str, Any]]:
+    """(config, name, value) of every `*_token_id` field of the model's config and generation config."""
+    configs = (model.config, model.generation_config)
+    return [(c, name, value) for c in configs for name, value in list(vars(c).items()) if name.endswith("_token_id")]
+
+
 def named_ids(model: Any) -> list[int]:
     """The token ids the model's config and generation config name (pad, BOS, EOS, decoder start, forced ...)."""
-    ids = []
-    for config in (model.config, model.generation_config):
-        for name, value in vars(config).items():
-            if name.endswith("_token_id"):
-                ids.extend(value if isinstance(value, list) else [value])
+    ids = [i for _, _, value in _token_id_fields(model) for i in (value if isinstance(value, list) else [value])]
     return [i for i in ids if isinstance(i, int)]
 
 
@@ -151,7 +153,5 @@ def trim_embeddings(model: Any, old_ids: Sequence[int]) -> None:
     if missing:
         raise ValueError(f"the model's configs name tokens {missing}, which are not kept")
     renumber = lambda i: new_id[i] if isinstance(i, int) and i >= 0 else i  # noqa: E731
-    for config in (model.config, model.generation_config):
-        for name, value in list(vars(config).items()):
-            if name.endswith("_token_id"):
-                setattr(config, name, [renumber(i) for i in value] if isinstance(value, list) else renumber(value))
+    for config, name, value in _token_id_fields(model):
+        setattr(config, name, [renumber(i) for i in value] if isinstance(value, list) else renumber(value))

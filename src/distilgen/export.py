@@ -142,6 +142,7 @@ def _trim_vocabulary(tm: TextModel, data: DataConfig, staging: Path) -> tuple[di
     tm.model.save_pretrained(staging)
     tokenizer = AutoTokenizer.from_pretrained(staging)
     if len(tokenizer) != len(old_ids):  # the tokenizer's other files named tokens by their old ids
-        raise ValueError(f"the trimmed tokenizer has {len(tokenizer)} tokens, not the {len(old_ids)} kept")
+        message = f"the trimmed tokenizer has {len(tokenizer)} tokens, not the {len(old_ids)} kept: not trimmable"
+        raise ConfigError("trim_vocabulary", message)
     log.info("vocabulary trimmed to %d of %d tokens (%d examples)", len(old_ids), vocab_size, len(examples))
     return {"kept": len(old_ids), "of": vocab_size, "examples": len(examples)}, tokenizer

@@ -175,3 +175,24 @@ def test_a_config_without_data_is_one_line(tmp_path, tokenizer_dir):
     with pytest.raises(ConfigError, match="trim_vocabulary"):
         ExportConfig(model=str(tmp_path / "model"), output_dir=str(tmp_path / "x"), trim_vocabulary="missing.yaml")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_tokenizer_whose_trimmed_copy_lacks_kept_tokens_is_refused_in_one_line(tmp_path, tokenizer_dir, monkeypatch):
+    """Other files of a tokenizer may name tokens by id; if the reloaded copy does not hold exactly the kept tokens,
+    the export stops with nothing written."""
+    import distilgen.export as export_module
+
+    torch.manual_seed(0)
+    load_model(tiny_model_config("gpt2", tokenizer_dir)).save(tmp_path / "model")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"task": {"train_size": 4, "unlabeled_size": 0, "dev_size": 0}}}))
+
+    def one_id_too_many(spec, keep):
+        trimmed, old_ids = trim_tokenizer(spec, keep)
+        extra = min(set(range(max(old_ids))) - set(old_ids))  # a token the trim dropped
+        return trimmed, sorted([*old_ids, extra])
+
+    monkeypatch.setattr(export_module, "trim_tokenizer", one_id_too_many)
+    with pytest.raises(ConfigError, match="not trimmable"):
+        export(ExportConfig(model=str(tmp_path / "model"), output_dir=str(tmp_path / "x"), trim_vocabulary=str(config)))
+    assert not (tmp_path / "x").exists()

@@ -473,12 +473,16 @@ class TextModel:
         """(B, T, V) logits predicting `batch["target_ids"]`."""
         return self.layout.target_logits(self.model, batch)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the model and tokenizer so plain `transformers` loads them (`Auto*.from_pretrained`), and the prompt
-        it reads sources through (`prompt.json`: what a user must send it, and what a later run checks)."""
+        it reads sources through (`prompt.json`: what a user must send it, and what a later run checks).
+
+        Args:
+            state_dict: the weights to write instead of the model's own (a sharded model's, gathered whole).
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
+        self.model.save_pretrained(path, state_dict=state_dict)
         self.tokenizer.save_pretrained(path)
         if self.prompt is not None:
             (path / PROMPT_FILE).write_text(json.dumps(self.prompt.describe(), indent=2))

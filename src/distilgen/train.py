@@ -48,6 +48,7 @@ from distilgen.metrics import compute_metrics
 from distilgen.models import Batch, Encoded, TextModel, avoid_cudnn_attention, load_model
 from distilgen.objectives import cross_entropy, masked_sum, noise_tokens, permute_spans
 from distilgen.progress import progress_bar
+from distilgen.sharding import check_launch, group_shared_embedding, is_sharded, whole_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=precision,
         log_with=cfg.trackers or None,
         project_dir=str(output_dir),
@@ -93,6 +94,8 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
         # process (accelerate's default, meant for per-process dataloader lengths, ended it halfway with 2).
         step_scheduler_with_optimizer=False,
     )
+    check_launch(accelerator)
+    return accelerator
 
 
 def epoch_batches(items: Sequence[Encoded], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -212,6 +215,7 @@ def _save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: Pa
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)))
+    accelerator.wait_for_everyone()  # every process has written its part (its RNG state, its shards)
     if accelerator.is_main_process:
         _replace_dir(tmp, final)
     accelerator.wait_for_everyone()
@@ -326,6 +330,7 @@ def train(
     eval_every = cfg.eval_every or steps_per_epoch
 
     model = tm.model
+    group_shared_embedding(accelerator, model)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n.lower()]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n.lower())]
     optimizer = torch.optim.AdamW(
@@ -365,11 +370,12 @@ def train(
 
     def save_best(score_value: float | None) -> None:
         accelerator.wait_for_everyone()
+        weights = whole_state_dict(accelerator, model) if is_sharded(model) else None  # all send their shards
         if accelerator.is_main_process:
             tmp = output_dir / "model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             with _writing(tmp):
-                unwrapped.save(tmp)
+                unwrapped.save(tmp, weights)
                 (tmp / "distilgen_state.json").write_text(
                     json.dumps({"step": state.step, "dev_score": score_value, "metric": cfg.metric})
                 )

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from distilgen.config import GenerationSettings
+from distilgen.sharding import is_sharded, on_every_process
 
 if TYPE_CHECKING:
     from distilgen.models import TextModel
@@ -404,16 +405,20 @@ class DecoderOnlySteps:
 class _AllFinished:
     """Whether every row has emitted EOS. On a GPU the answer read is the previous step's, copied to the host
     without blocking, so the host never waits for the step it has just queued (the loop may run one step
-    more than needed; its tokens are padding)."""
+    more than needed; its tokens are padding). For a sharded model, whether every row of every process has:
+    its forward is a collective, so all processes step together (`distilgen.sharding`)."""
 
-    def __init__(self, device: torch.device):
-        self.lagged = device.type == "cuda"
+    def __init__(self, device: torch.device, sharded: bool = False):
+        self.sharded = sharded
+        self.lagged = device.type == "cuda" and not sharded
         if self.lagged:
             self.flag = torch.zeros((), dtype=torch.bool, pin_memory=True)
             self.copied = torch.cuda.Event()
             self.pending = False
 
     def __call__(self, finished: torch.Tensor) -> bool:
+        if self.sharded:
+            return on_every_process(finished.all())
         if not self.lagged:
             return bool(finished.all())
         answer = False
@@ -491,7 +496,7 @@ def decode(
     alive = torch.arange(rows, device=device)  # the output row of each row decoding
     finished = torch.zeros(rows, dtype=torch.bool, device=device)  # of the rows decoding
     written = torch.zeros(rows, dtype=torch.bool, device=device)  # a row has written text (not only blanks)
-    all_finished = _AllFinished(device)
+    all_finished = _AllFinished(device, sharded=is_sharded(tm.model))
     count_every = COMPACT_EVERY_ON_GPU if all_finished.lagged else 1
     step = torch.zeros((), dtype=torch.int64, device=device)
     scores = state.first()

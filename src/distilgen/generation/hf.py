@@ -25,6 +25,7 @@ from distilgen.generation import Generated, input_key, plan_batches, sample_seed
 from distilgen.generation.decode import decode, generation_rules, source_multiple, use_static_cache
 from distilgen.models import Batch, Encoded, TextModel
 from distilgen.progress import progress_bar
+from distilgen.sharding import gathered, is_sharded
 
 
 @dataclass(frozen=True)
@@ -120,17 +121,19 @@ class HFGenerator:
             on_scores: `decode`'s per-step callback (top-k capture); unused by beams.
         """
         tm = self.tm
-        if settings.kind == "beam" or self.own_rules:
-            kwargs = settings.generate_kwargs()
-            if settings.kind == "sample":
-                kwargs["num_return_sequences"] = len(seeds) // batch["source_ids"].shape[0]
-            kwargs.update(pad_token_id=tm.tokenizer.pad_token_id, eos_token_id=tm.tokenizer.eos_token_id)
-            return tm.layout.generate(tm.model, batch, prefix, **kwargs)
-        stops, blanks = tm.prompt.line_breaks() if tm.prompt is not None and tm.prompt.first_line else ((), ())
-        return decode(
-            tm, batch, settings, seeds, static=self.static, on_scores=on_scores, prefix=prefix, stops=stops,
-            blanks=blanks,
-        )  # fmt: skip
+        with gathered(tm.model):
+            if settings.kind == "beam" or self.own_rules:
+                kwargs = settings.generate_kwargs()
+                if settings.kind == "sample":
+                    kwargs["num_return_sequences"] = len(seeds) // batch["source_ids"].shape[0]
+                kwargs.update(pad_token_id=tm.tokenizer.pad_token_id, eos_token_id=tm.tokenizer.eos_token_id)
+                kwargs["synced_gpus"] = is_sharded(tm.model)  # every process steps until all have finished
+                return tm.layout.generate(tm.model, batch, prefix, **kwargs)
+            stops, blanks = tm.prompt.line_breaks() if tm.prompt is not None and tm.prompt.first_line else ((), ())
+            return decode(
+                tm, batch, settings, seeds, static=self.static, on_scores=on_scores, prefix=prefix, stops=stops,
+                blanks=blanks,
+            )  # fmt: skip
 
     def _batch(
         self, rows: Sequence[_Row], keys: Sequence[str], settings: GenerationSettings, topk: int

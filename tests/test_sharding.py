@@ -6,15 +6,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from distilgen.config import to_dict
-from tests.conftest import ROOT, cli_env, launch_two_processes
+from tests.conftest import ROOT, cli_env, free_port, launch_two_processes
 from tests.test_distill import _cfg
 
 FSDP_ON_CPU = Path(__file__).parent / "fsdp_on_cpu"
@@ -34,37 +36,69 @@ def fsdp_env() -> dict[str, str]:
     return env
 
 
-def _distill(tmp_path: Path, teacher_dir: Path, name: str, launch: list[str], env: dict, **overrides):
+def _command(tmp_path: Path, teacher_dir: Path, name: str, launch: list[str], **overrides) -> list[str]:
     cfg = _cfg(tmp_path, teacher_dir, "joint_teaching", output_dir=str(tmp_path / name), **overrides)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg)))
-    result = subprocess.run([*launch, "-m", "distilgen.cli", "distill", str(path)], env=env, capture_output=True,
-                            text=True, timeout=400)  # fmt: skip
+    return [*launch, "-m", "distilgen.cli", "distill", str(path)]
+
+
+def _run(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def _kill_at_a_checkpoint(command: list[str], env: dict, checkpoint: Path) -> int:
+    """Start `command` and SIGKILL it, launcher and processes together, once it has checkpointed a step in 1-9."""
+    state = checkpoint / "trainer_state.json"
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and 0 < json.loads(state.read_text())["step"] < 10:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    launcher = psutil.Process(proc.pid)
+    for process in [*launcher.children(recursive=True), launcher]:  # torchrun starts its workers in new sessions
+        process.kill()
+    proc.wait()
+    return json.loads(state.read_text())["step"]
 
 
 @pytest.mark.parametrize("arch", ["bart", "llama"])
 def test_a_sharded_student_trains_samples_and_saves_as_the_unsharded_one(tmp_path, teacher_dir, arch):
     """Joint-Teaching: each process samples its own student PTs, of different lengths, so the sharded student's
-    processes step together until all have finished; dev chrF decodes greedily; the best model is gathered whole.
-    BART's loop calls its encoder outside the root unit's hooks."""
+    processes step together until all have finished; the best model is gathered whole. BART's steps start
+    from its encoder, and its dev score comes from `generate`'s beams; its sharded run is killed (kill -9) at a
+    checkpoint and resumed from the shards. Llama's dev score decodes greedily, and its run goes on to the final
+    fine-tuning stage, a second model sharded in the same processes."""
     student = {"arch": arch, "hidden_size": 16, "num_heads": 2, "ffn_size": 32, "decoder_layers": 2}
     if arch == "bart":
         student["encoder_layers"] = 1
-    overrides = {"student": student, "train.eval_every": 6, "train.metric": "chrf"}
-    _distill(tmp_path, teacher_dir, "ddp", launch_two_processes(), cli_env(), **overrides)
-    _distill(tmp_path, teacher_dir, "fsdp", launch_fsdp(), fsdp_env(), **overrides)
-
+    overrides = {"student": student, "train.eval_every": 6, "train.metric": "chrf", "train.checkpoint_every": 3,
+                 "final_finetune_epochs": int(arch == "llama"), "decoding.num_beams": 1 + (arch == "bart")}  # fmt: skip
+    _run(_command(tmp_path, teacher_dir, "ddp", launch_two_processes(), **overrides), cli_env())
+    sharded = _command(tmp_path, teacher_dir, "fsdp", launch_fsdp(), **overrides)
     checkpoint = tmp_path / "fsdp" / "distill" / "checkpoint"
-    assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # sharded: each process wrote its part
-    assert len(list((checkpoint / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
-    ddp, fsdp = (load_file(tmp_path / run / "distill" / "model" / "model.safetensors") for run in ("ddp", "fsdp"))
-    assert ddp.keys() == fsdp.keys()
+    if arch == "bart":
+        killed_at = _kill_at_a_checkpoint(sharded, fsdp_env(), checkpoint)
+        sharded[sharded.index("--main_process_port") + 1] = str(free_port())  # the killed one may still hold it
+        assert f"resumed from {checkpoint} at step {killed_at}/12" in _run(sharded, fsdp_env()).stdout
+    else:
+        _run(sharded, fsdp_env())
+
+    assert len(list((checkpoint / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2  # each process wrote its part
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("ddp", "fsdp")]
+    assert Path(summaries[1]["model"]).relative_to(tmp_path / "fsdp") == Path(summaries[0]["model"]).relative_to(
+        tmp_path / "ddp"
+    )
+    ddp, fsdp = (load_file(Path(summary["model"]) / "model.safetensors") for summary in summaries)
+    assert ddp.keys() == fsdp.keys()  # tied weights written once, as DDP writes them
     for key in ddp:  # the same training, up to the order of float sums in the gradient reductions
         if not key.endswith("k_proj.bias"):  # its gradient is 0 but for rounding, which AdamW scales up to lr
             torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=1e-5, msg=key)
-    config = json.loads((tmp_path / "fsdp" / "distill" / "model" / "config.json").read_text())
+    config = json.loads((Path(summaries[1]["model"]) / "config.json").read_text())
     assert not config["architectures"][0].startswith("FSDP")  # the class accelerate swaps in is not saved
     logs = [(tmp_path / run / "distill" / "metrics.jsonl").read_text().splitlines() for run in ("ddp", "fsdp")]
     scores = [[json.loads(line)["dev_chrf"] for line in log if "dev_chrf" in line] for log in logs]
@@ -73,11 +107,8 @@ def test_a_sharded_student_trains_samples_and_saves_as_the_unsharded_one(tmp_pat
 
 def test_an_fsdp_launch_where_accelerate_cannot_shard_is_refused_in_one_line(tmp_path, teacher_dir):
     """Without the test's shim accelerate would quietly train data-parallel on this CPU machine."""
-    cfg = _cfg(tmp_path, teacher_dir, "joint_teaching", output_dir=str(tmp_path / "run"))
-    path = tmp_path / "jt.yaml"
-    path.write_text(yaml.safe_dump(to_dict(cfg)))
-    result = subprocess.run([*launch_fsdp(), "-m", "distilgen.cli", "distill", str(path)], env=cli_env(),
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    command = _command(tmp_path, teacher_dir, "run", launch_fsdp())
+    result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     refusal = "distilgen distill: error: accelerate launch: FSDP was asked for, but accelerate"
     assert result.stderr.count(refusal) == 2, result.stderr[-3000:]

@@ -1,17 +1,15 @@
 """Students sharded with FSDP2, under `accelerate launch --config_file configs/accelerate/fsdp.yaml`.
 
 A sharded model's forward is a collective: each of its FSDP units gathers its parameters from every process. So
-every process must run the same forwards. A generation loop steps until the rows of *all* processes have finished
-(processes sample different inputs, of different lengths), and the root unit's parameters (embeddings, output
-layer, final norms) are gathered for the whole loop, since an encoder-decoder's loop calls its encoder directly,
-outside the root's hooks. Saving gathers the whole state dict: every process sends its shards, one writes.
+every process must run the same forwards: a generation loop steps until the rows of *all* processes have finished
+(processes sample different inputs, of different lengths). And a model is entered through its root's forward (or
+`generate`, registered as one), whose hooks set FSDP up and gather the root unit's parameters: an encoder called
+directly would find them sharded. Saving gathers the whole state dict: every process sends its shards, one writes.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import accelerate
 import torch
@@ -26,19 +24,6 @@ from distilgen.config import ConfigError
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether `model` is sharded across processes (FSDP2's `fully_shard`, as accelerate's FSDP2 applies it)."""
     return isinstance(model, FSDPModule)
-
-
-@contextmanager
-def gathered(model: torch.nn.Module) -> Iterator[None]:
-    """The root unit's parameters whole within the block, on every process (nothing for an unsharded model)."""
-    if not is_sharded(model):
-        yield
-        return
-    model.unshard()
-    try:
-        yield
-    finally:
-        model.reshard()
 
 
 def on_every_process(flag: torch.Tensor) -> bool:

@@ -29,6 +29,7 @@ import torch
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
+from torch.distributed.fsdp import register_fsdp_forward_method
 from transformers import get_scheduler
 
 from distilgen.config import (
@@ -329,6 +330,9 @@ def train(
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     eval_every = cfg.eval_every or steps_per_epoch
 
+    # A stage prepares its own model: the accelerator lets go of an earlier stage's, which its checkpoints would
+    # hold too, with their optimizer's state in memory (and FSDP's gradient clipping would find two models).
+    accelerator.free_memory()
     model = tm.model
     group_shared_embedding(accelerator, model)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n.lower()]
@@ -343,6 +347,8 @@ def train(
         num_training_steps=total_steps,
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # a sharded model's `generate` runs inside its root's forward hooks (it calls an encoder directly)
+    register_fsdp_forward_method(model, "generate")
     tm = dataclasses.replace(tm, model=model)  # the same tokenizer, layout and prompt
     unwrapped = dataclasses.replace(tm, model=accelerator.unwrap_model(model))
 

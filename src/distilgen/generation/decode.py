@@ -305,7 +305,7 @@ class EncoderDecoderSteps:
         from transformers.modeling_outputs import BaseModelOutput
 
         mask = batch["source_mask"]
-        hidden = model.get_encoder()(input_ids=batch["source_ids"], attention_mask=mask, return_dict=True)[0]
+        hidden = _encoded(model, batch)
         rows = hidden.shape[0] * per_input
         self.model, self.step = model, _step_call(model, compile)
         self.inputs = {
@@ -333,6 +333,17 @@ class EncoderDecoderSteps:
 
     def next(self, tokens: torch.Tensor) -> torch.Tensor:
         return _last_logits(self.step(decoder_input_ids=tokens[:, None], **self.inputs, return_dict=True))
+
+
+def _encoded(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, S, H) the encoder's output. A sharded model computes it in a forward of the whole model (one decoder
+    step more, dropped): the root's hooks gather the embedding, which the encoder called alone finds sharded."""
+    ids, mask = batch["source_ids"], batch["source_mask"]
+    if not is_sharded(model):
+        return model.get_encoder()(input_ids=ids, attention_mask=mask, return_dict=True)[0]
+    start = torch.full((ids.shape[0], 1), model.config.decoder_start_token_id, dtype=torch.long, device=ids.device)
+    out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=start, use_cache=False, return_dict=True)
+    return out.encoder_last_hidden_state
 
 
 class DecoderOnlySteps:

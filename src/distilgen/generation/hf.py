@@ -25,7 +25,7 @@ from distilgen.generation import Generated, input_key, plan_batches, sample_seed
 from distilgen.generation.decode import decode, generation_rules, source_multiple, use_static_cache
 from distilgen.models import Batch, Encoded, TextModel
 from distilgen.progress import progress_bar
-from distilgen.sharding import gathered, is_sharded
+from distilgen.sharding import is_sharded
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,8 @@ class HFGenerator:
             own_rules: apply the rules of the model's own generation config (through `generate`).
         """
         self.tm, self.max_source_length, self.batch_size = tm, max_source_length, batch_size
-        self.static = use_static_cache(static_cache, tm.device)
+        # a sharded model's forward gathers weights from the other processes: no CUDA graph can hold it
+        self.static = use_static_cache(static_cache, tm.device) and not is_sharded(tm.model)
         self.own_rules = own_rules and bool(generation_rules(tm.model))
 
     def generate(
@@ -121,19 +122,18 @@ class HFGenerator:
             on_scores: `decode`'s per-step callback (top-k capture); unused by beams.
         """
         tm = self.tm
-        with gathered(tm.model):
-            if settings.kind == "beam" or self.own_rules:
-                kwargs = settings.generate_kwargs()
-                if settings.kind == "sample":
-                    kwargs["num_return_sequences"] = len(seeds) // batch["source_ids"].shape[0]
-                kwargs.update(pad_token_id=tm.tokenizer.pad_token_id, eos_token_id=tm.tokenizer.eos_token_id)
-                kwargs["synced_gpus"] = is_sharded(tm.model)  # every process steps until all have finished
-                return tm.layout.generate(tm.model, batch, prefix, **kwargs)
-            stops, blanks = tm.prompt.line_breaks() if tm.prompt is not None and tm.prompt.first_line else ((), ())
-            return decode(
-                tm, batch, settings, seeds, static=self.static, on_scores=on_scores, prefix=prefix, stops=stops,
-                blanks=blanks,
-            )  # fmt: skip
+        if settings.kind == "beam" or self.own_rules:
+            kwargs = settings.generate_kwargs()
+            if settings.kind == "sample":
+                kwargs["num_return_sequences"] = len(seeds) // batch["source_ids"].shape[0]
+            kwargs.update(pad_token_id=tm.tokenizer.pad_token_id, eos_token_id=tm.tokenizer.eos_token_id)
+            kwargs["synced_gpus"] = is_sharded(tm.model)  # every process steps until all have finished
+            return tm.layout.generate(tm.model, batch, prefix, **kwargs)
+        stops, blanks = tm.prompt.line_breaks() if tm.prompt is not None and tm.prompt.first_line else ((), ())
+        return decode(
+            tm, batch, settings, seeds, static=self.static, on_scores=on_scores, prefix=prefix, stops=stops,
+            blanks=blanks,
+        )  # fmt: skip
 
     def _batch(
         self, rows: Sequence[_Row], keys: Sequence[str], settings: GenerationSettings, topk: int

@@ -4,6 +4,7 @@ unsharded data-parallel one does, under the shipped accelerate config (configs/a
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import time
@@ -15,7 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from distilgen.config import to_dict
+from distilgen.config import ModelConfig, to_dict
+from distilgen.models import load_model
 from tests.conftest import ROOT, cli_env, free_port, launch_two_processes
 from tests.test_distill import _cfg
 
@@ -66,16 +68,26 @@ def _kill_at_a_checkpoint(command: list[str], env: dict, checkpoint: Path) -> in
     return json.loads(state.read_text())["step"]
 
 
+def _ending_early(path: Path, teacher_dir: Path, config: dict) -> Path:
+    """A random BART student whose samples end early, at very different lengths: EOS gets 30% of each step's
+    probability (from the logits' bias, a buffer no step trains). A random student writes to the limit."""
+    tm = load_model(ModelConfig(**config, tokenizer=str(teacher_dir)))
+    bias = tm.model.final_logits_bias  # (1, V)
+    bias[0, tm.tokenizer.eos_token_id] = math.log(0.3 / 0.7 * bias.shape[1])
+    tm.save(path)
+    return path
+
+
 @pytest.mark.parametrize("arch", ["bart", "llama"])
 def test_a_sharded_student_trains_samples_and_saves_as_the_unsharded_one(tmp_path, teacher_dir, arch):
     """Joint-Teaching: each process samples its own student PTs, of different lengths, so the sharded student's
-    processes step together until all have finished; the best model is gathered whole. BART's steps start
-    from its encoder, and its dev score comes from `generate`'s beams; its sharded run is killed (kill -9) at a
-    checkpoint and resumed from the shards. Llama's dev score decodes greedily, and its run goes on to the final
-    fine-tuning stage, a second model sharded in the same processes."""
+    processes step together until all have finished (BART's samples end early); the best model is gathered
+    whole. BART's steps start from its encoder, and its dev score comes from `generate`'s beams; its sharded run
+    is killed (kill -9) at a checkpoint and resumed from the shards. Llama's dev score decodes greedily, and its
+    run goes on to the final fine-tuning stage, a second model sharded in the same processes."""
     student = {"arch": arch, "hidden_size": 16, "num_heads": 2, "ffn_size": 32, "decoder_layers": 2}
     if arch == "bart":
-        student["encoder_layers"] = 1
+        student = {"path": str(_ending_early(tmp_path / "student", teacher_dir, {**student, "encoder_layers": 1}))}
     overrides = {"student": student, "train.eval_every": 6, "train.metric": "chrf", "train.checkpoint_every": 3,
                  "final_finetune_epochs": int(arch == "llama"), "decoding.num_beams": 1 + (arch == "bart")}  # fmt: skip
     _run(_command(tmp_path, teacher_dir, "ddp", launch_two_processes(), **overrides), cli_env())

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 from distilgen.config import ModelConfig, to_dict
 from distilgen.models import load_model
-from tests.conftest import ROOT, cli_env, free_port, launch_two_processes
+from tests.conftest import ROOT, TINY, cli_env, free_port, launch_two_processes
 from tests.test_distill import _cfg
 
 FSDP_ON_CPU = Path(__file__).parent / "fsdp_on_cpu"
@@ -115,6 +116,35 @@ def test_a_sharded_student_trains_samples_and_saves_as_the_unsharded_one(tmp_pat
     logs = [(tmp_path / run / "distill" / "metrics.jsonl").read_text().splitlines() for run in ("ddp", "fsdp")]
     scores = [[json.loads(line)["dev_chrf"] for line in log if "dev_chrf" in line] for log in logs]
     assert scores[0] == pytest.approx(scores[1]) and len(scores[0]) == 2
+
+
+def test_a_sharded_model_decodes_what_the_unsharded_one_does(tmp_path, teacher_dir):
+    """Two processes sample their own inputs with a BART sharded over both: their samples end at different
+    steps, and each process steps until both have finished (its forwards are collectives). Each writes what the
+    unsharded model writes for the same inputs and seeds."""
+    from distilgen.config import GenerationSettings
+    from distilgen.generation.decode import decode
+
+    model_dir = _ending_early(tmp_path / "model", teacher_dir, {**TINY, "arch": "bart", "hidden_size": 16})
+    tm = load_model(ModelConfig(path=str(model_dir)))
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for rank in range(2):
+        source = torch.randint(5, 300, (8, 12), generator=generator)
+        batch = {"source_ids": source, "source_mask": torch.ones_like(source)}
+        inputs.append({"batch": batch, "seeds": [100 * rank + row for row in range(8)]})
+    torch.save(inputs, tmp_path / "inputs.pt")
+    worker = ROOT / "tests" / "sharded_decode_worker.py"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+              str(free_port()), str(worker), str(model_dir), str(tmp_path)]  # fmt: skip
+    result = subprocess.run(launch, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    settings = GenerationSettings(kind="sample", max_new_tokens=24)
+    expected = [decode(tm, one["batch"], settings, seeds=one["seeds"]) for one in inputs]
+    assert expected[0].shape[1] != expected[1].shape[1]  # the processes' samples end at different steps
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), expected[rank])
 
 
 def test_an_fsdp_launch_where_accelerate_cannot_shard_is_refused_in_one_line(tmp_path, teacher_dir):

@@ -137,7 +137,7 @@ def test_a_sharded_model_decodes_what_the_unsharded_one_does(tmp_path, teacher_d
     worker = ROOT / "tests" / "sharded_decode_worker.py"
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
               str(free_port()), str(worker), str(model_dir), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(launch, env=cli_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(launch, env=cli_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
 
     settings = GenerationSettings(kind="sample", max_new_tokens=24)

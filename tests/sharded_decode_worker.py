@@ -11,6 +11,7 @@ from torch.distributed.fsdp import fully_shard
 from distilgen.config import GenerationSettings, ModelConfig
 from distilgen.generation.decode import decode
 from distilgen.models import load_model
+from distilgen.sharding import embedding_holders
 
 model_dir, out_dir = sys.argv[1:3]
 dist.init_process_group("gloo")
@@ -19,8 +20,7 @@ tm = load_model(ModelConfig(path=model_dir))
 model = tm.model
 for layer in [*model.model.encoder.layers, *model.model.decoder.layers]:
     fully_shard(layer)
-embedding = model.get_input_embeddings().weight
-fully_shard([m for m in model.modules() if any(p is embedding for p in m.parameters(recurse=False))])
+fully_shard(embedding_holders(model))
 fully_shard(model)
 inputs = torch.load(f"{out_dir}/inputs.pt")[rank]
 settings = GenerationSettings(kind="sample", max_new_tokens=24)

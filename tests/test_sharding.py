@@ -3,6 +3,7 @@ unsharded data-parallel one does, under the shipped accelerate config (configs/a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -46,10 +47,25 @@ def _command(tmp_path: Path, teacher_dir: Path, name: str, launch: list[str], **
     return [*launch, "-m", "distilgen.cli", "distill", str(path)]
 
 
-def _run(command: list[str], env: dict) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+def _run(command: list[str], env: dict, timeout: float = 400) -> subprocess.CompletedProcess:
+    """Run a launch to its end; on a timeout (a hang), kill it with every process it started."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        _kill_tree(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and its workers, which torchrun starts in sessions of their own."""
+    if proc.poll() is not None:
+        return
+    launcher = psutil.Process(proc.pid)
+    for process in [*launcher.children(recursive=True), launcher]:
+        process.kill()
+    proc.wait()
 
 
 def _kill_at_a_checkpoint(command: list[str], env: dict, checkpoint: Path) -> int:
@@ -58,14 +74,14 @@ def _kill_at_a_checkpoint(command: list[str], env: dict, checkpoint: Path) -> in
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
-        if state.exists() and 0 < json.loads(state.read_text())["step"] < 10:
-            break
+        with contextlib.suppress(FileNotFoundError):  # a new checkpoint may be renamed in between
+            if 0 < json.loads(state.read_text())["step"] < 10:
+                break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
-    launcher = psutil.Process(proc.pid)
-    for process in [*launcher.children(recursive=True), launcher]:  # torchrun starts its workers in new sessions
-        process.kill()
-    proc.wait()
+    _kill_tree(proc)
+    if not state.exists():  # killed between a new checkpoint's two renames: the next run puts the old one back
+        state = checkpoint.with_name("checkpoint.old") / "trainer_state.json"
     return json.loads(state.read_text())["step"]
 
 
@@ -137,8 +153,7 @@ def test_a_sharded_model_decodes_what_the_unsharded_one_does(tmp_path, teacher_d
     worker = ROOT / "tests" / "sharded_decode_worker.py"
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
               str(free_port()), str(worker), str(model_dir), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(launch, env=cli_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _run(launch, cli_env(), timeout=120)
 
     settings = GenerationSettings(kind="sample", max_new_tokens=24)
     expected = [decode(tm, one["batch"], settings, seeds=one["seeds"]) for one in inputs]

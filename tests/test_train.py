@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,18 @@ def test_resume_after_crash_matches_uninterrupted_run(tokenizer_dir, splits, tmp
     assert state.step == 10
     for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_checkpoint_that_holds_an_earlier_stage_s_model_is_not_resumed(tokenizer_dir, splits, tmp_path):
+    """Before each stage freed the last one's model, a final fine-tuning stage's checkpoint held the distill
+    stage's model and optimizer first (optimizer.bin) and its own second (optimizer_1.bin): loading it now would
+    give this stage the other's weights. It stops in one line instead."""
+    _run(tokenizer_dir, splits, tmp_path, max_steps=4, checkpoint_every=2)
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copy(checkpoint / "optimizer.bin", checkpoint / "optimizer_1.bin")
+    with pytest.raises(TrainingError, match="written by an earlier distilgen, which kept the previous stage's model"):
+        _run(tokenizer_dir, splits, tmp_path, max_steps=4, checkpoint_every=2)
+    assert (checkpoint / "optimizer_1.bin").exists()  # nothing is removed
 
 
 def test_gradient_accumulation_equals_one_big_batch(tokenizer_dir, splits, tmp_path):

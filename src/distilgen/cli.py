@@ -467,34 +467,12 @@ def _launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-SHARDED_LAUNCHES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
-"""What `accelerate launch --use_deepspeed / --use_megatron_lm` set in the environment: engines whose models
-distilgen does not sample or save (it shards with FSDP2: `distilgen.sharding`)."""
-
-
-def _launch_refusal() -> str | None:
-    """Why distilgen does not run under this `accelerate launch`, if it does not (read from what the launch set
-    in the environment, before accelerate starts: its FSDP1 plugin fails on a machine without a GPU)."""
-    sharded = next((name for key, name in SHARDED_LAUNCHES.items() if os.environ.get(key, "").lower() == "true"), None)
-    if sharded is not None:
-        return (
-            f"`accelerate launch` asked for {sharded}, which distilgen does not run: it shards a student with FSDP2 "
-            "(accelerate launch --config_file configs/accelerate/fsdp.yaml). A teacher too large for one device: serve "
-            "it (vLLM, TGI) and set teacher.kind=api (README: 'Models larger than one device')"
-        )
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and os.environ.get("FSDP_VERSION", "1") != "2":
-        return (
-            "`accelerate launch` asked for FSDP1; distilgen runs FSDP2: set fsdp_version: 2 in the accelerate config "
-            "(configs/accelerate/fsdp.yaml), or pass --fsdp_version 2"
-        )
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from distilgen.data import DataError
     from distilgen.generation.api import EndpointError
     from distilgen.pseudo_targets import PTStoreError
+    from distilgen.sharding import launch_refusal
     from distilgen.train import TrainingError
 
     _quiet_libraries()
@@ -509,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if refusal := _launch_refusal():
+    if refusal := launch_refusal():
         print(f"distilgen {args.command}: error: {refusal}", file=sys.stderr)
         return 2
     try:

@@ -49,7 +49,7 @@ from distilgen.metrics import compute_metrics
 from distilgen.models import Batch, Encoded, TextModel, avoid_cudnn_attention, load_model
 from distilgen.objectives import cross_entropy, masked_sum, noise_tokens, permute_spans
 from distilgen.progress import progress_bar
-from distilgen.sharding import check_launch, group_shared_embedding, is_sharded, whole_state_dict
+from distilgen.sharding import check_launch, group_shared_embedding, is_sharded, release, whole_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +358,11 @@ def train(
     accelerator.wait_for_everyone()
     checkpoint = output_dir / "checkpoint" if (output_dir / "checkpoint" / "trainer_state.json").exists() else None
     if checkpoint is not None:
+        if (checkpoint / "optimizer_1.bin").exists():  # an earlier stage's model and optimizer came first
+            raise TrainingError(
+                f"{checkpoint} was written by an earlier distilgen, which kept the previous stage's model in it: "
+                "remove it to train this stage again from its start"
+            )
         accelerator.load_state(str(checkpoint))
         state = TrainState(**json.loads((checkpoint / "trainer_state.json").read_text()))
         accelerator.print(f"resumed from {checkpoint} at step {state.step}/{total_steps}")
@@ -386,6 +391,7 @@ def train(
                     json.dumps({"step": state.step, "dev_score": score_value, "metric": cfg.metric})
                 )
             _replace_dir(tmp, output_dir / "model")
+        accelerator.wait_for_everyone()  # the next stage loads it on every process
 
     def evaluate_now() -> bool:
         """Evaluate on dev, keep the best model; True when early stopping says stop."""
@@ -497,6 +503,7 @@ def train(
         save_best(None)
     if cfg.trackers:
         accelerator.end_training()
+    release(model)
     return state
 
 

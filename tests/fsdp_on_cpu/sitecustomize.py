@@ -1,6 +1,7 @@
 """Test-only: lets accelerate run FSDP in a CPU (gloo) process group, which torch supports and accelerate 1.15
-does not turn on (it keeps MULTI_CPU). Processes started with this directory on PYTHONPATH import it first; only
-the kind of run is changed, so the sharding, the checkpoints and the gathered state dicts are accelerate's own."""
+does not turn on (it keeps MULTI_CPU). Processes started with this directory on PYTHONPATH import it first. The
+kind of run is changed as accelerate's FSDP branch would change it (its mixed-precision policy included), so the
+sharding, the checkpoints and the gathered state dicts are accelerate's own."""
 
 import os
 
@@ -14,7 +15,9 @@ if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         _init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
         if self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
-            if fsdp_plugin is not None:
+            if fsdp_plugin is not None:  # what accelerate's FSDP branch does with it
+                if self._mixed_precision != "no":
+                    fsdp_plugin.set_mixed_precision(self._mixed_precision)
                 self.fsdp_plugin = fsdp_plugin
 
     state.AcceleratorState.__init__ = _fsdp_on_cpu

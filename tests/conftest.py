@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import socket
@@ -15,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-from distilgen.config import BuiltinTaskConfig, DataConfig, ModelConfig
+from distilgen.config import BuiltinTaskConfig, DataConfig, DistillConfig, ModelConfig, from_dict
 from distilgen.data import load_splits
 from distilgen.models import load_model, train_tokenizer
 
@@ -140,3 +141,35 @@ class Server:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
+
+
+DISTILL_TASK = {"train_size": 24, "unlabeled_size": 8, "dev_size": 4, "test_size": 0}
+DISTILL_STUDENT = {"arch": "bart", **TINY, "hidden_size": 16, "encoder_layers": 1, "decoder_layers": 1}
+
+
+def distill_config(tmp_path, teacher_dir, method, **overrides) -> DistillConfig:
+    """A tiny distillation run of `method` (dotted `overrides`), with its PT store under `tmp_path`."""
+    data = {
+        "output_dir": str(tmp_path / method),
+        "data": {"task": DISTILL_TASK, "max_source_length": 256, "max_target_length": 48},
+        "teacher": {"path": str(teacher_dir)},
+        "student": DISTILL_STUDENT,
+        "method": method,
+        "pts": {
+            "spec": {"name": "s2", "kind": "sample", "num_samples": 2, "max_new_tokens": 24},
+            "store": str(tmp_path / "pts"),
+        },
+        "student_pts": {"max_new_tokens": 24},
+        "attention": {"relation_heads": 2},
+        "train": {"max_steps": 12, "batch_size": 8, "lr": 3e-3, "eval_every": 0, "metric": "loss", "log_every": 1},
+        "decoding": {"max_new_tokens": 24},
+        "final_finetune_epochs": 0,
+    }  # fmt: skip
+    data = copy.deepcopy(data)  # overrides must not reach DISTILL_STUDENT
+    for key, value in overrides.items():
+        node = data
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return from_dict(DistillConfig, data)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from distilgen.config import ConfigError, DistillConfig, ModelConfig, from_dict
+from distilgen.config import ConfigError, ModelConfig
 from distilgen.data import load_splits
 from distilgen.distill import (
     METHODS,
@@ -28,40 +27,16 @@ from distilgen.distill import (
 )
 from distilgen.models import load_model
 from distilgen.teachers import load_teacher
-from tests.conftest import TINY, cli_env, kill_when, launch_two_processes, tiny_model_config
+from tests.conftest import (
+    DISTILL_STUDENT,
+    cli_env,
+    distill_config,
+    kill_when,
+    launch_two_processes,
+    tiny_model_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-TASK = {"train_size": 24, "unlabeled_size": 8, "dev_size": 4, "test_size": 0}
-STUDENT = {"arch": "bart", **TINY, "hidden_size": 16, "encoder_layers": 1, "decoder_layers": 1}
-
-
-def _cfg(tmp_path, teacher_dir, method, **overrides) -> DistillConfig:
-    data = {
-        "output_dir": str(tmp_path / method),
-        "data": {"task": TASK, "max_source_length": 256, "max_target_length": 48},
-        "teacher": {"path": str(teacher_dir)},
-        "student": STUDENT,
-        "method": method,
-        "pts": {
-            "spec": {"name": "s2", "kind": "sample", "num_samples": 2, "max_new_tokens": 24},
-            "store": str(tmp_path / "pts"),
-        },
-        "student_pts": {"max_new_tokens": 24},
-        "attention": {"relation_heads": 2},
-        "train": {"max_steps": 12, "batch_size": 8, "lr": 3e-3, "eval_every": 0, "metric": "loss", "log_every": 1},
-        "decoding": {"max_new_tokens": 24},
-        "final_finetune_epochs": 0,
-    }  # fmt: skip
-    data = copy.deepcopy(data)  # overrides must not reach the module's STUDENT
-    for key, value in overrides.items():
-        node = data
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return from_dict(DistillConfig, data)
-
-
 # ---------------------------------------------------------------------------------------------
 # Schedules
 # ---------------------------------------------------------------------------------------------
@@ -79,9 +54,9 @@ def test_alpha_mixes_student_steps_exactly_and_evenly():
 @pytest.fixture(scope="module")
 def pt_context(tmp_path_factory, teacher_dir):
     tmp_path = tmp_path_factory.mktemp("ctx")
-    cfg = _cfg(tmp_path, teacher_dir, "joint_teaching", **{"pts.spec.num_samples": 3})
+    cfg = distill_config(tmp_path, teacher_dir, "joint_teaching", **{"pts.spec.num_samples": 3})
     teacher = load_teacher(cfg.teacher, "fp32", torch.device("cpu"))
-    student = load_model(ModelConfig(**{**STUDENT, "tokenizer": str(teacher_dir)}))
+    student = load_model(ModelConfig(**{**DISTILL_STUDENT, "tokenizer": str(teacher_dir)}))
     ctx = Context(cfg, teacher, student, load_splits(cfg.data, ("train", "unlabeled")))
 
     class OneProcess:
@@ -229,7 +204,7 @@ def _losses(run_dir: Path) -> list[float]:
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_trains_a_tiny_student_and_its_loss_goes_down(method, tmp_path, teacher_dir):
-    cfg = _cfg(tmp_path, teacher_dir, method, final_finetune_epochs=1)
+    cfg = distill_config(tmp_path, teacher_dir, method, final_finetune_epochs=1)
     summary = distill(cfg)
     losses = _losses(Path(cfg.output_dir) / "distill")
     assert len(losses) == 12 and all(map(torch.isfinite, torch.tensor(losses)))
@@ -242,7 +217,7 @@ def test_every_method_trains_a_tiny_student_and_its_loss_goes_down(method, tmp_p
 
 
 def test_equal_budget_gives_finetune_the_final_stage_too(tmp_path, teacher_dir):
-    summary = distill(_cfg(tmp_path, teacher_dir, "finetune", final_finetune_epochs=1, equal_budget=True))
+    summary = distill(distill_config(tmp_path, teacher_dir, "finetune", final_finetune_epochs=1, equal_budget=True))
     assert (summary["distill"]["steps"], summary["finetune"]["steps"]) == (12, 3)  # the steps of every KD method
 
 
@@ -257,7 +232,7 @@ def test_joint_teaching_with_refresh_every_samples_ahead_within_each_epoch(tmp_p
         lambda ctx, tm, window: windows.append({s: len(b) for s, b in window.items()}) or original(ctx, tm, window),
     )
     overrides = {"student_pts.refresh_every": 3, "train.batch_size": 4, "train.grad_accum": 2}
-    distill(_cfg(tmp_path, teacher_dir, "joint_teaching", **overrides))
+    distill(distill_config(tmp_path, teacher_dir, "joint_teaching", **overrides))
     # 56 items an epoch (24 gold, 32 PTs) make 14 batches, 7 steps of 2 micro-batches: steps 0-6, then 7-11
     assert windows == [{1: 2, 3: 2, 5: 2}, {7: 2, 9: 2, 11: 2}]
     losses = _losses(tmp_path / "joint_teaching" / "distill")
@@ -268,17 +243,17 @@ def test_a_sequence_level_student_may_train_its_own_tokenizer_and_word_level_met
     from transformers import AutoTokenizer
 
     own = {"student.tokenizer": "task", "student.vocab_size": 150, "train.max_steps": 2}
-    summary = distill(_cfg(tmp_path, teacher_dir, "seq_kd", **own))
+    summary = distill(distill_config(tmp_path, teacher_dir, "seq_kd", **own))
     assert len(AutoTokenizer.from_pretrained(summary["model"])) < len(AutoTokenizer.from_pretrained(teacher_dir))
     with pytest.raises(ConfigError, match="tokenizers differ"):
-        distill(_cfg(tmp_path, teacher_dir, "logits_kd", **own))
+        distill(distill_config(tmp_path, teacher_dir, "logits_kd", **own))
 
 
 def test_refresh_every_below_one_is_refused_with_its_key(tmp_path, teacher_dir):
     from distilgen.config import ConfigError
 
     with pytest.raises(ConfigError, match="student_pts.refresh_every.*>= 1"):
-        _cfg(tmp_path, teacher_dir, "joint_teaching", **{"student_pts.refresh_every": 0})
+        distill_config(tmp_path, teacher_dir, "joint_teaching", **{"student_pts.refresh_every": 0})
 
 
 def test_stored_topk_replaces_the_teacher_pass_on_teacher_pts(tmp_path, teacher_dir, monkeypatch):
@@ -289,12 +264,12 @@ def test_stored_topk_replaces_the_teacher_pass_on_teacher_pts(tmp_path, teacher_
     monkeypatch.setattr(
         distill_module, "_teacher_logits", lambda ctx, batch: calls.append(batch) or original(ctx, batch)
     )
-    cfg = _cfg(
+    cfg = distill_config(
         tmp_path, teacher_dir, "logits_kd_pt", **{"pts.topk": 8, "pts.include_gold": False, "train.max_steps": 3}
     )
     distill(cfg)
     assert calls == []  # every target was a PT with stored top-k
-    cfg = _cfg(tmp_path, teacher_dir, "logits_kd_pt", output_dir=str(tmp_path / "live"),
+    cfg = distill_config(tmp_path, teacher_dir, "logits_kd_pt", output_dir=str(tmp_path / "live"),
                **{"pts.topk": 8, "kd.use_stored_topk": False, "train.max_steps": 3})  # fmt: skip
     distill(cfg)
     assert len(calls) == 3
@@ -305,7 +280,7 @@ def test_a_word_level_method_refuses_a_student_with_another_vocabulary(tmp_path,
     from distilgen.models import train_tokenizer
 
     train_tokenizer(["completely different words here"] * 20, 120).save_pretrained(tmp_path / "other")
-    cfg = _cfg(tmp_path, teacher_dir, "logits_kd", **{"student.tokenizer": str(tmp_path / "other")})
+    cfg = distill_config(tmp_path, teacher_dir, "logits_kd", **{"student.tokenizer": str(tmp_path / "other")})
     with pytest.raises(ConfigError, match="seq_kd"):
         distill(cfg)
 
@@ -316,7 +291,9 @@ def test_a_word_level_method_refuses_a_student_with_another_vocabulary(tmp_path,
 
 
 def test_sigkill_during_joint_teaching_then_rerun_resumes_and_finishes(tmp_path, teacher_dir):
-    cfg = _cfg(tmp_path, teacher_dir, "joint_teaching", **{"train.max_steps": 60, "train.checkpoint_every": 3})
+    cfg = distill_config(
+        tmp_path, teacher_dir, "joint_teaching", **{"train.max_steps": 60, "train.checkpoint_every": 3}
+    )
     path = tmp_path / "jt.yaml"
     from distilgen.config import to_dict
 
@@ -344,7 +321,7 @@ def test_two_processes_under_accelerate_launch_train_on_the_single_process_sched
     from distilgen.config import to_dict
 
     def run(name: str, launcher: list[str]) -> list[dict]:
-        cfg = _cfg(tmp_path, teacher_dir, method, output_dir=str(tmp_path / name))
+        cfg = distill_config(tmp_path, teacher_dir, method, output_dir=str(tmp_path / name))
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(to_dict(cfg)))
         command = [*launcher, "-m", "distilgen.cli", "distill", str(path)]
@@ -453,16 +430,18 @@ def test_a_temperature_with_stored_topk_is_refused_before_training(tmp_path, tea
     from distilgen.distill import check_method
 
     with pytest.raises(ConfigError, match=r"kd.temperature: .*use_stored_topk=false"):  # asked for: at the start
-        distill(_cfg(tmp_path, teacher_dir, "logits_kd_pt", **{"kd.temperature": 2.0, "pts.topk": 8}))
+        distill(distill_config(tmp_path, teacher_dir, "logits_kd_pt", **{"kd.temperature": 2.0, "pts.topk": 8}))
     assert not (tmp_path / "logits_kd_pt").exists()  # before anything was written
     check_method(
-        _cfg(
+        distill_config(
             tmp_path, teacher_dir, "logits_kd_pt", **{"kd.temperature": 2.0, "pts.topk": 8, "kd.use_stored_topk": False}
         )
     )
-    check_method(_cfg(tmp_path, teacher_dir, "logits_kd", **{"kd.temperature": 2.0, "pts.topk": 8}))  # no PTs
-    distill(_cfg(tmp_path, teacher_dir, "logits_kd_pt", **{"pts.topk": 8, "train.max_steps": 1}))
-    later = _cfg(tmp_path, teacher_dir, "logits_kd_pt", output_dir=str(tmp_path / "t2"), **{"kd.temperature": 2.0})
+    check_method(distill_config(tmp_path, teacher_dir, "logits_kd", **{"kd.temperature": 2.0, "pts.topk": 8}))  # no PTs
+    distill(distill_config(tmp_path, teacher_dir, "logits_kd_pt", **{"pts.topk": 8, "train.max_steps": 1}))
+    later = distill_config(
+        tmp_path, teacher_dir, "logits_kd_pt", output_dir=str(tmp_path / "t2"), **{"kd.temperature": 2.0}
+    )
     with pytest.raises(ConfigError, match=r"kd.temperature: 2.0, but the PTs in .* hold the teacher's top-8"):
         distill(later)  # the store already holds top-k: found before any training
     assert not (tmp_path / "t2" / "distill").exists()
@@ -471,7 +450,7 @@ def test_a_temperature_with_stored_topk_is_refused_before_training(tmp_path, tea
 def test_attention_kd_on_decoder_only_models_does_not_depend_on_the_micro_batch_split(tmp_path, tokenizer_dir):
     from distilgen.distill import attention_kd_plan, gold_items
 
-    cfg = _cfg(tmp_path, tokenizer_dir, "attention_kd", **{"attention.weight": 50.0})
+    cfg = distill_config(tmp_path, tokenizer_dir, "attention_kd", **{"attention.weight": 50.0})
     torch.manual_seed(0)
     teacher, student = (load_model(tiny_model_config("gpt2", tokenizer_dir, hidden_size=h)) for h in (32, 16))
     for tm in (teacher, student):

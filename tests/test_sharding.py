@@ -20,8 +20,7 @@ from safetensors.torch import load_file
 
 from distilgen.config import ModelConfig, to_dict
 from distilgen.models import load_model
-from tests.conftest import ROOT, TINY, cli_env, free_port, launch_two_processes
-from tests.test_distill import _cfg
+from tests.conftest import ROOT, TINY, cli_env, distill_config, free_port, launch_two_processes
 
 FSDP_ON_CPU = Path(__file__).parent / "fsdp_on_cpu"
 """Its sitecustomize lets accelerate shard in a CPU process group (which accelerate 1.15 does not do alone)."""
@@ -41,7 +40,7 @@ def fsdp_env() -> dict[str, str]:
 
 
 def _command(tmp_path: Path, teacher_dir: Path, name: str, launch: list[str], **overrides) -> list[str]:
-    cfg = _cfg(tmp_path, teacher_dir, "joint_teaching", output_dir=str(tmp_path / name), **overrides)
+    cfg = distill_config(tmp_path, teacher_dir, "joint_teaching", output_dir=str(tmp_path / name), **overrides)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg)))
     return [*launch, "-m", "distilgen.cli", "distill", str(path)]

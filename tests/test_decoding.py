@@ -161,6 +161,22 @@ def test_decode_gives_the_tokens_generate_gives(model_with_eos, spec, static):
     assert 0 < ended.sum() < len(ours)  # some rows end early, some run to the limit: both paths are checked
 
 
+def test_a_t5_whose_decoder_is_deeper_than_its_encoder_decodes_as_generate_does(tokenizer_dir):
+    """T5's config counts its encoder's layers as `num_hidden_layers`, which transformers sizes KV caches by: a
+    deeper decoder ran out of cache layers, in `decode` (dynamic or static cache) and in `generate` alike."""
+    torch.manual_seed(0)
+    tm = load_model(tiny_model_config("t5", tokenizer_dir, encoder_layers=1, decoder_layers=3))
+    tm.model.eval()
+    batch = _batch(tm, SOURCES)
+    greedy = GenerationSettings("greedy", max_new_tokens=8)
+    ours = decode(tm, batch, greedy)
+    assert torch.equal(decode(tm, batch, greedy, static=True), ours)
+    ids = {"pad_token_id": tm.tokenizer.pad_token_id, "eos_token_id": tm.tokenizer.eos_token_id}
+    assert torch.equal(tm.layout.generate(tm.model, batch, max_new_tokens=8, do_sample=False, **ids), ours)
+    beams = tm.layout.generate(tm.model, batch, max_new_tokens=8, num_beams=2, **ids)
+    assert beams.shape[0] == len(SOURCES)
+
+
 def _a_stop_token(tm, batch, spec, seeds) -> int:
     """A token that, as a stop, ends a row that ran to the limit, while rows ending at EOS and some row running to
     the limit never write it: all three kinds of end in one decoding."""

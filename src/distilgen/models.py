@@ -41,7 +41,7 @@ from transformers import (
 from distilgen.checkpoints import model_dir
 from distilgen.config import DECODER_ONLY_FAMILIES, TASK_TOKENIZER, ConfigError, DataConfig, ModelConfig
 from distilgen.generation.ct2 import is_export, manifest, open_runtime
-from distilgen.generation.decode import DecoderOnlySteps, EncoderDecoderSteps, forward_parameters
+from distilgen.generation.decode import DecoderOnlySteps, EncoderDecoderSteps, decoder_config, forward_parameters
 from distilgen.objectives import cross_entropy, masked_sum
 from distilgen.prompts import Prompt, prompt_for
 from distilgen.students import shrink_layers
@@ -275,6 +275,12 @@ class EncoderDecoderLayout:
         if prefix is not None:
             start = torch.full((prefix.shape[0], 1), model.config.decoder_start_token_id, device=prefix.device)
             kwargs["decoder_input_ids"] = torch.cat([start, prefix], dim=1)
+        config = decoder_config(model)
+        deeper = config.num_hidden_layers != model.config.get_text_config(decoder=True).num_hidden_layers
+        if deeper and "cache_implementation" not in kwargs:
+            from transformers import DynamicCache, EncoderDecoderCache  # T5 with a deeper decoder (`decoder_config`)
+
+            kwargs["past_key_values"] = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
         out = model.generate(input_ids=batch["source_ids"], attention_mask=batch["source_mask"], **kwargs)
         return out[:, 1 + (0 if prefix is None else prefix.shape[1]) :]  # drop the decoder start and the prefix
 

@@ -24,6 +24,7 @@ its logits in a padded batch, which moves a token across an argmax tie only rare
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import warnings
@@ -193,12 +194,25 @@ def forward_parameters(model_class: type) -> frozenset[str]:
     return frozenset(inspect.signature(model_class.forward).parameters)
 
 
+def decoder_config(model):
+    """The config a KV cache of the decoder is sized by. T5's counts its encoder's layers as `num_hidden_layers`,
+    which transformers 5 sizes caches by: a decoder deeper than its encoder ran out of cache layers (`generate`
+    too)."""
+    config = model.config.get_text_config(decoder=True)
+    layers = getattr(config, "num_decoder_layers", None)
+    if layers is None or layers == config.num_hidden_layers:
+        return config
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = layers
+    return config
+
+
 def _cache_kwargs(model, static: bool, rows: int, length: int, cross_length: int | None = None) -> dict[str, Any]:
     """A KV cache for `rows` x `length` positions (`cross_length` encoder positions too: an encoder-decoder), under
     the name the model's `forward` takes it by (`cache` in recent transformers, `past_key_values` before)."""
     from transformers import DynamicCache, EncoderDecoderCache, StaticCache
 
-    config = model.config.get_text_config(decoder=True)
+    config = decoder_config(model)
 
     def one(size: int):
         return StaticCache(config=config, max_cache_len=size) if static else DynamicCache(config=config)

@@ -41,7 +41,13 @@ from transformers import (
 from distilgen.checkpoints import model_dir
 from distilgen.config import DECODER_ONLY_FAMILIES, TASK_TOKENIZER, ConfigError, DataConfig, ModelConfig
 from distilgen.generation.ct2 import is_export, manifest, open_runtime
-from distilgen.generation.decode import DecoderOnlySteps, EncoderDecoderSteps, decoder_config, forward_parameters
+from distilgen.generation.decode import (
+    DecoderOnlySteps,
+    EncoderDecoderSteps,
+    cache_argument,
+    decoder_config,
+    forward_parameters,
+)
 from distilgen.objectives import cross_entropy, masked_sum
 from distilgen.prompts import Prompt, prompt_for
 from distilgen.students import shrink_layers
@@ -280,7 +286,8 @@ class EncoderDecoderLayout:
         if deeper and "cache_implementation" not in kwargs:
             from transformers import DynamicCache, EncoderDecoderCache  # T5 with a deeper decoder (`decoder_config`)
 
-            kwargs["past_key_values"] = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+            cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+            kwargs[cache_argument(model)] = cache
         out = model.generate(input_ids=batch["source_ids"], attention_mask=batch["source_mask"], **kwargs)
         return out[:, 1 + (0 if prefix is None else prefix.shape[1]) :]  # drop the decoder start and the prefix
 

@@ -226,8 +226,13 @@ def _cache_kwargs(model, static: bool, rows: int, length: int, cross_length: int
         cache = _kept_static_cache(model, (rows, length, cross_length, dtype), fresh)
     else:
         cache = fresh()
-    name = "cache" if "cache" in forward_parameters(type(model)) else "past_key_values"
-    return {name: cache, "use_cache": True}
+    return {cache_argument(model): cache, "use_cache": True}
+
+
+def cache_argument(model) -> str:
+    """The name `forward` and `generate` take a KV cache by: `cache` in recent transformers, `past_key_values`
+    before."""
+    return "cache" if "cache" in forward_parameters(type(model)) else "past_key_values"
 
 
 KEPT_CACHE_BYTES = 256 * 2**20

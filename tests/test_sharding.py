@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from distilgen.config import ModelConfig, to_dict
 from distilgen.models import load_model
-from tests.conftest import ROOT, TINY, cli_env, distill_config, free_port, launch_two_processes
+from tests.conftest import DISTILL_TASK, ROOT, TINY, cli_env, distill_config, free_port, launch_two_processes
 
 FSDP_ON_CPU = Path(__file__).parent / "fsdp_on_cpu"
 """Its sitecustomize lets accelerate shard in a CPU process group (which accelerate 1.15 does not do alone)."""
@@ -84,6 +84,18 @@ def _kill_at_a_checkpoint(command: list[str], env: dict, checkpoint: Path) -> in
     return json.loads(state.read_text())["step"]
 
 
+def _assert_same_model(ddp_dir: Path, fsdp_dir: Path) -> None:
+    """The sharded run's saved model is the DDP run's: the same files and keys (tied weights written once), the
+    same weights up to the order of float sums in the gradient reductions, and the model's own class name."""
+    ddp, fsdp = (load_file(path / "model.safetensors") for path in (ddp_dir, fsdp_dir))
+    assert ddp.keys() == fsdp.keys()
+    for key in ddp:
+        if not key.endswith("k_proj.bias"):  # its gradient is 0 but for rounding, which AdamW scales up to lr
+            torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=1e-5, msg=key)
+    config = json.loads((fsdp_dir / "config.json").read_text())
+    assert not config["architectures"][0].startswith("FSDP")  # the class accelerate swaps in is not saved
+
+
 def _ending_early(path: Path, teacher_dir: Path, config: dict) -> Path:
     """A random BART student whose samples end early, at very different lengths: EOS gets 30% of each step's
     probability (from the logits' bias, a buffer no step trains). A random student writes to the limit."""
@@ -121,16 +133,29 @@ def test_a_sharded_student_trains_samples_and_saves_as_the_unsharded_one(tmp_pat
     assert Path(summaries[1]["model"]).relative_to(tmp_path / "fsdp") == Path(summaries[0]["model"]).relative_to(
         tmp_path / "ddp"
     )
-    ddp, fsdp = (load_file(Path(summary["model"]) / "model.safetensors") for summary in summaries)
-    assert ddp.keys() == fsdp.keys()  # tied weights written once, as DDP writes them
-    for key in ddp:  # the same training, up to the order of float sums in the gradient reductions
-        if not key.endswith("k_proj.bias"):  # its gradient is 0 but for rounding, which AdamW scales up to lr
-            torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=1e-5, msg=key)
-    config = json.loads((Path(summaries[1]["model"]) / "config.json").read_text())
-    assert not config["architectures"][0].startswith("FSDP")  # the class accelerate swaps in is not saved
+    _assert_same_model(Path(summaries[0]["model"]), Path(summaries[1]["model"]))
     logs = [(tmp_path / run / "distill" / "metrics.jsonl").read_text().splitlines() for run in ("ddp", "fsdp")]
     scores = [[json.loads(line)["dev_chrf"] for line in log if "dev_chrf" in line] for log in logs]
     assert scores[0] == pytest.approx(scores[1]) and len(scores[0]) == 2
+
+
+def test_finetune_shards_a_gpt2_and_keeps_the_model_the_unsharded_run_keeps(tmp_path, teacher_dir):
+    """`distilgen finetune` under the FSDP config: GPT-2's blocks are units, its tied embedding and output layer
+    one, its learned positions in the root; dev loss is computed on every process, and the best model gathered."""
+
+    def command(name: str, launch: list[str]) -> list[str]:
+        model = {"arch": "gpt2", "hidden_size": 16, "num_heads": 2, "ffn_size": 32, "decoder_layers": 2,
+                 "tokenizer": str(teacher_dir)}  # fmt: skip
+        train = {"batch_size": 8, "max_steps": 6, "eval_every": 3, "metric": "loss", "lr": 3e-3}
+        body = {"output_dir": str(tmp_path / name), "data": {"task": DISTILL_TASK}, "model": model, "train": train}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(body))
+        return [*launch, "-m", "distilgen.cli", "finetune", str(tmp_path / f"{name}.yaml")]
+
+    _run(command("ddp", launch_two_processes()), cli_env())
+    _run(command("fsdp", launch_fsdp()), fsdp_env())
+    _assert_same_model(tmp_path / "ddp" / "model", tmp_path / "fsdp" / "model")
+    states = [json.loads((tmp_path / run / "model" / "distilgen_state.json").read_text()) for run in ("ddp", "fsdp")]
+    assert states[1]["step"] == states[0]["step"] and states[1]["dev_score"] == pytest.approx(states[0]["dev_score"])
 
 
 def test_a_sharded_model_decodes_what_the_unsharded_one_does(tmp_path, teacher_dir):

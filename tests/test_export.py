@@ -166,7 +166,8 @@ def test_decoder_only_prompts_are_batched_with_others_of_about_their_length():
 
 def test_a_small_export_decodes_on_one_thread_and_a_large_one_on_torchs(saved, tmp_path, monkeypatch):
     """CTranslate2 splits each matrix product across its threads; for a small model their meeting costs more than the
-    product (16x slower on two threads than on one for a 1.3M-parameter Llama), so small exports use one."""
+    product (16x slower on two threads than on one for a 1.3M-parameter Llama), so small exports use one. Opening
+    one leaves torch's thread count as it was (CTranslate2 sets the process's OpenMP threads, which torch shares)."""
     import ctranslate2
 
     from distilgen.generation import ct2
@@ -182,8 +183,11 @@ def test_a_small_export_decodes_on_one_thread_and_a_large_one_on_torchs(saved, t
         return real(path, **options)
 
     monkeypatch.setattr(ctranslate2, "Generator", generator)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
+    threads = torch.get_num_threads()
     _open(out)
+    assert torch.get_num_threads() == threads  # CTranslate2 set the process's OpenMP threads; torch's are put back
     monkeypatch.setattr(ct2, "PARALLEL_PARAMETERS", 1000)  # the same model counted as large
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
+    monkeypatch.setattr(torch, "set_num_threads", lambda count: None)  # (the 6 threads are pretend)
     _open(out)
     assert opened == [1, 6]

@@ -53,8 +53,14 @@ def open_runtime(path: str | Path, is_encoder_decoder: bool, parameters: int) ->
 
     kind = ctranslate2.Translator if is_encoder_decoder else ctranslate2.Generator
     device = "cuda" if torch.cuda.is_available() and ctranslate2.get_cuda_device_count() else "cpu"
-    threads = runtime_threads(parameters, torch.get_num_threads())
-    return kind(str(Path(path) / RUNTIME_DIR), device=device, intra_threads=threads)
+    torch_threads = torch.get_num_threads()
+    runtime = kind(
+        str(Path(path) / RUNTIME_DIR), device=device, intra_threads=runtime_threads(parameters, torch_threads)
+    )
+    # CTranslate2 sets the OpenMP thread count of the process, which torch shares: put torch's back, or every
+    # PyTorch model after a small export (evaluated side by side, in one process) would run on one thread
+    torch.set_num_threads(torch_threads)
+    return runtime
 
 
 def manifest(path: str | Path) -> dict[str, Any]:

@@ -188,6 +188,8 @@ def test_a_small_export_decodes_on_one_thread_and_a_large_one_on_torchs(saved, t
     assert torch.get_num_threads() == threads  # CTranslate2 set the process's OpenMP threads; torch's are put back
     monkeypatch.setattr(ct2, "PARALLEL_PARAMETERS", 1000)  # the same model counted as large
     monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
-    monkeypatch.setattr(torch, "set_num_threads", lambda count: None)  # (the 6 threads are pretend)
-    _open(out)
+    try:
+        _open(out)
+    finally:
+        torch.set_num_threads(threads)  # the 6 are pretend: later tests keep this machine's count
     assert opened == [1, 6]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import torch
 
@@ -104,7 +104,16 @@ def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float 
         time.sleep(0.02)
     output = log.read_text()[-3000:] if log is not None and log.exists() else ""
     assert proc.poll() is None, f"the process ended (code {proc.returncode}) before it could be killed\n{output}"
-    os.kill(proc.pid, signal.SIGKILL)
+    kill_tree(proc)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL `proc` with every process it started (torchrun starts its workers in sessions of their own)."""
+    if proc.poll() is not None:
+        return
+    launcher = psutil.Process(proc.pid)
+    for process in [*launcher.children(recursive=True), launcher]:
+        process.kill()
     proc.wait()
 
 

@@ -9,10 +9,8 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import yaml
@@ -20,7 +18,17 @@ from safetensors.torch import load_file
 
 from distilgen.config import ModelConfig, to_dict
 from distilgen.models import load_model
-from tests.conftest import DISTILL_TASK, ROOT, TINY, cli_env, distill_config, free_port, launch_two_processes
+from tests.conftest import (
+    DISTILL_TASK,
+    ROOT,
+    TINY,
+    cli_env,
+    distill_config,
+    free_port,
+    kill_tree,
+    kill_when,
+    launch_two_processes,
+)
 
 FSDP_ON_CPU = Path(__file__).parent / "fsdp_on_cpu"
 """Its sitecustomize lets accelerate shard in a CPU process group (which accelerate 1.15 does not do alone)."""
@@ -52,33 +60,22 @@ def _run(command: list[str], env: dict, timeout: float = 400) -> subprocess.Comp
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     finally:
-        _kill_tree(proc)
+        kill_tree(proc)
     assert proc.returncode == 0, stderr[-3000:]
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a launcher and its workers, which torchrun starts in sessions of their own."""
-    if proc.poll() is not None:
-        return
-    launcher = psutil.Process(proc.pid)
-    for process in [*launcher.children(recursive=True), launcher]:
-        process.kill()
-    proc.wait()
 
 
 def _kill_at_a_checkpoint(command: list[str], env: dict, checkpoint: Path) -> int:
     """Start `command` and SIGKILL it, launcher and processes together, once it has checkpointed a step in 1-9."""
     state = checkpoint / "trainer_state.json"
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None:
+
+    def checkpointed() -> bool:
         with contextlib.suppress(FileNotFoundError):  # a new checkpoint may be renamed in between
-            if 0 < json.loads(state.read_text())["step"] < 10:
-                break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    _kill_tree(proc)
+            return 0 < json.loads(state.read_text())["step"] < 10
+        return False
+
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(proc, checkpointed, timeout=400)
     if not state.exists():  # killed between a new checkpoint's two renames: the next run puts the old one back
         state = checkpoint.with_name("checkpoint.old") / "trainer_state.json"
     return json.loads(state.read_text())["step"]
